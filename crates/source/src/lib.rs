@@ -1,0 +1,91 @@
+//! # lazylayer-source: where image bytes come from
+//!
+//! The first step of lazylayer's data flow: an image reference is parsed
+//! ([`reference`]), resolved to one platform's manifest, config and layers ([`manifest`]),
+//! and its blobs are read whole (verified against their digests) or by byte range, from a
+//! registry ([`registry`]) or an OCI layout on disk ([`layout`]). [`ImageSource`] puts both
+//! behind one interface for the steps that follow (index, fetcher).
+
+pub mod blob;
+pub mod digest;
+pub mod error;
+pub mod layout;
+pub mod manifest;
+pub mod platform;
+pub mod reference;
+pub mod registry;
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+pub use blob::BlobStream;
+pub use digest::{Digest, DigestAlgorithm, DigestHasher};
+pub use error::{Error, Result};
+pub use layout::OciLayout;
+pub use manifest::{BlobDescriptor, ResolvedImage};
+pub use platform::{Platform, PlatformChoice};
+pub use reference::{ImageReference, LayoutReference, RegistryReference};
+pub use registry::{ClientOptions, RegistryClient, Repository};
+
+/// An image's home: a registry repository or an OCI layout, opened for reading.
+#[derive(Clone)]
+pub enum ImageSource {
+    /// A repository in a registry.
+    Registry {
+        /// The repository.
+        repository: Repository,
+        /// The reference within it.
+        reference: RegistryReference,
+    },
+    /// An OCI layout directory.
+    Layout {
+        /// The layout.
+        layout: OciLayout,
+        /// The reference within it.
+        reference: LayoutReference,
+    },
+}
+
+impl ImageSource {
+    /// Opens the place `reference` names; registries are reached through `client`.
+    pub fn open(reference: &ImageReference, client: &RegistryClient) -> Result<Self> {
+        match reference {
+            ImageReference::Registry(r) => Ok(ImageSource::Registry {
+                repository: client.repository_of(r)?,
+                reference: r.clone(),
+            }),
+            ImageReference::Layout(l) => Ok(ImageSource::Layout {
+                layout: OciLayout::open(&l.dir)?,
+                reference: l.clone(),
+            }),
+        }
+    }
+
+    /// Resolves the reference to one platform's manifest, config and layers.
+    pub async fn resolve(&self, choice: &PlatformChoice) -> Result<ResolvedImage> {
+        match self {
+            ImageSource::Registry {
+                repository,
+                reference,
+            } => repository.resolve(reference, choice).await,
+            ImageSource::Layout { layout, reference } => layout.resolve(reference, choice).await,
+        }
+    }
+
+    /// Streams a whole blob, verified against its descriptor.
+    pub async fn open_blob(&self, descriptor: &BlobDescriptor) -> Result<BlobStream> {
+        match self {
+            ImageSource::Registry { repository, .. } => repository.open_blob(descriptor).await,
+            ImageSource::Layout { layout, .. } => layout.open_blob(descriptor).await,
+        }
+    }
+
+    /// Reads a byte range of a blob (unverified: see [`Repository::read_range`]).
+    pub async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes> {
+        match self {
+            ImageSource::Registry { repository, .. } => repository.read_range(digest, range).await,
+            ImageSource::Layout { layout, .. } => layout.read_range(digest, range).await,
+        }
+    }
+}
