@@ -54,6 +54,7 @@ pub struct FetchedManifest {
 
 /// A content descriptor with a validated digest: what a manifest says about a blob.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct BlobDescriptor {
     /// Content digest.
     pub digest: Digest,
@@ -82,9 +83,9 @@ impl BlobDescriptor {
 #[derive(Debug)]
 pub enum ParsedManifest {
     /// OCI image manifest or Docker schema 2 manifest.
-    Image(ImageManifest),
+    Image(Box<ImageManifest>),
     /// OCI image index or Docker manifest list.
-    Index(ImageIndex),
+    Index(Box<ImageIndex>),
 }
 
 /// Which kind of document a manifest is, from its media type, else its `mediaType` field, else
@@ -133,13 +134,13 @@ fn manifest_kind(what: &str, fetched: &FetchedManifest) -> Result<(bool, String)
         });
     }
     // A document may not claim one kind in its header and another in its body.
-    if let Some(body_type) = &probe.media_type {
-        if body_type != &media_type {
-            return Err(Error::malformed(
-                what,
-                format!("served as {media_type} but its mediaType field says {body_type}"),
-            ));
-        }
+    if let Some(body_type) = &probe.media_type
+        && body_type != &media_type
+    {
+        return Err(Error::malformed(
+            what,
+            format!("served as {media_type} but its mediaType field says {body_type}"),
+        ));
     }
     match media_type.as_str() {
         media_type::OCI_INDEX | media_type::DOCKER_LIST => Ok((true, media_type)),
@@ -156,13 +157,13 @@ fn manifest_kind(what: &str, fetched: &FetchedManifest) -> Result<(bool, String)
 pub fn parse_manifest(what: &str, fetched: &FetchedManifest) -> Result<(ParsedManifest, String)> {
     let (is_index, media_type) = manifest_kind(what, fetched)?;
     let parsed = if is_index {
-        ParsedManifest::Index(
+        ParsedManifest::Index(Box::new(
             serde_json::from_slice(&fetched.bytes).map_err(|e| Error::malformed(what, e))?,
-        )
+        ))
     } else {
-        ParsedManifest::Image(
+        ParsedManifest::Image(Box::new(
             serde_json::from_slice(&fetched.bytes).map_err(|e| Error::malformed(what, e))?,
-        )
+        ))
     };
     Ok((parsed, media_type))
 }
@@ -240,14 +241,14 @@ pub(crate) async fn resolve<S: ManifestSource>(
     choice: &PlatformChoice,
 ) -> Result<ResolvedImage> {
     let mut fetched = source.fetch_manifest(top).await?;
-    if let ManifestRef::Digest(expected) = top {
-        if &fetched.digest != expected {
-            return Err(Error::DigestMismatch {
-                what: format!("manifest of {display}"),
-                expected: expected.clone(),
-                actual: fetched.digest.clone(),
-            });
-        }
+    if let ManifestRef::Digest(expected) = top
+        && &fetched.digest != expected
+    {
+        return Err(Error::DigestMismatch {
+            what: format!("manifest of {display}"),
+            expected: expected.clone(),
+            actual: fetched.digest.clone(),
+        });
     }
     let mut index = None;
     let mut selected_platform = None;
@@ -306,7 +307,7 @@ async fn finish_image<S: ManifestSource>(
     display: &str,
     fetched: FetchedManifest,
     media_type: String,
-    manifest: ImageManifest,
+    manifest: Box<ImageManifest>,
     index: Option<BlobDescriptor>,
     selected_platform: Option<Platform>,
     choice: &PlatformChoice,

@@ -133,10 +133,10 @@ fn parse_layout(input: &str, rest: &str) -> Result<LayoutReference> {
             "oci: needs a directory, e.g. oci:./image:latest",
         ));
     }
-    if let Some(tag) = tag {
-        if tag.is_empty() || tag.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(invalid(input, "the layout tag is empty or has blanks"));
-        }
+    if let Some(tag) = tag
+        && (tag.is_empty() || tag.chars().any(|c| c.is_control() || c.is_whitespace()))
+    {
+        return Err(invalid(input, "the layout tag is empty or has blanks"));
     }
     Ok(LayoutReference {
         dir: PathBuf::from(dir),
@@ -232,13 +232,13 @@ fn validate_host(input: &str, host: &str) -> Result<()> {
             None => (host, None),
         }
     };
-    if let Some(port) = port {
-        if port.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(invalid(
-                input,
-                format!("bad port {port:?} in registry {host:?}"),
-            ));
-        }
+    if let Some(port) = port
+        && port.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err(invalid(
+            input,
+            format!("bad port {port:?} in registry {host:?}"),
+        ));
     }
     let label_ok = |label: &str| {
         !label.is_empty()

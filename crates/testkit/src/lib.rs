@@ -1,1 +1,63 @@
-//! placeholder
+//! # lazylayer-testkit: a test environment made of real parts
+//!
+//! - [`registry`]: Debian's `docker-registry` (CNCF distribution) on 127.0.0.1, anonymous, with
+//!   htpasswd basic auth, or in `token` mode trusting [`token_issuer`];
+//! - [`token_issuer`]: a small bearer-token service, so the Docker Hub/GHCR token flow runs end
+//!   to end against the real registry;
+//! - [`proxy`]: a TCP proxy that shapes bandwidth and latency and injects faults (resets,
+//!   stalls, truncated or corrupted bodies, HTTP 500/503/429);
+//! - [`fixtures`]: images built by tools lazylayer did not write (`scripts/build-fixtures`),
+//!   cached, and pushed into a registry with skopeo.
+//!
+//! Nothing here reaches the internet; the fixture script needs Debian's package mirror once.
+
+mod background;
+pub mod fixtures;
+mod http_wire;
+pub mod proxy;
+pub mod registry;
+pub mod token_issuer;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The repository root (for scripts).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+/// Whether the tests run in CI, where a test that cannot run must fail instead of skipping.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Returns true if the test can run as root. Outside CI a non-root run skips (with a note);
+/// under `CI=true` it fails, because CI must never skip a privileged test silently.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test} needs root and CI=true forbids skipping it; run the test command as root"
+    );
+    eprintln!("SKIPPED {test}: needs root");
+    false
+}
+
+/// Panics with a clear message unless `tool` is on PATH.
+pub fn require_tool(tool: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{tool} is not installed: run scripts/install-deps (as root)"
+    );
+}

@@ -89,7 +89,7 @@ impl Repository {
             return Ok(Bytes::new());
         }
         let len = (range.end - range.start) as usize;
-        let mut out = BytesMut::with_capacity(len);
+        let mut out = BytesMut::with_capacity(len.min(8 << 20));
         let mut attempts = Attempts::new(self.client.retry_policy());
         loop {
             let start = range.start + out.len() as u64;
@@ -104,10 +104,10 @@ impl Repository {
                 }
                 StatusCode::OK => {
                     tracing::debug!("{}: the registry ignored the Range header", request.what);
-                    if let Some(total) = response.content_length() {
-                        if total < range.end {
-                            return Err(out_of_range(&request.what, range.end, total));
-                        }
+                    if let Some(total) = response.content_length()
+                        && total < range.end
+                    {
+                        return Err(out_of_range(&request.what, range.end, total));
                     }
                     start
                 }

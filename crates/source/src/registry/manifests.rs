@@ -135,13 +135,12 @@ impl Repository {
             .headers()
             .get(DOCKER_CONTENT_DIGEST)
             .and_then(|v| v.to_str().ok())
+            && stated != digest.to_string()
         {
-            if stated != digest.to_string() {
-                return Err(Error::Protocol {
-                    request: what,
-                    detail: format!("the registry stored it as {stated}, not {digest}"),
-                });
-            }
+            return Err(Error::Protocol {
+                request: what,
+                detail: format!("the registry stored it as {stated}, not {digest}"),
+            });
         }
         Ok(digest)
     }

@@ -70,14 +70,14 @@ impl Attempts {
         if self.failures >= self.policy.max_attempts {
             return Err(exhausted(error));
         }
-        if let Some(wait) = retry_after {
-            if wait > self.policy.max_retry_after {
-                return Err(exhausted(format!(
-                    "{error} (the registry asked to retry after {}s, more than the {}s allowed)",
-                    wait.as_secs(),
-                    self.policy.max_retry_after.as_secs()
-                )));
-            }
+        if let Some(wait) = retry_after
+            && wait > self.policy.max_retry_after
+        {
+            return Err(exhausted(format!(
+                "{error} (the registry asked to retry after {}s, more than the {}s allowed)",
+                wait.as_secs(),
+                self.policy.max_retry_after.as_secs()
+            )));
         }
         let delay = self.backoff().max(retry_after.unwrap_or_default());
         if self.started.elapsed() + delay > self.policy.max_elapsed {

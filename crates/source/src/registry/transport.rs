@@ -113,7 +113,7 @@ impl Repository {
             let status = response.status().as_u16();
             match status {
                 200..=299 => return Ok(response),
-                401 if !answered_challenge => {
+                401 => {
                     let challenges = parse_challenges(
                         response
                             .headers()
@@ -121,21 +121,18 @@ impl Repository {
                             .iter()
                             .filter_map(|v| v.to_str().ok()),
                     );
+                    if answered_challenge {
+                        let detail = registry_message(response).await;
+                        return Err(client
+                            .auth
+                            .refused(&ctx, &challenges, &request.what, &detail)
+                            .await);
+                    }
                     client
                         .auth
                         .challenged(&ctx, &challenges, authorization.is_some(), attempts)
                         .await?;
                     answered_challenge = true;
-                }
-                401 => {
-                    return Err(Error::Unauthorized {
-                        registry: self.registry.clone(),
-                        detail: format!(
-                            "{}: still refused after authenticating: {}",
-                            request.what,
-                            registry_message(response).await
-                        ),
-                    });
                 }
                 403 => {
                     return Err(Error::Denied {

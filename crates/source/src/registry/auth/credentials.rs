@@ -204,10 +204,10 @@ impl AuthFile {
                         && full.as_bytes().get(key.len()) == Some(&b'/'))
             })
             .max_by_key(|(key, _)| key.len());
-        if let Some((_, entry)) = best {
-            if let Some(credential) = entry.credential(file, registry)? {
-                return Ok(Some(credential));
-            }
+        if let Some((_, entry)) = best
+            && let Some(credential) = entry.credential(file, registry)?
+        {
+            return Ok(Some(credential));
         }
         match &self.creds_store {
             Some(store) if !store.is_empty() => run_helper(store, registry).await,

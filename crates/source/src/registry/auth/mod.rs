@@ -122,14 +122,19 @@ impl Authenticator {
                 {
                     let state = self.state.lock().expect("auth state lock");
                     if let Some(token) = state.get(ctx.registry).and_then(|r| r.tokens.get(&scope))
+                        && Instant::now() < token.refresh_at
                     {
-                        if Instant::now() < token.refresh_at {
-                            return Ok(Some(token.header.clone()));
-                        }
+                        return Ok(Some(token.header.clone()));
                     }
                 }
                 let token = self
-                    .fetch_token(ctx, &realm, service.as_deref(), &[scope.clone()], attempts)
+                    .fetch_token(
+                        ctx,
+                        &realm,
+                        service.as_deref(),
+                        std::slice::from_ref(&scope),
+                        attempts,
+                    )
                     .await?;
                 Ok(Some(self.store_token(ctx.registry, scope, token)))
             }
@@ -212,6 +217,35 @@ impl Authenticator {
             registry: ctx.registry.to_string(),
             detail: "the registry answered 401 without a Basic or Bearer challenge".to_string(),
         })
+    }
+
+    /// The error for a request refused again right after its challenge was answered.
+    pub async fn refused(
+        &self,
+        ctx: &AuthContext<'_>,
+        challenges: &[Challenge],
+        request: &str,
+        detail: &str,
+    ) -> Error {
+        let user = match self.credential(ctx).await {
+            Ok(Some(credential)) => credential.username().map(|u| format!(" for user {u:?}")),
+            _ => None,
+        };
+        let detail = match (challenges.first(), user) {
+            (Some(Challenge::Basic), Some(user)) => {
+                format!("the registry rejected the stored credentials{user}")
+            }
+            (Some(Challenge::Bearer { .. }), _) => format!(
+                "{request}: the registry refused the token it asked for ({detail}); \
+                 the account may lack access to {}",
+                ctx.repository
+            ),
+            _ => format!("{request}: still refused after authenticating: {detail}"),
+        };
+        Error::Unauthorized {
+            registry: ctx.registry.to_string(),
+            detail,
+        }
     }
 
     /// Asks the token service for a token covering `scopes`.

@@ -1,0 +1,76 @@
+//! Command-line options: the global ones every command shares, and the subcommands.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::commands::inspect::InspectArgs;
+
+/// lazylayer makes a container image's layers usable before they are downloaded.
+#[derive(Parser, Debug)]
+#[command(
+    name = "lazylayer",
+    version,
+    about = "Start containers before their images are downloaded",
+    long_about = "lazylayer makes a container image's layers available at once from a small \
+        index, fetches the data a workload touches first with ranged reads from the registry, \
+        verifies every byte against a digest, and populates a real local filesystem in the \
+        background until each layer is an ordinary directory.\n\n\
+        IMAGE is [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST] (Docker Hub names such as `debian` \
+        are accepted) or oci:DIR[:TAG] for an OCI image layout on disk. Registries on \
+        localhost/127.0.0.1 are reached over plain HTTP, others over HTTPS.\n\n\
+        Credentials are read from $REGISTRY_AUTH_FILE, the containers auth.json and \
+        ~/.docker/config.json (including credential helpers), as podman and docker write them.",
+    after_help = "Examples:\n  \
+        lazylayer inspect debian:bookworm\n  \
+        lazylayer inspect --json 127.0.0.1:5000/test/debian:bookworm\n  \
+        lazylayer inspect --platform linux/arm64 oci:./layout:latest\n\n\
+        Environment:\n  \
+        LAZYLAYER_ROOT     state directory (same as --root)\n  \
+        LAZYLAYER_LOG      log filter, e.g. debug or lazylayer_source=trace\n  \
+        REGISTRY_AUTH_FILE registry credentials file (containers auth.json format)"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Args, Debug)]
+pub struct GlobalArgs {
+    /// Directory holding lazylayer's layer store and state.
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYLAYER_ROOT",
+        default_value = "/var/lib/lazylayer",
+        value_name = "DIR"
+    )]
+    pub root: PathBuf,
+
+    /// Reach this registry (HOST or HOST:PORT) over plain HTTP. Repeatable.
+    #[arg(long = "insecure-registry", global = true, value_name = "HOST")]
+    pub insecure_registries: Vec<String>,
+
+    /// More log output on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// The commands. Only commands that work are listed.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show an image's manifest, platform, config and layers.
+    #[command(
+        long_about = "Resolve IMAGE to one platform's manifest and print its digest, the index it \
+            was chosen from (for multi-platform images), the platform, the config digest, and \
+            each layer's digest, media type and compressed size. Nothing is downloaded but the \
+            manifests and the config, each verified against its digest.",
+        after_help = "Examples:\n  \
+            lazylayer inspect 127.0.0.1:5000/test/debian:bookworm\n  \
+            lazylayer inspect --json oci:/var/cache/images:bookworm | jq -r '.layers[].digest'"
+    )]
+    Inspect(InspectArgs),
+}
