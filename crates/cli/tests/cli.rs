@@ -1,0 +1,247 @@
+//! The `lazylayer` binary as a user runs it, against a real registry and OCI layout, with
+//! skopeo as the independent reference.
+
+use std::process::{Command, Output};
+
+use lazylayer_testkit::fixtures::{layout_dir, shared_registry, skopeo_copy, skopeo_inspect};
+use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
+
+fn lazylayer(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lazylayer"));
+    command
+        .args(args)
+        .env_remove("LAZYLAYER_LOG")
+        .env_remove("REGISTRY_AUTH_FILE");
+    // No credentials from the machine running the tests.
+    command
+        .env("HOME", "/nonexistent")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("DOCKER_CONFIG");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run lazylayer")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "lazylayer failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).expect("utf-8")
+}
+
+fn json_layers(value: &serde_json::Value) -> Vec<String> {
+    value["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("digest").to_string())
+        .collect()
+}
+
+#[test]
+fn inspect_prints_the_layers_skopeo_sees_for_registry_and_layout() {
+    let host = shared_registry().host();
+    let layout = layout_dir();
+    let skopeo = skopeo_inspect(&format!("docker://{host}/test/debian:bookworm"), &[]);
+    let skopeo_layers: Vec<String> = skopeo["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+
+    let remote: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
+        &["inspect", "--json", &format!("{host}/test/debian:bookworm")],
+        &[],
+    )))
+    .unwrap();
+    let local: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
+        &[
+            "inspect",
+            "--json",
+            &format!("oci:{}:bookworm", layout.display()),
+        ],
+        &[],
+    )))
+    .unwrap();
+    assert_eq!(json_layers(&remote), skopeo_layers);
+    assert_eq!(json_layers(&local), skopeo_layers);
+    assert_eq!(remote["manifest"]["digest"], skopeo["Digest"]);
+    assert_eq!(remote["platform"]["os"], "linux");
+    assert_eq!(remote["config"]["digest"], local["config"]["digest"]);
+    assert!(
+        remote["layers"][0]["diffId"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    assert_eq!(
+        remote["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+
+    let text = stdout(&lazylayer(
+        &["inspect", &format!("{host}/test/debian:bookworm")],
+        &[],
+    ));
+    for layer in &skopeo_layers {
+        assert!(text.contains(layer.as_str()), "{text}");
+    }
+    assert!(text.contains("Platform:  linux/amd64"), "{text}");
+}
+
+#[test]
+fn inspect_of_a_multi_platform_image_shows_the_index_and_honours_platform() {
+    let host = shared_registry().host();
+    let out: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
+        &[
+            "inspect",
+            "--json",
+            "--platform",
+            "linux/arm64",
+            &format!("{host}/test/multiarch-docker"),
+        ],
+        &[],
+    )))
+    .unwrap();
+    assert_eq!(
+        out["index"]["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    assert_eq!(out["platform"]["architecture"], "arm64");
+    let arm = skopeo_inspect(
+        &format!("docker://{host}/test/multiarch-docker"),
+        &["--override-arch", "arm64"],
+    );
+    assert_eq!(
+        json_layers(&out),
+        vec![arm["Layers"][0].as_str().unwrap().to_string()]
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_a_failing_exit_code() {
+    let host = shared_registry().host();
+    for (args, expected) in [
+        (
+            vec!["inspect", "Not/Valid"],
+            "repository names must be lowercase",
+        ),
+        (
+            vec!["inspect", "--platform", "linux", "debian"],
+            "invalid platform",
+        ),
+        (
+            vec!["inspect", "oci:/nonexistent"],
+            "not an OCI image layout",
+        ),
+        (
+            vec!["inspect", &format!("{host}/test/absent:latest")],
+            "not found",
+        ),
+    ] {
+        let output = lazylayer(&args, &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn help_lists_only_working_commands_and_the_root_option() {
+    let help = stdout(&lazylayer(&["--help"], &[]));
+    assert!(
+        help.contains("inspect") && help.contains("--root"),
+        "{help}"
+    );
+    for absent in ["pull", "serve", "mount", "demo"] {
+        assert!(
+            !help.contains(&format!("  {absent} ")),
+            "{absent} listed: {help}"
+        );
+    }
+    assert!(help.contains("/var/lib/lazylayer"), "{help}");
+    let help = stdout(&lazylayer(&["inspect", "--help"], &[]));
+    assert!(
+        help.contains("--platform") && help.contains("Examples"),
+        "{help}"
+    );
+}
+
+#[test]
+fn credentials_never_appear_in_logs_or_errors() {
+    let (user, password) = ("carol", "Very-Secret-Passw0rd");
+    let registry = TestRegistry::start(RegistryAuth::Htpasswd { user, password }).unwrap();
+    skopeo_copy(
+        &format!("oci:{}:tiny-amd64", layout_dir().display()),
+        &format!("docker://{}/private/tiny:latest", registry.host()),
+        &["--dest-creds", &format!("{user}:{password}")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let encoded = {
+        use std::io::Write;
+        let mut child = Command::new("base64")
+            .arg("-w0")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{user}:{password}").as_bytes())
+            .unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let auth = dir.path().join("auth.json");
+    std::fs::write(
+        &auth,
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"{encoded}"}}}}}}"#,
+            registry.host()
+        ),
+    )
+    .unwrap();
+    let image = format!("{}/private/tiny:latest", registry.host());
+    let env = [
+        ("REGISTRY_AUTH_FILE", auth.to_str().unwrap()),
+        ("LAZYLAYER_LOG", "trace"),
+    ];
+    let output = lazylayer(&["inspect", &image], &env);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.len() > 1000, "trace logging was on: {stderr}");
+    assert!(
+        !stderr.contains(password) && !stderr.contains(&encoded),
+        "credential in the log"
+    );
+
+    let wrong = dir.path().join("wrong.json");
+    std::fs::write(
+        &wrong,
+        format!(
+            r#"{{"auths":{{"{}":{{"username":"{user}","password":"Wrong-{password}"}}}}}}"#,
+            registry.host()
+        ),
+    )
+    .unwrap();
+    let output = lazylayer(
+        &["-vv", "inspect", &image],
+        &[("REGISTRY_AUTH_FILE", wrong.to_str().unwrap())],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("rejected the stored credentials"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(password),
+        "password in the error: {stderr}"
+    );
+}
