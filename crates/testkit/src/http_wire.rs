@@ -179,16 +179,7 @@ impl Conn {
     /// Reads and forgets a body framed by `framing` (used when answering without forwarding).
     pub async fn discard_body(&mut self, framing: Framing) -> io::Result<()> {
         match framing {
-            Framing::Length(mut left) => {
-                while left > 0 {
-                    let data = self.read_some(left.min(64 << 10) as usize).await?;
-                    if data.is_empty() {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
-                    }
-                    left -= data.len() as u64;
-                }
-                Ok(())
-            }
+            Framing::Length(len) => self.discard(len).await,
             Framing::Chunked => loop {
                 let line = self.read_line().await?;
                 let size = chunk_size(&line)?;
@@ -196,18 +187,22 @@ impl Conn {
                     while self.read_line().await? != b"\r\n" {}
                     return Ok(());
                 }
-                let mut left = size + 2;
-                while left > 0 {
-                    let data = self.read_some(left.min(64 << 10) as usize).await?;
-                    if data.is_empty() {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
-                    }
-                    left -= data.len() as u64;
-                }
+                self.discard(size + 2).await?;
             },
             // Requests without a length have no body.
             Framing::UntilClose => Ok(()),
         }
+    }
+
+    async fn discard(&mut self, mut len: u64) -> io::Result<()> {
+        while len > 0 {
+            let data = self.read_some(len.min(64 << 10) as usize).await?;
+            if data.is_empty() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            len -= data.len() as u64;
+        }
+        Ok(())
     }
 }
 

@@ -399,16 +399,9 @@ async fn copy_body(
         sent: 0,
     };
     match framing {
-        Framing::Length(mut left) => {
-            while left > 0 {
-                let data = from.read_some(left.min(16 << 10) as usize).await?;
-                if data.is_empty() {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                left -= data.len() as u64;
-                if let Some(end) = sink.send(data).await? {
-                    return Ok(end);
-                }
+        Framing::Length(len) => {
+            if let Some(end) = forward_exact(from, &mut sink, len).await? {
+                return Ok(end);
             }
         }
         Framing::Chunked => loop {
@@ -429,16 +422,9 @@ async fn copy_body(
                     }
                 }
             }
-            let mut left = size + 2;
-            while left > 0 {
-                let data = from.read_some(left.min(16 << 10) as usize).await?;
-                if data.is_empty() {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                left -= data.len() as u64;
-                if let Some(end) = sink.send(data).await? {
-                    return Ok(end);
-                }
+            // The chunk's data and its CRLF.
+            if let Some(end) = forward_exact(from, &mut sink, size + 2).await? {
+                return Ok(end);
             }
         },
         Framing::UntilClose => loop {
@@ -452,6 +438,25 @@ async fn copy_body(
         },
     }
     Ok(BodyEnd::Complete)
+}
+
+/// Forwards exactly `len` bytes; returns how the body ends early, if the fault ends it.
+async fn forward_exact(
+    from: &mut Conn,
+    sink: &mut FaultySink<'_>,
+    mut len: u64,
+) -> io::Result<Option<BodyEnd>> {
+    while len > 0 {
+        let data = from.read_some(len.min(16 << 10) as usize).await?;
+        if data.is_empty() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        len -= data.len() as u64;
+        if let Some(end) = sink.send(data).await? {
+            return Ok(Some(end));
+        }
+    }
+    Ok(None)
 }
 
 /// Writes body bytes to the client, applying a fault at its byte offset.
