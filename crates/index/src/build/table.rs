@@ -1,0 +1,480 @@
+//! The file table from the tar stream, resolved the way extraction resolves it: duplicates
+//! replace earlier entries (a non-directory replacing a directory removes what was under it),
+//! parents that are not listed are implied, hardlinks point at the file they share an inode
+//! with, and OCI whiteouts become whiteout entries and opaque flags.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use crate::entry::{Entry, EntryKind};
+use crate::format::valid_path;
+use crate::{Error, Result};
+
+/// Where whiteout names start.
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+/// The opaque-directory marker.
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+
+/// Collects entries in archive order with last-wins replacement.
+pub struct Table {
+    layer: String,
+    slots: Vec<Option<Entry>>,
+    by_path: HashMap<Vec<u8>, usize>,
+}
+
+impl Table {
+    pub fn new(layer: &str) -> Self {
+        Table {
+            layer: layer.to_string(),
+            slots: Vec::new(),
+            by_path: HashMap::new(),
+        }
+    }
+
+    fn bad(&self, path: &[u8], reason: impl Into<String>) -> Error {
+        Error::BadEntry {
+            layer: self.layer.clone(),
+            path: String::from_utf8_lossy(path).into_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    fn get(&self, path: &[u8]) -> Option<&Entry> {
+        self.by_path.get(path).and_then(|&i| self.slots[i].as_ref())
+    }
+
+    fn remove(&mut self, path: &[u8]) {
+        if let Some(i) = self.by_path.remove(path) {
+            let removed = self.slots[i].take();
+            if removed.is_some_and(|e| e.kind == EntryKind::Dir) {
+                let mut prefix = path.to_vec();
+                prefix.push(b'/');
+                let below: Vec<Vec<u8>> = self
+                    .by_path
+                    .keys()
+                    .filter(|p| p.starts_with(&prefix) || path.is_empty())
+                    .cloned()
+                    .collect();
+                for p in below {
+                    if let Some(j) = self.by_path.remove(&p) {
+                        self.slots[j] = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, entry: Entry) {
+        self.by_path.insert(entry.path.clone(), self.slots.len());
+        self.slots.push(Some(entry));
+    }
+
+    /// Makes sure every parent of `path` is a directory, implying missing ones.
+    fn ensure_parents(&mut self, path: &[u8], template: &Entry) -> Result<()> {
+        let mut end = 0;
+        while let Some(slash) = path[end..].iter().position(|b| *b == b'/') {
+            let parent = &path[..end + slash];
+            match self.get(parent).map(|e| e.kind) {
+                Some(EntryKind::Dir) => {}
+                Some(_) => return Err(self.bad(path, "is under a path that is not a directory")),
+                None => self.push(Entry {
+                    path: parent.to_vec(),
+                    kind: EntryKind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    mtime: template.mtime,
+                    mtime_nsec: 0,
+                    size: 0,
+                    link: None,
+                    device: None,
+                    xattrs: Vec::new(),
+                    data_offset: 0,
+                    sparse: None,
+                    opaque: false,
+                    implied: true,
+                }),
+            }
+            end += slash + 1;
+        }
+        Ok(())
+    }
+
+    /// Adds an entry whose raw tar name is `raw_path`.
+    pub fn add(&mut self, raw_path: &[u8], mut entry: Entry) -> Result<()> {
+        let path = normalise(raw_path)
+            .ok_or_else(|| self.bad(raw_path, "has a `..` component or a NUL byte"))?;
+        let (parent, name) = match path.iter().rposition(|b| *b == b'/') {
+            Some(slash) => (&path[..slash], &path[slash + 1..]),
+            None => (&path[..0], &path[..]),
+        };
+        if name == OPAQUE_MARKER {
+            let parent = parent.to_vec();
+            let dir = Entry {
+                path: parent.clone(),
+                kind: EntryKind::Dir,
+                ..entry
+            };
+            self.ensure_parents(&path, &dir)?;
+            if parent.is_empty() && self.get(b"").is_none() {
+                self.push(Entry {
+                    implied: true,
+                    mode: 0o755,
+                    ..dir
+                });
+            }
+            let slot = self.by_path[&parent];
+            if let Some(dir) = self.slots[slot].as_mut() {
+                dir.opaque = true;
+            }
+            return Ok(());
+        }
+        if name.starts_with(WHITEOUT_PREFIX) {
+            let target = &name[WHITEOUT_PREFIX.len()..];
+            if target.starts_with(WHITEOUT_PREFIX) {
+                // aufs bookkeeping (.wh..wh.plnk and friends): not part of the filesystem.
+                return Ok(());
+            }
+            if target.is_empty() || target == b"." || target == b".." {
+                return Err(self.bad(raw_path, "is a whiteout of an invalid name"));
+            }
+            let mut hidden = parent.to_vec();
+            if !hidden.is_empty() {
+                hidden.push(b'/');
+            }
+            hidden.extend_from_slice(target);
+            entry = Entry {
+                path: hidden,
+                kind: EntryKind::Whiteout,
+                size: 0,
+                link: None,
+                device: None,
+                sparse: None,
+                data_offset: 0,
+                ..entry
+            };
+        } else {
+            entry.path = path.clone();
+        }
+        if entry.path.is_empty() && entry.kind != EntryKind::Dir {
+            return Err(self.bad(raw_path, "the layer root must be a directory"));
+        }
+        self.ensure_parents(&entry.path.clone(), &entry)?;
+        if entry.kind == EntryKind::Hardlink {
+            let raw_target = entry.link.clone().unwrap_or_default();
+            let target = normalise(&raw_target)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| self.bad(raw_path, "is a hardlink to an invalid path"))?;
+            // Point at the file itself, not at another link to it.
+            let resolved = match self.get(&target) {
+                Some(e) if e.kind == EntryKind::Hardlink => e.link.clone().unwrap_or_default(),
+                Some(e) if e.kind == EntryKind::Dir => {
+                    return Err(self.bad(raw_path, "is a hardlink to a directory"));
+                }
+                Some(e) if e.kind == EntryKind::Whiteout => {
+                    return Err(self.bad(raw_path, "is a hardlink to a deleted path"));
+                }
+                Some(_) => target,
+                None => {
+                    return Err(
+                        self.bad(raw_path, "is a hardlink to a path not (yet) in the layer")
+                    );
+                }
+            };
+            if resolved == entry.path {
+                return Err(self.bad(raw_path, "is a hardlink to itself"));
+            }
+            entry.link = Some(resolved);
+        }
+        match self.get(&entry.path).map(|e| e.kind) {
+            Some(EntryKind::Dir) if entry.kind == EntryKind::Dir => {
+                // A directory listed again: its metadata is replaced, its contents stay.
+                let slot = self.by_path[&entry.path];
+                let old = self.slots[slot].take().expect("present");
+                entry.opaque |= old.opaque;
+                self.slots[slot] = Some(entry);
+                return Ok(());
+            }
+            Some(_) => self.remove(&entry.path.clone()),
+            None => {}
+        }
+        self.push(entry);
+        Ok(())
+    }
+
+    /// The entries in archive order.
+    pub fn finish(self) -> Vec<Entry> {
+        self.slots.into_iter().flatten().collect()
+    }
+}
+
+/// Strips leading `/` and `./`, drops empty and `.` components; refuses `..` and NUL.
+pub fn normalise(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.contains(&0) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for component in raw.split(|b| *b == b'/') {
+        match component {
+            b"" | b"." => continue,
+            b".." => return None,
+            _ => {
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(component);
+            }
+        }
+    }
+    debug_assert!(valid_path(&out));
+    Some(out)
+}
+
+/// Reads a GNU sparse 1.0 map from the start of an entry's data: the segment count, then
+/// offset and length of each, one decimal number per line, padded to 512 bytes. Returns the
+/// segments and the map's size in bytes.
+pub fn read_sparse_map(
+    data: &mut impl Read,
+    size: u64,
+    real_size: u64,
+) -> std::result::Result<(Vec<(u64, u64)>, u64), String> {
+    let mut consumed = 0u64;
+    let mut line = Vec::new();
+    let mut next_number = |consumed: &mut u64| -> std::result::Result<u64, String> {
+        line.clear();
+        loop {
+            let mut byte = [0u8; 1];
+            if *consumed >= size || data.read_exact(&mut byte).is_err() {
+                return Err("the sparse map is truncated".into());
+            }
+            *consumed += 1;
+            if byte[0] == b'\n' {
+                break;
+            }
+            if line.len() > 20 || !byte[0].is_ascii_digit() {
+                return Err("the sparse map is not decimal numbers".into());
+            }
+            line.push(byte[0]);
+        }
+        std::str::from_utf8(&line)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| "the sparse map has a bad number".to_string())
+    };
+    let count = next_number(&mut consumed)?;
+    if count > 1 << 20 {
+        return Err("the sparse map has too many segments".into());
+    }
+    let mut segments = Vec::with_capacity(count as usize);
+    let mut position = 0u64;
+    for _ in 0..count {
+        let offset = next_number(&mut consumed)?;
+        let len = next_number(&mut consumed)?;
+        let end = offset
+            .checked_add(len)
+            .ok_or("a sparse segment overflows")?;
+        if offset < position || end > real_size {
+            return Err("the sparse map's segments overlap or pass the file size".into());
+        }
+        position = end;
+        if len > 0 {
+            segments.push((offset, len));
+        }
+    }
+    let padded = consumed.div_ceil(512) * 512;
+    if padded > size {
+        return Err("the sparse map is longer than the entry".into());
+    }
+    let mut rest = vec![0u8; (padded - consumed) as usize];
+    data.read_exact(&mut rest)
+        .map_err(|_| "the sparse map is truncated".to_string())?;
+    Ok((segments, padded))
+}
+
+/// Parses GNU sparse 0.1's `GNU.sparse.map` ("offset,length,offset,length").
+pub fn parse_sparse_map_01(
+    map: &str,
+    real_size: u64,
+) -> std::result::Result<Vec<(u64, u64)>, String> {
+    let numbers: Vec<u64> = map
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.trim()
+                .parse::<u64>()
+                .map_err(|_| "bad number in GNU.sparse.map".to_string())
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    if !numbers.len().is_multiple_of(2) {
+        return Err("GNU.sparse.map has an odd count".into());
+    }
+    let mut position = 0;
+    let mut segments = Vec::new();
+    for pair in numbers.chunks(2) {
+        let (offset, len) = (pair[0], pair[1]);
+        let end = offset
+            .checked_add(len)
+            .ok_or("a sparse segment overflows")?;
+        if offset < position || end > real_size {
+            return Err("GNU.sparse.map's segments overlap or pass the file size".into());
+        }
+        position = end;
+        if len > 0 {
+            segments.push((offset, len));
+        }
+    }
+    Ok(segments)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 1,
+            mtime_nsec: 0,
+            size: 0,
+            link: None,
+            device: None,
+            xattrs: vec![],
+            data_offset: 0,
+            sparse: None,
+            opaque: false,
+            implied: false,
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry {
+            kind: EntryKind::Dir,
+            mode: 0o700,
+            ..file(path)
+        }
+    }
+
+    fn paths(table: Table) -> Vec<(String, EntryKind, bool)> {
+        table
+            .finish()
+            .into_iter()
+            .map(|e| (e.display_path(), e.kind, e.implied))
+            .collect()
+    }
+
+    #[test]
+    fn normalisation() {
+        assert_eq!(normalise(b"./a//b/./c/").unwrap(), b"a/b/c");
+        assert_eq!(normalise(b"/etc/passwd").unwrap(), b"etc/passwd");
+        assert_eq!(normalise(b"./").unwrap(), b"");
+        assert!(normalise(b"a/../../etc").is_none());
+        assert!(normalise(b"a\0b").is_none());
+    }
+
+    #[test]
+    fn last_entry_wins_and_replacing_a_dir_drops_its_contents() {
+        let mut t = Table::new("l");
+        t.add(b"./d/", dir("")).unwrap();
+        t.add(b"./d/f", file("")).unwrap();
+        t.add(b"./g", file("")).unwrap();
+        t.add(b"./d", file("")).unwrap();
+        t.add(
+            b"./g",
+            Entry {
+                mode: 0o600,
+                ..file("")
+            },
+        )
+        .unwrap();
+        let entries = t.finish();
+        let names: Vec<String> = entries.iter().map(|e| e.display_path()).collect();
+        assert_eq!(names, ["d", "g"]);
+        assert_eq!(entries[1].mode, 0o600);
+        assert_eq!(entries[0].kind, EntryKind::File);
+    }
+
+    #[test]
+    fn parents_are_implied_and_must_be_directories() {
+        let mut t = Table::new("l");
+        t.add(b"a/b/c", file("")).unwrap();
+        assert!(t.add(b"a/b/c/d", file("")).is_err(), "under a file");
+        assert_eq!(
+            paths(t),
+            vec![
+                ("a".into(), EntryKind::Dir, true),
+                ("a/b".into(), EntryKind::Dir, true),
+                ("a/b/c".into(), EntryKind::File, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn whiteouts_and_opaque_directories() {
+        let mut t = Table::new("l");
+        t.add(b"./etc/.wh.passwd", file("")).unwrap();
+        t.add(b"./var/", dir("")).unwrap();
+        t.add(b"./var/.wh..wh..opq", file("")).unwrap();
+        t.add(b"./.wh..wh.plnk", file("")).unwrap();
+        assert!(t.add(b"./.wh...", file("")).is_err());
+        let entries = t.finish();
+        let whiteout = entries.iter().find(|e| e.path == b"etc/passwd").unwrap();
+        assert_eq!(whiteout.kind, EntryKind::Whiteout);
+        let var = entries.iter().find(|e| e.path == b"var").unwrap();
+        assert!(var.opaque && !var.implied);
+        assert_eq!(entries.len(), 3, "etc implied, etc/passwd whiteout, var");
+    }
+
+    #[test]
+    fn hardlinks_resolve_to_the_file() {
+        let mut t = Table::new("l");
+        t.add(b"a", file("")).unwrap();
+        let link = |target: &str| Entry {
+            kind: EntryKind::Hardlink,
+            link: Some(target.as_bytes().to_vec()),
+            ..file("")
+        };
+        t.add(b"b", link("./a")).unwrap();
+        t.add(b"c", link("b")).unwrap();
+        assert!(t.add(b"x", link("missing")).is_err());
+        assert!(t.add(b"y", link("../etc/shadow")).is_err());
+        t.add(b"dir/", dir("")).unwrap();
+        assert!(t.add(b"z", link("dir")).is_err());
+        let entries = t.finish();
+        let c = entries.iter().find(|e| e.path == b"c").unwrap();
+        assert_eq!(c.link.as_deref(), Some(&b"a"[..]));
+    }
+
+    #[test]
+    fn escaping_paths_are_refused() {
+        let mut t = Table::new("l");
+        let err = t.add(b"../../etc/cron.d/x", file("")).unwrap_err();
+        assert!(err.to_string().contains(".."), "{err}");
+    }
+
+    #[test]
+    fn sparse_maps() {
+        let text = b"2\n0\n4\n1000\n6\n";
+        let mut data = text.to_vec();
+        data.resize(512 + 10, b'x');
+        let (segments, len) = read_sparse_map(&mut &data[..], data.len() as u64, 2000).unwrap();
+        assert_eq!(segments, vec![(0, 4), (1000, 6)]);
+        assert_eq!(len, 512);
+        assert!(
+            read_sparse_map(&mut &b"1\n5\n4\n"[..], 6, 100).is_err(),
+            "truncated padding"
+        );
+        assert!(
+            read_sparse_map(&mut &b"1\n99\n4\n"[..], 512, 100).is_err(),
+            "past the size"
+        );
+        assert_eq!(
+            parse_sparse_map_01("0,4,10,2", 100).unwrap(),
+            vec![(0, 4), (10, 2)]
+        );
+        assert!(parse_sparse_map_01("10,4,0,2", 100).is_err());
+    }
+}

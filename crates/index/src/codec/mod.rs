@@ -1,0 +1,193 @@
+//! Compression formats, in two directions:
+//! - *indexing*: decompress a whole layer once, in order, and cut it into spans at points
+//!   where decompression can restart (checkpoints), hashing each span's compressed bytes;
+//! - *resuming*: decompress a run of spans starting at one of those checkpoints.
+//!
+//! gzip uses the zran technique (bit offset + 32 KiB window), zstd restarts at frame
+//! boundaries, and plain tar restarts anywhere.
+
+pub mod gzip;
+pub mod inflate;
+pub mod plain;
+pub mod zstd;
+
+use std::io::{self, Read};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::format::{Compression, SpanStart};
+
+/// A span as the indexer cuts it; the window, if any, is raw (not yet compressed).
+#[derive(Clone, Debug)]
+pub struct CutSpan {
+    pub compressed_start: u64,
+    pub compressed_end: u64,
+    pub uncompressed_start: u64,
+    pub digest: [u8; 32],
+    pub start: SpanStart,
+    pub window: Option<Vec<u8>>,
+}
+
+/// How a span's decompression begins, before its window is stored.
+#[derive(Clone, Debug)]
+pub(crate) struct PendingStart {
+    pub start: SpanStart,
+    pub window: Option<Vec<u8>>,
+}
+
+/// The compressed side of indexing: buffers input from the blob, tracks how much the
+/// decoder consumed, and hashes the consumed bytes into the current span.
+pub(crate) struct CompressedInput<R> {
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    /// Bytes consumed by the decoder so far.
+    pub consumed: u64,
+    last_byte: u8,
+    hasher: Sha256,
+    span_start: u64,
+    span_uncompressed_start: u64,
+    span_begin: PendingStart,
+    pub spans: Vec<CutSpan>,
+}
+
+impl<R: Read> CompressedInput<R> {
+    pub fn new(inner: R) -> Self {
+        CompressedInput {
+            inner,
+            buf: vec![0; 256 << 10],
+            start: 0,
+            end: 0,
+            eof: false,
+            consumed: 0,
+            last_byte: 0,
+            hasher: Sha256::new(),
+            span_start: 0,
+            span_uncompressed_start: 0,
+            span_begin: PendingStart {
+                start: SpanStart::Fresh,
+                window: None,
+            },
+            spans: Vec::new(),
+        }
+    }
+
+    /// The unconsumed input, reading more when none is left; empty at the end of the blob.
+    pub fn available(&mut self) -> io::Result<&[u8]> {
+        if self.start == self.end && !self.eof {
+            self.start = 0;
+            self.end = 0;
+            loop {
+                match self.inner.read(&mut self.buf) {
+                    Ok(0) => {
+                        self.eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        self.end = n;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(&self.buf[self.start..self.end])
+    }
+
+    /// Marks `n` bytes of [`available`](Self::available) as consumed by the decoder.
+    pub fn consume(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let bytes = &self.buf[self.start..self.start + n];
+        self.hasher.update(bytes);
+        self.last_byte = bytes[n - 1];
+        self.start += n;
+        self.consumed += n as u64;
+    }
+
+    /// Compressed bytes in the current span so far.
+    pub fn span_len(&self) -> u64 {
+        self.consumed - self.span_start
+    }
+
+    /// Ends the current span at the consumed position and starts the next one there, or one
+    /// byte earlier when the next checkpoint needs bits of the last consumed byte.
+    pub fn cut(&mut self, share_last_byte: bool, uncompressed_at: u64, next: PendingStart) {
+        let digest: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
+        let begin = std::mem::replace(&mut self.span_begin, next);
+        self.spans.push(CutSpan {
+            compressed_start: self.span_start,
+            compressed_end: self.consumed,
+            uncompressed_start: self.span_uncompressed_start,
+            digest,
+            start: begin.start,
+            window: begin.window,
+        });
+        self.span_start = if share_last_byte {
+            self.hasher.update([self.last_byte]);
+            self.consumed - 1
+        } else {
+            self.consumed
+        };
+        self.span_uncompressed_start = uncompressed_at;
+    }
+
+    /// Closes the last span at the end of the blob; returns every span.
+    pub fn finish(mut self) -> Vec<CutSpan> {
+        let digest: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
+        self.spans.push(CutSpan {
+            compressed_start: self.span_start,
+            compressed_end: self.consumed,
+            uncompressed_start: self.span_uncompressed_start,
+            digest,
+            start: self.span_begin.start,
+            window: self.span_begin.window,
+        });
+        self.spans
+    }
+}
+
+/// A decompressing reader that cuts spans as it goes.
+pub trait Indexer: Read + Send {
+    /// The spans, once the reader has returned end of stream.
+    fn finish(self: Box<Self>) -> io::Result<Vec<CutSpan>>;
+}
+
+/// The indexing decoder for a layer's compression.
+pub fn indexer<R: Read + Send + 'static>(
+    compression: Compression,
+    blob: R,
+    spacing: u64,
+) -> io::Result<Box<dyn Indexer>> {
+    Ok(match compression {
+        Compression::Gzip => Box::new(gzip::GzipIndexer::new(blob, spacing)?),
+        Compression::Zstd => Box::new(zstd::ZstdIndexer::new(blob, spacing)?),
+        Compression::None => Box::new(plain::PlainIndexer::new(blob, spacing)),
+    })
+}
+
+/// Decompresses `compressed` (the bytes of a run of spans, starting at the first span's
+/// `compressed_start`) from the first span's checkpoint, passing exactly `want` uncompressed
+/// bytes to `sink` in order.
+pub fn resume(
+    compression: Compression,
+    start: &SpanStart,
+    window: &[u8],
+    compressed: &[u8],
+    want: u64,
+    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    match compression {
+        Compression::Gzip => gzip::resume(start, window, compressed, want, sink),
+        Compression::Zstd => zstd::resume(compressed, want, sink),
+        Compression::None => plain::resume(compressed, want, sink),
+    }
+}
+
+pub(crate) fn corrupt(reason: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, reason.into())
+}

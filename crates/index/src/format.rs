@@ -1,0 +1,505 @@
+//! The index format: versioned, compact, with its own digest (the sha256 of the file), and
+//! checked on load so that a truncated, garbled or foreign index is an error.
+//!
+//! ```text
+//! magic "LZLYIDX\0" | version u32 | meta_len u64 | meta_raw_len u64 | windows_len u64   (LE)
+//! meta:    zstd(postcard(Meta))          file table, spans, layer identity
+//! windows: zstd-compressed 32 KiB deflate windows, one per gzip checkpoint, read on demand
+//! ```
+
+use std::io::{Read, Seek};
+use std::path::Path;
+use std::sync::Mutex;
+
+use lazylayer_source::Digest;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::codec::gzip::WINDOW;
+use crate::entry::{Entry, EntryKind};
+use crate::{Error, Result};
+
+/// First bytes of every index file.
+pub const MAGIC: &[u8; 8] = b"LZLYIDX\0";
+/// The format version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// Media type of an index blob in a registry.
+pub const INDEX_MEDIA_TYPE: &str = "application/vnd.lazylayer.index.v1";
+const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 8;
+/// Largest metadata section accepted (uncompressed).
+const META_LIMIT: u64 = 512 << 20;
+
+/// How the layer blob is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    /// gzip (one or more members).
+    Gzip,
+    /// zstd (one or more frames).
+    Zstd,
+    /// Plain tar.
+    None,
+}
+
+impl Compression {
+    /// The compression a layer media type says.
+    pub fn from_media_type(media_type: &str) -> Option<Compression> {
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                Some(Compression::Gzip)
+            }
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
+                Some(Compression::Zstd)
+            }
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
+            _ => None,
+        }
+    }
+
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        }
+    }
+}
+
+/// Where decompression of a span begins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SpanStart {
+    /// Nothing to restore: the start of the blob, of a gzip member, of zstd frames, or any
+    /// offset of a plain tar.
+    Fresh,
+    /// Raw deflate resumes: the first `bits` bits come from the span's first byte, and the
+    /// window (the preceding output) is at `window_offset..+window_len` of the windows section.
+    Deflate {
+        bits: u8,
+        window_offset: u64,
+        window_len: u32,
+    },
+}
+
+/// A run of compressed bytes that decompresses on its own from its start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    /// First compressed byte (for gzip it may be the last byte of the previous span, whose
+    /// low bits belong to this one).
+    pub compressed_start: u64,
+    /// End of the compressed bytes (exclusive).
+    pub compressed_end: u64,
+    /// Uncompressed offset of the span's first output byte.
+    pub uncompressed_start: u64,
+    /// sha256 of `compressed_start..compressed_end` of the blob.
+    pub digest: [u8; 32],
+    /// How to start decompressing.
+    pub start: SpanStart,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    blob_digest: Digest,
+    blob_size: u64,
+    media_type: String,
+    diff_id: Digest,
+    compression: Compression,
+    uncompressed_size: u64,
+    spacing: u64,
+    spans: Vec<Span>,
+    entries: Vec<Entry>,
+}
+
+enum Windows {
+    Memory(Vec<u8>),
+    File {
+        file: Mutex<std::fs::File>,
+        base: u64,
+        len: u64,
+    },
+}
+
+/// A layer's lazy index: its identity, spans and file table.
+pub struct LayerIndex {
+    /// The layer blob's digest.
+    pub blob_digest: Digest,
+    /// The layer blob's size.
+    pub blob_size: u64,
+    /// The layer's media type.
+    pub media_type: String,
+    /// sha256 of the uncompressed tar.
+    pub diff_id: Digest,
+    /// How the blob is compressed.
+    pub compression: Compression,
+    /// Size of the uncompressed tar.
+    pub uncompressed_size: u64,
+    /// The checkpoint spacing asked for when building (compressed bytes).
+    pub spacing: u64,
+    /// The spans, in order; they cover the whole blob.
+    pub spans: Vec<Span>,
+    /// The file table in archive order.
+    pub entries: Vec<Entry>,
+    windows: Windows,
+}
+
+impl std::fmt::Debug for LayerIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerIndex")
+            .field("blob_digest", &self.blob_digest)
+            .field("compression", &self.compression)
+            .field("spans", &self.spans.len())
+            .field("entries", &self.entries.len())
+            .finish()
+    }
+}
+
+/// The parts of an index, as the builder assembles them.
+pub(crate) struct IndexParts {
+    pub blob_digest: Digest,
+    pub blob_size: u64,
+    pub media_type: String,
+    pub diff_id: Digest,
+    pub compression: Compression,
+    pub uncompressed_size: u64,
+    pub spacing: u64,
+    pub spans: Vec<Span>,
+    pub entries: Vec<Entry>,
+    pub windows: Vec<u8>,
+}
+
+impl LayerIndex {
+    pub(crate) fn from_parts(parts: IndexParts) -> Result<Self> {
+        let index = LayerIndex {
+            blob_digest: parts.blob_digest,
+            blob_size: parts.blob_size,
+            media_type: parts.media_type,
+            diff_id: parts.diff_id,
+            compression: parts.compression,
+            uncompressed_size: parts.uncompressed_size,
+            spacing: parts.spacing,
+            spans: parts.spans,
+            entries: parts.entries,
+            windows: Windows::Memory(parts.windows),
+        };
+        index.validate("just built")?;
+        Ok(index)
+    }
+
+    /// The index as bytes (what is stored and pushed).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let windows = match &self.windows {
+            Windows::Memory(bytes) => bytes.clone(),
+            Windows::File { file, base, len } => {
+                let mut file = file.lock().expect("window file lock");
+                let mut bytes = vec![0; *len as usize];
+                file.seek(std::io::SeekFrom::Start(*base))
+                    .and_then(|_| file.read_exact(&mut bytes))
+                    .map_err(|e| Error::io("reading index windows", e))?;
+                bytes
+            }
+        };
+        let meta = Meta {
+            blob_digest: self.blob_digest.clone(),
+            blob_size: self.blob_size,
+            media_type: self.media_type.clone(),
+            diff_id: self.diff_id.clone(),
+            compression: self.compression,
+            uncompressed_size: self.uncompressed_size,
+            spacing: self.spacing,
+            spans: self.spans.clone(),
+            entries: self.entries.clone(),
+        };
+        let raw = postcard::to_stdvec(&meta).map_err(|e| Error::bad_index("encoding", e))?;
+        let packed =
+            zstd::bulk::compress(&raw, 9).map_err(|e| Error::io("compressing index", e))?;
+        let mut out = Vec::with_capacity(HEADER_LEN + packed.len() + windows.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(packed.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(windows.len() as u64).to_le_bytes());
+        out.extend_from_slice(&packed);
+        out.extend_from_slice(&windows);
+        Ok(out)
+    }
+
+    /// Decodes and checks an index held in memory; `what` names it in errors.
+    pub fn decode(what: &str, bytes: &[u8]) -> Result<Self> {
+        let (meta_len, windows_len, meta) =
+            decode_header_and_meta(what, bytes.len() as u64, bytes)?;
+        let start = HEADER_LEN as u64 + meta_len;
+        let windows = bytes[start as usize..(start + windows_len) as usize].to_vec();
+        let index = assemble(meta, Windows::Memory(windows));
+        index.validate(what)?;
+        Ok(index)
+    }
+
+    /// Opens an index file: the metadata is read now, the windows when a span needs one.
+    pub fn open(path: &Path) -> Result<Self> {
+        let what = path.display().to_string();
+        let mut file =
+            std::fs::File::open(path).map_err(|e| Error::io(format!("opening {what}"), e))?;
+        let size = file.metadata().map_err(|e| Error::io(&what, e))?.len();
+        let mut header = vec![0u8; HEADER_LEN.min(size as usize)];
+        file.read_exact(&mut header)
+            .map_err(|e| Error::io(&what, e))?;
+        let (meta_len, _, _) = parse_header(&what, size, &header)?;
+        let mut head_and_meta = header;
+        head_and_meta.resize(HEADER_LEN + meta_len as usize, 0);
+        file.read_exact(&mut head_and_meta[HEADER_LEN..])
+            .map_err(|e| Error::io(&what, e))?;
+        let (meta_len, windows_len, meta) = decode_header_and_meta(&what, size, &head_and_meta)?;
+        let index = assemble(
+            meta,
+            Windows::File {
+                file: Mutex::new(file),
+                base: HEADER_LEN as u64 + meta_len,
+                len: windows_len,
+            },
+        );
+        index.validate(&what)?;
+        Ok(index)
+    }
+
+    /// The digest of the encoded index (what a registry names it by).
+    pub fn digest_of(encoded: &[u8]) -> Digest {
+        Digest::sha256(encoded)
+    }
+
+    /// The deflate window a span resumes with (empty for other spans).
+    pub fn window(&self, span: &Span) -> Result<Vec<u8>> {
+        let SpanStart::Deflate {
+            window_offset,
+            window_len,
+            ..
+        } = span.start
+        else {
+            return Ok(Vec::new());
+        };
+        let packed = match &self.windows {
+            Windows::Memory(bytes) => bytes
+                [window_offset as usize..(window_offset + u64::from(window_len)) as usize]
+                .to_vec(),
+            Windows::File { file, base, .. } => {
+                let mut file = file.lock().expect("window file lock");
+                let mut packed = vec![0; window_len as usize];
+                file.seek(std::io::SeekFrom::Start(base + window_offset))
+                    .and_then(|_| file.read_exact(&mut packed))
+                    .map_err(|e| Error::io("reading a deflate window", e))?;
+                packed
+            }
+        };
+        let window = zstd::bulk::decompress(&packed, WINDOW)
+            .map_err(|e| Error::bad_index("window", format!("does not decompress: {e}")))?;
+        Ok(window)
+    }
+
+    /// The span containing uncompressed offset `offset`.
+    pub fn span_at(&self, offset: u64) -> usize {
+        self.spans
+            .partition_point(|s| s.uncompressed_start <= offset)
+            .saturating_sub(1)
+    }
+
+    /// Uncompressed end of span `i`.
+    pub fn span_uncompressed_end(&self, i: usize) -> u64 {
+        self.spans
+            .get(i + 1)
+            .map_or(self.uncompressed_size, |s| s.uncompressed_start)
+    }
+
+    /// The entry at `path` (normalised, as in the table).
+    pub fn entry(&self, path: &[u8]) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.path == path)
+    }
+
+    /// Checks every invariant readers rely on; a hostile index fails here, not later.
+    fn validate(&self, what: &str) -> Result<()> {
+        let bad = |reason: String| Err(Error::bad_index(what, reason));
+        if self.spans.is_empty() {
+            return bad("no spans".into());
+        }
+        let windows_len = match &self.windows {
+            Windows::Memory(bytes) => bytes.len() as u64,
+            Windows::File { len, .. } => *len,
+        };
+        let first = &self.spans[0];
+        if first.compressed_start != 0
+            || first.uncompressed_start != 0
+            || first.start != SpanStart::Fresh
+        {
+            return bad("the first span does not start at the beginning".into());
+        }
+        for (i, span) in self.spans.iter().enumerate() {
+            if span.compressed_start > span.compressed_end || span.compressed_end > self.blob_size {
+                return bad(format!(
+                    "span {i} covers bytes {}..{} of a {}-byte blob",
+                    span.compressed_start, span.compressed_end, self.blob_size
+                ));
+            }
+            if span.uncompressed_start > self.uncompressed_size {
+                return bad(format!("span {i} starts past the uncompressed end"));
+            }
+            if let Some(next) = self.spans.get(i + 1) {
+                let contiguous = next.compressed_start == span.compressed_end
+                    || (self.compression == Compression::Gzip
+                        && next.compressed_start + 1 == span.compressed_end);
+                if !contiguous || next.uncompressed_start <= span.uncompressed_start {
+                    return bad(format!("spans {i} and {} are not in order", i + 1));
+                }
+            } else if span.compressed_end != self.blob_size {
+                return bad("the spans do not reach the end of the blob".into());
+            }
+            if let SpanStart::Deflate {
+                bits,
+                window_offset,
+                window_len,
+            } = span.start
+            {
+                if self.compression != Compression::Gzip || bits > 7 {
+                    return bad(format!("span {i} has a deflate checkpoint it cannot use"));
+                }
+                if window_offset
+                    .checked_add(u64::from(window_len))
+                    .is_none_or(|end| end > windows_len)
+                {
+                    return bad(format!("span {i}'s window is outside the index"));
+                }
+            }
+        }
+        let mut paths = std::collections::HashSet::new();
+        for entry in &self.entries {
+            let name = entry.display_path();
+            if !valid_path(&entry.path) {
+                return bad(format!("entry {name:?} has an invalid path"));
+            }
+            if !paths.insert(entry.path.as_slice()) {
+                return bad(format!("entry {name:?} appears twice"));
+            }
+            if entry.mode > 0o7777 || entry.mtime_nsec >= 1_000_000_000 {
+                return bad(format!("entry {name:?} has an invalid mode or time"));
+            }
+            match entry.kind {
+                EntryKind::File => {
+                    let end = entry.data_offset.checked_add(entry.stored_size());
+                    if end.is_none_or(|end| end > self.uncompressed_size) {
+                        return bad(format!("entry {name:?} has data past the end of the layer"));
+                    }
+                    if let Some(segments) = &entry.sparse {
+                        let mut position = 0u64;
+                        for &(offset, len) in segments {
+                            let seg_end = offset.checked_add(len);
+                            if offset < position || seg_end.is_none_or(|e| e > entry.size) {
+                                return bad(format!("entry {name:?} has a bad sparse map"));
+                            }
+                            position = offset + len;
+                        }
+                    }
+                }
+                EntryKind::Hardlink
+                    if !entry
+                        .link
+                        .as_deref()
+                        .is_some_and(|l| valid_path(l) && !l.is_empty()) =>
+                {
+                    return bad(format!("hardlink {name:?} has an invalid target"));
+                }
+                EntryKind::Symlink if entry.link.is_none() => {
+                    return bad(format!("symlink {name:?} has no target"));
+                }
+                EntryKind::CharDevice | EntryKind::BlockDevice if entry.device.is_none() => {
+                    return bad(format!("device {name:?} has no numbers"));
+                }
+                _ => {}
+            }
+            if entry.opaque && entry.kind != EntryKind::Dir {
+                return bad(format!("entry {name:?} is opaque but not a directory"));
+            }
+            if entry.kind != EntryKind::File && (entry.size != 0 || entry.sparse.is_some()) {
+                return bad(format!("entry {name:?} has data but is not a file"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A path as the table stores it: relative, `/`-separated, no empty, `.` or `..` component,
+/// no NUL. The empty path is the root.
+pub fn valid_path(path: &[u8]) -> bool {
+    path.is_empty()
+        || (!path.contains(&0)
+            && path
+                .split(|b| *b == b'/')
+                .all(|c| !c.is_empty() && c != b"." && c != b".."))
+}
+
+fn parse_header(what: &str, size: u64, header: &[u8]) -> Result<(u64, u64, u64)> {
+    if header.len() < HEADER_LEN || &header[..8] != MAGIC {
+        return Err(Error::bad_index(what, "not a lazylayer index (bad magic)"));
+    }
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    let version = u32_at(8);
+    if version != VERSION {
+        return Err(Error::bad_index(
+            what,
+            format!("format version {version}, this lazylayer reads version {VERSION}"),
+        ));
+    }
+    let (meta_len, meta_raw_len, windows_len) = (u64_at(12), u64_at(20), u64_at(28));
+    let expected = (HEADER_LEN as u64)
+        .checked_add(meta_len)
+        .and_then(|n| n.checked_add(windows_len));
+    if expected != Some(size) {
+        return Err(Error::bad_index(
+            what,
+            format!("truncated or padded: {size} bytes, the header says {expected:?}"),
+        ));
+    }
+    if meta_raw_len > META_LIMIT {
+        return Err(Error::bad_index(what, "metadata larger than the limit"));
+    }
+    Ok((meta_len, windows_len, meta_raw_len))
+}
+
+fn decode_header_and_meta(what: &str, size: u64, bytes: &[u8]) -> Result<(u64, u64, Meta)> {
+    let (meta_len, windows_len, meta_raw_len) = parse_header(what, size, bytes)?;
+    let packed = &bytes[HEADER_LEN..HEADER_LEN + meta_len as usize];
+    let mut raw = Vec::new();
+    zstd::stream::read::Decoder::new(packed)
+        .map_err(|e| Error::io(what, e))?
+        .take(meta_raw_len + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| Error::bad_index(what, format!("metadata does not decompress: {e}")))?;
+    if raw.len() as u64 != meta_raw_len {
+        return Err(Error::bad_index(what, "metadata has the wrong length"));
+    }
+    let meta: Meta = postcard::from_bytes(&raw)
+        .map_err(|e| Error::bad_index(what, format!("metadata does not decode: {e}")))?;
+    Ok((meta_len, windows_len, meta))
+}
+
+fn assemble(meta: Meta, windows: Windows) -> LayerIndex {
+    LayerIndex {
+        blob_digest: meta.blob_digest,
+        blob_size: meta.blob_size,
+        media_type: meta.media_type,
+        diff_id: meta.diff_id,
+        compression: meta.compression,
+        uncompressed_size: meta.uncompressed_size,
+        spacing: meta.spacing,
+        spans: meta.spans,
+        entries: meta.entries,
+        windows,
+    }
+}
+
+/// sha256 as raw bytes, for span digests.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}

@@ -1,0 +1,21 @@
+//! # lazylayer-index: random access into unmodified OCI layers
+//!
+//! A layer blob is a compressed tar. Its lazy index says where each file's bytes sit in the
+//! uncompressed stream ([`entry`]), and where decompression can restart: the blob is cut into
+//! spans ([`format`]), each with a sha256 of its compressed bytes and a checkpoint to resume
+//! from (gzip: zran bit offset + 32 KiB window; zstd: frame boundaries; plain tar: anywhere).
+//! [`build`] makes an index in one streaming pass; [`read`] fetches only the spans a read
+//! needs, verifies them, and decompresses from their checkpoint.
+
+pub mod build;
+pub mod codec;
+pub mod entry;
+pub mod error;
+pub mod format;
+pub mod read;
+
+pub use build::{BuildOptions, DEFAULT_SPACING, build, build_from_reader};
+pub use entry::{Entry, EntryKind, Piece};
+pub use error::{Error, Result};
+pub use format::{Compression, INDEX_MEDIA_TYPE, LayerIndex, Span, SpanStart};
+pub use read::{LayerReader, ReaderStats};

@@ -1,0 +1,284 @@
+//! Random access into a layer through its index: the spans a read needs are fetched with one
+//! ranged GET per run of missing spans (several runs in flight), each span is checked against
+//! its digest before anything is decompressed from it, and decompression starts at the first
+//! span's checkpoint. Fetched spans stay in the [`cache::SpanCache`], so nothing is fetched twice,
+//! and a run's whole output is available to callers that populate every file it covers.
+
+pub mod cache;
+
+use std::collections::VecDeque;
+use std::ops::{Range, RangeInclusive};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::{StreamExt, TryStreamExt};
+use lazylayer_source::ImageSource;
+
+use self::cache::SpanCache;
+use crate::codec;
+use crate::entry::{Entry, EntryKind, Piece};
+use crate::format::{LayerIndex, sha256};
+use crate::{Error, Result};
+
+/// Ranged requests in flight at once for one read.
+const MAX_IN_FLIGHT: usize = 4;
+/// Decompressed spans kept in memory, so reads of neighbouring files inflate a span once.
+const RECENT_SPANS: usize = 8;
+
+/// Counters of what a reader fetched.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReaderStats {
+    /// Compressed bytes fetched from the source.
+    pub bytes_fetched: u64,
+    /// Ranged requests made.
+    pub requests: u64,
+    /// Spans fetched.
+    pub spans_fetched: u64,
+}
+
+/// Reads files of one layer lazily.
+pub struct LayerReader {
+    index: Arc<LayerIndex>,
+    source: ImageSource,
+    cache: SpanCache,
+    bytes_fetched: AtomicU64,
+    requests: AtomicU64,
+    spans_fetched: AtomicU64,
+    recent: Mutex<VecDeque<(usize, Arc<Vec<u8>>)>>,
+}
+
+impl LayerReader {
+    /// A reader of `index`'s layer from `source`, caching spans under `cache_dir`.
+    pub fn new(index: Arc<LayerIndex>, source: ImageSource, cache_dir: &Path) -> Result<Self> {
+        let cache = SpanCache::open(cache_dir, &index)?;
+        Ok(LayerReader {
+            index,
+            source,
+            cache,
+            bytes_fetched: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            spans_fetched: AtomicU64::new(0),
+            recent: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// The index.
+    pub fn index(&self) -> &Arc<LayerIndex> {
+        &self.index
+    }
+
+    /// What has been fetched so far.
+    pub fn stats(&self) -> ReaderStats {
+        ReaderStats {
+            bytes_fetched: self.bytes_fetched.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            spans_fetched: self.spans_fetched.load(Ordering::Relaxed),
+        }
+    }
+
+    /// How many spans are local.
+    pub fn spans_present(&self) -> usize {
+        self.cache.count()
+    }
+
+    /// Reads `len` bytes at `offset` of a regular file (short at the end of the file).
+    pub async fn read(&self, entry: &Entry, offset: u64, len: u64) -> Result<Vec<u8>> {
+        if entry.kind != EntryKind::File {
+            return Err(Error::BadRead(format!(
+                "{} is not a regular file",
+                entry.display_path()
+            )));
+        }
+        let pieces = entry.pieces(offset, len);
+        let stored: Vec<Range<u64>> = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Stored { stream_offset, len } => Some(*stream_offset..stream_offset + len),
+                Piece::Zeros { .. } => None,
+            })
+            .collect();
+        let mut out = Vec::with_capacity(pieces.iter().map(|p| piece_len(p) as usize).sum());
+        let (Some(first), Some(last)) = (stored.first(), stored.last()) else {
+            out.resize(out.capacity(), 0);
+            return Ok(out);
+        };
+        let span_range = (first.start, last.end);
+        let data = self.read_uncompressed(span_range.0..span_range.1).await?;
+        for piece in pieces {
+            match piece {
+                Piece::Stored { stream_offset, len } => {
+                    let at = (stream_offset - span_range.0) as usize;
+                    out.extend_from_slice(&data[at..at + len as usize]);
+                }
+                Piece::Zeros { len } => out.resize(out.len() + len as usize, 0),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads `range` of the uncompressed layer stream.
+    pub async fn read_uncompressed(&self, range: Range<u64>) -> Result<Vec<u8>> {
+        if range.start >= range.end {
+            return Ok(Vec::new());
+        }
+        if range.end > self.index.uncompressed_size {
+            return Err(Error::BadRead(format!(
+                "bytes {}..{} are past the end of the {}-byte layer",
+                range.start, range.end, self.index.uncompressed_size
+            )));
+        }
+        let first = self.index.span_at(range.start);
+        let last = self.index.span_at(range.end - 1);
+        self.ensure(first..=last).await?;
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        for i in first..=last {
+            let output = self.span_output(i).await?;
+            let span_start = self.index.spans[i].uncompressed_start;
+            let from = range.start.max(span_start) - span_start;
+            let to = range.end.min(self.index.span_uncompressed_end(i)) - span_start;
+            out.extend_from_slice(&output[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+
+    /// The uncompressed output of span `i` (from memory if it was decompressed recently).
+    pub async fn span_output(&self, i: usize) -> Result<Arc<Vec<u8>>> {
+        if let Some(output) = self
+            .recent
+            .lock()
+            .expect("recent spans")
+            .iter()
+            .find(|(span, _)| *span == i)
+            .map(|(_, output)| output.clone())
+        {
+            return Ok(output);
+        }
+        let (_, output) = self.decompress(i..=i).await?;
+        let output = Arc::new(output);
+        let mut recent = self.recent.lock().expect("recent spans");
+        if recent.len() == RECENT_SPANS {
+            recent.pop_front();
+        }
+        recent.push_back((i, output.clone()));
+        Ok(output)
+    }
+
+    /// Decompresses a run of spans; returns the uncompressed offset of the output and the
+    /// output, which covers every file byte in those spans.
+    pub async fn decompress(&self, spans: RangeInclusive<usize>) -> Result<(u64, Vec<u8>)> {
+        let (first, last) = (*spans.start(), *spans.end());
+        if last >= self.index.spans.len() || first > last {
+            return Err(Error::BadRead(format!("no spans {first}..={last}")));
+        }
+        self.ensure(spans).await?;
+        let index = &self.index;
+        let start = index.spans[first].compressed_start;
+        let end = index.spans[last].compressed_end;
+        let compressed = self.load_verified(first, last, start, end)?;
+        let window = index.window(&index.spans[first])?;
+        let output_start = index.spans[first].uncompressed_start;
+        let want = index.span_uncompressed_end(last) - output_start;
+        let compression = index.compression;
+        let begin = index.spans[first].start.clone();
+        let layer = index.blob_digest.to_string();
+        let output = tokio::task::spawn_blocking(move || {
+            let mut output = Vec::with_capacity(want as usize);
+            codec::resume(
+                compression,
+                &begin,
+                &window,
+                &compressed,
+                want,
+                &mut |chunk| {
+                    output.extend_from_slice(chunk);
+                    Ok(())
+                },
+            )
+            .map(|()| output)
+        })
+        .await
+        .map_err(|e| Error::BadRead(format!("decompression task failed: {e}")))?
+        .map_err(|e| Error::BadLayer {
+            layer,
+            reason: format!("spans {first}..={last} do not decompress: {e}"),
+        })?;
+        Ok((output_start, output))
+    }
+
+    /// Reads spans `first..=last` from the cache, checking each against its digest again;
+    /// a span that fails is forgotten (to be fetched again) and the read fails.
+    fn load_verified(&self, first: usize, last: usize, start: u64, end: u64) -> Result<Vec<u8>> {
+        let bytes = self.cache.load(start, end)?;
+        for i in first..=last {
+            let span = &self.index.spans[i];
+            let slice = &bytes
+                [(span.compressed_start - start) as usize..(span.compressed_end - start) as usize];
+            if sha256(slice) != span.digest {
+                self.cache.forget(i)?;
+                return Err(self.mismatch(i));
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn mismatch(&self, i: usize) -> Error {
+        let span = &self.index.spans[i];
+        Error::SpanMismatch {
+            layer: self.index.blob_digest.to_string(),
+            span: i,
+            start: span.compressed_start,
+            end: span.compressed_end,
+        }
+    }
+
+    /// Fetches the spans of `spans` that are not local: one ranged GET per run of missing
+    /// spans, several in flight, each span verified before it is stored.
+    pub async fn ensure(&self, spans: RangeInclusive<usize>) -> Result<()> {
+        let mut runs: Vec<RangeInclusive<usize>> = Vec::new();
+        for i in spans {
+            if self.cache.has(i) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(run) if *run.end() + 1 == i => *run = *run.start()..=i,
+                _ => runs.push(i..=i),
+            }
+        }
+        futures_util::stream::iter(runs.into_iter().map(|run| self.fetch_run(run)))
+            .buffer_unordered(MAX_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    async fn fetch_run(&self, run: RangeInclusive<usize>) -> Result<()> {
+        let (first, last) = (*run.start(), *run.end());
+        let start = self.index.spans[first].compressed_start;
+        let end = self.index.spans[last].compressed_end;
+        let bytes = self
+            .source
+            .read_range(&self.index.blob_digest, start..end)
+            .await?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        for i in first..=last {
+            let span = &self.index.spans[i];
+            let slice = &bytes
+                [(span.compressed_start - start) as usize..(span.compressed_end - start) as usize];
+            if sha256(slice) != span.digest {
+                return Err(self.mismatch(i));
+            }
+            self.cache.store(i, span.compressed_start, slice)?;
+            self.spans_fetched.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+fn piece_len(piece: &Piece) -> u64 {
+    match piece {
+        Piece::Stored { len, .. } | Piece::Zeros { len } => *len,
+    }
+}

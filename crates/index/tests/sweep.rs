@@ -1,0 +1,592 @@
+//! Reads through the index must give the bytes a full `tar -x` gives: every file of the
+//! Debian image (gzip and zstd) and of the multi-layer image (gzip, zstd, plain), random ranges,
+//! multi-member gzip and multi-frame zstd made by the gzip and zstd tools; and wrong bytes or
+//! broken indexes must be errors.
+
+use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use lazylayer_index::{
+    BuildOptions, Entry, EntryKind, Error, LayerIndex, LayerReader, build, build_from_reader,
+};
+use lazylayer_source::registry::auth::credentials::CredentialSource;
+use lazylayer_source::{
+    BlobDescriptor, ClientOptions, Digest, ImageReference, ImageSource, PlatformChoice,
+    RegistryClient, ResolvedImage,
+};
+use lazylayer_testkit::fixtures::{layout_dir, shared_registry};
+use lazylayer_testkit::proxy::{Fault, FaultProxy, Rule, Shaping};
+
+fn client() -> RegistryClient {
+    RegistryClient::new(ClientOptions {
+        credentials: CredentialSource::None,
+        ..ClientOptions::default()
+    })
+    .unwrap()
+}
+
+async fn open(image: &str) -> (ImageSource, ResolvedImage) {
+    let reference: ImageReference = image.parse().unwrap();
+    let source = ImageSource::open(&reference, &client()).unwrap();
+    let resolved = source.resolve(&PlatformChoice::host()).await.unwrap();
+    (source, resolved)
+}
+
+fn blob_path(digest: &Digest) -> PathBuf {
+    layout_dir().join("blobs/sha256").join(digest.hex())
+}
+
+/// Extracts a layer blob with GNU tar (which detects gzip and zstd itself).
+fn extract(blob: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("tar")
+        .args(["--numeric-owner", "-xf"])
+        .arg(blob)
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar -x {}", blob.display());
+    dir
+}
+
+fn on_disk(root: &Path, entry: &Entry) -> PathBuf {
+    root.join(std::ffi::OsStr::from_bytes(&entry.path))
+}
+
+/// Reads every regular file through the reader and compares it with the extraction.
+async fn sweep(reader: &LayerReader, extracted: &Path) -> usize {
+    let mut files = 0;
+    for entry in reader
+        .index()
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+    {
+        let expected = std::fs::read(on_disk(extracted, entry)).unwrap();
+        let got = reader.read(entry, 0, entry.size).await.unwrap();
+        assert!(
+            got == expected,
+            "{} differs ({} vs {} bytes)",
+            entry.display_path(),
+            got.len(),
+            expected.len()
+        );
+        files += 1;
+    }
+    files
+}
+
+#[tokio::test]
+async fn every_file_reads_back_as_tar_extracts_it() {
+    let registry = shared_registry().host();
+    for (tag, remote) in [
+        ("bookworm", "test/debian:bookworm"),
+        ("bookworm-zstd", "test/debian:bookworm-zstd"),
+        ("layers", "test/layers:latest"),
+        ("layers-zstd", "test/layers:zstd"),
+        ("layers-plain", "test/layers:plain"),
+    ] {
+        let (layout, image) = open(&format!("oci:{}:{tag}", layout_dir().display())).await;
+        let (registry_source, _) = open(&format!("{registry}/{remote}")).await;
+        for (i, layer) in image.layers.iter().enumerate() {
+            let diff_id = &image.config_summary.rootfs.diff_ids[i];
+            let index = build(&layout, layer, Some(diff_id), BuildOptions::default())
+                .await
+                .unwrap();
+            let encoded = index.encode().unwrap();
+            let index = Arc::new(LayerIndex::decode("test", &encoded).unwrap());
+            let cache = tempfile::tempdir().unwrap();
+            let reader =
+                LayerReader::new(index.clone(), registry_source.clone(), cache.path()).unwrap();
+            let extracted = extract(&blob_path(&layer.digest));
+            let files = sweep(&reader, extracted.path()).await;
+            eprintln!(
+                "{tag} layer {i}: {files} files, {} entries, {} spans, index {} bytes for a {}-byte blob, fetched {:?}",
+                index.entries.len(),
+                index.spans.len(),
+                encoded.len(),
+                layer.size,
+                reader.stats()
+            );
+            assert!(files > 0 || i > 0);
+            assert_eq!(&index.diff_id, diff_id);
+            let stats = reader.stats();
+            assert!(
+                stats.bytes_fetched <= layer.size + index.spans.len() as u64,
+                "spans fetched once"
+            );
+            if tag == "bookworm" {
+                assert!(index.spans.len() > 20, "{} spans", index.spans.len());
+                assert!(
+                    (encoded.len() as u64) * 20 < layer.size,
+                    "index under 5% of the layer"
+                );
+            }
+            if tag == "bookworm-zstd" {
+                eprintln!("zstd layer from skopeo: {} span(s)", index.spans.len());
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_multi_layer_image_keeps_its_metadata() {
+    let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
+    let mut indexes = Vec::new();
+    for (i, layer) in image.layers.iter().enumerate() {
+        let diff_id = &image.config_summary.rootfs.diff_ids[i];
+        indexes.push(
+            build(&layout, layer, Some(diff_id), BuildOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let by_path = |i: usize| -> HashMap<Vec<u8>, Entry> {
+        indexes[i]
+            .entries
+            .iter()
+            .map(|e| (e.path.clone(), e.clone()))
+            .collect()
+    };
+    let l1 = by_path(0);
+    let get = |path: &str| {
+        l1.get(path.as_bytes())
+            .unwrap_or_else(|| panic!("{path} missing"))
+    };
+    assert_eq!(get("bin/suid-true").mode, 0o4755);
+    assert_eq!(get("bin/sgid-true").mode, 0o2755);
+    assert_eq!(get("tmp").mode, 0o1777);
+    assert_eq!(
+        (
+            get("etc/secret").uid,
+            get("etc/secret").gid,
+            get("etc/secret").mode
+        ),
+        (1234, 5678, 0o600)
+    );
+    assert!(
+        get("bin/cap-true")
+            .xattrs
+            .iter()
+            .any(|(n, _)| n == b"security.capability")
+    );
+    assert_eq!(
+        get("etc/hello.txt").xattrs,
+        vec![(b"user.lazylayer.test".to_vec(), b"hello xattr".to_vec())]
+    );
+    assert_eq!(get("data/one-byte").xattrs[0].1, vec![0x00, 0xff, 0x10]);
+    assert_eq!(
+        (
+            get("data/one-byte").mtime_nsec,
+            get("data/abs-link").mtime_nsec
+        ),
+        (123456789, 500000000)
+    );
+    assert_eq!(get("data/abs-link").kind, EntryKind::Symlink);
+    assert_eq!(
+        get("data/abs-link").link.as_deref(),
+        Some(&b"/etc/hello.txt"[..])
+    );
+    assert_eq!(
+        get("data/rel-link").link.as_deref(),
+        Some(&b"../etc/hello.txt"[..])
+    );
+    let hardlinks: Vec<&Entry> = l1
+        .values()
+        .filter(|e| e.kind == EntryKind::Hardlink)
+        .collect();
+    assert_eq!(hardlinks.len(), 2, "three names, one file");
+    let target = hardlinks[0].link.clone().unwrap();
+    assert!(hardlinks.iter().all(|h| h.link.as_ref() == Some(&target)));
+    assert_eq!(l1[&target].kind, EntryKind::File);
+    assert_eq!(get("dev-nodes/null").device, Some((1, 3)));
+    assert_eq!(get("dev-nodes/null").kind, EntryKind::CharDevice);
+    assert_eq!(get("dev-nodes/loop7").kind, EntryKind::BlockDevice);
+    assert_eq!(get("dev-nodes/fifo").kind, EntryKind::Fifo);
+    let sparse = get("data/sparse.img");
+    assert_eq!(sparse.size, 64 << 20);
+    assert!(
+        sparse.stored_size() < 1 << 20,
+        "holes are not stored: {}",
+        sparse.stored_size()
+    );
+    let long = l1
+        .keys()
+        .find(|p| p.len() > 300)
+        .expect("a path over 300 bytes");
+    assert!(long.starts_with(b"names/long-name-"));
+    assert!(
+        l1.contains_key(&b"names/caf\xe9-latin1"[..]),
+        "non-UTF-8 name"
+    );
+    assert!(l1.contains_key("names/héllo-世界-🦀".as_bytes()));
+    assert!(l1.keys().any(|p| p.ends_with(b"d48/bottom.txt")));
+    // Layer 2: whiteouts and an opaque directory.
+    let l2 = by_path(1);
+    assert_eq!(l2[&b"remove-me.txt"[..]].kind, EntryKind::Whiteout);
+    assert_eq!(l2[&b"remove-dir"[..]].kind, EntryKind::Whiteout);
+    assert!(l2[&b"opaque-dir"[..]].opaque);
+    assert!(
+        !l2.keys().any(|p| p.windows(4).any(|w| w == b".wh.")),
+        "no .wh. names remain"
+    );
+    // Reading the sparse file gives its holes as zeros and its data where it was written.
+    let cache = tempfile::tempdir().unwrap();
+    let index = Arc::new(
+        build(&layout, &image.layers[0], None, BuildOptions::default())
+            .await
+            .unwrap(),
+    );
+    let reader = LayerReader::new(index, layout.clone(), cache.path()).unwrap();
+    let sparse = reader.index().entry(b"data/sparse.img").unwrap().clone();
+    assert_eq!(reader.read(&sparse, 0, 4).await.unwrap(), b"head");
+    assert_eq!(reader.read(&sparse, 32 << 20, 6).await.unwrap(), b"middle");
+    assert_eq!(
+        reader.read(&sparse, (64 << 20) - 4, 100).await.unwrap(),
+        b"tail"
+    );
+    assert_eq!(
+        reader.read(&sparse, 1 << 20, 4096).await.unwrap(),
+        vec![0; 4096]
+    );
+}
+
+#[tokio::test]
+async fn random_ranges_agree_with_the_extraction() {
+    let (layout, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
+    let layer = &image.layers[0];
+    // Small spans, so reads cross span boundaries often.
+    let index = Arc::new(
+        build(&layout, layer, None, BuildOptions { spacing: 192 << 10 })
+            .await
+            .unwrap(),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), layout, cache.path()).unwrap();
+    let extracted = extract(&blob_path(&layer.digest));
+    let files: Vec<&Entry> = index
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File && e.size > 0)
+        .collect();
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..400 {
+        let entry = files[rng.usize(..files.len())];
+        let offset = rng.u64(0..entry.size);
+        let len = rng.u64(0..=(entry.size - offset + 10).min(3 << 20));
+        let got = reader.read(entry, offset, len).await.unwrap();
+        let all = std::fs::read(on_disk(extracted.path(), entry)).unwrap();
+        let end = (offset + len).min(entry.size) as usize;
+        assert!(
+            got == all[offset as usize..end],
+            "{} @{offset}+{len}",
+            entry.display_path()
+        );
+    }
+    // Ranges of the raw stream across many spans.
+    let whole = reader
+        .read_uncompressed(1_000_000..9_000_000)
+        .await
+        .unwrap();
+    assert_eq!(whole.len(), 8_000_000);
+    assert!(
+        reader
+            .read_uncompressed(index.uncompressed_size - 1..index.uncompressed_size + 1)
+            .await
+            .is_err()
+    );
+}
+
+/// Puts a blob into a minimal OCI layout, so the reader can take ranges of it.
+fn layout_with_blob(
+    bytes: &[u8],
+    media_type: &str,
+) -> (tempfile::TempDir, ImageSource, BlobDescriptor) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let digest = Digest::sha256(bytes);
+    std::fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
+    std::fs::write(dir.path().join("blobs/sha256").join(digest.hex()), bytes).unwrap();
+    let reference: ImageReference = format!("oci:{}", dir.path().display()).parse().unwrap();
+    let source = ImageSource::open(&reference, &client()).unwrap();
+    let descriptor = BlobDescriptor {
+        digest,
+        media_type: media_type.to_string(),
+        size: bytes.len() as u64,
+    };
+    (dir, source, descriptor)
+}
+
+fn run(command: &str, input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(output.status.success(), "{command}");
+    output.stdout
+}
+
+#[tokio::test]
+async fn multi_member_gzip_and_multi_frame_zstd() {
+    // A tar of part of the Debian tree, made by GNU tar, compressed in three pieces.
+    let (_, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
+    let tree = extract(&blob_path(&image.layers[0].digest));
+    let tar = Command::new("tar")
+        .args(["--format=pax", "-cf", "-", "-C"])
+        .arg(tree.path())
+        .args(["usr/bin", "usr/lib/x86_64-linux-gnu"])
+        .output()
+        .unwrap()
+        .stdout;
+    assert!(tar.len() > 8 << 20, "{}", tar.len());
+    let work = tempfile::tempdir().unwrap();
+    let tar_file = work.path().join("layer.tar");
+    std::fs::write(&tar_file, &tar).unwrap();
+    let extracted = extract(&tar_file);
+    let diff_id = Digest::sha256(&tar);
+    let third = tar.len() / 3;
+    for (media_type, compress) in [
+        ("application/vnd.oci.image.layer.v1.tar+gzip", "gzip -c"),
+        ("application/vnd.oci.image.layer.v1.tar+zstd", "zstd -q -c"),
+    ] {
+        let mut blob = Vec::new();
+        for part in [&tar[..third], &tar[third..2 * third], &tar[2 * third..]] {
+            blob.extend(run(compress, part));
+        }
+        if media_type.ends_with("gzip") {
+            blob.extend_from_slice(&[0u8; 100]); // zero padding after the last member
+        }
+        let (_dir, source, descriptor) = layout_with_blob(&blob, media_type);
+        let index = build(
+            &source,
+            &descriptor,
+            Some(&diff_id),
+            BuildOptions { spacing: 1 << 20 },
+        )
+        .await
+        .unwrap();
+        assert!(
+            index.spans.len() >= 3,
+            "{media_type}: {} spans",
+            index.spans.len()
+        );
+        let index = Arc::new(index);
+        let cache = tempfile::tempdir().unwrap();
+        let reader = LayerReader::new(index.clone(), source, cache.path()).unwrap();
+        let whole = reader
+            .read_uncompressed(0..index.uncompressed_size)
+            .await
+            .unwrap();
+        assert!(whole == tar, "{media_type}: whole stream");
+        assert!(sweep(&reader, extracted.path()).await > 100);
+    }
+}
+
+#[tokio::test]
+async fn wrong_bytes_from_the_registry_are_errors_never_data() {
+    let registry = shared_registry();
+    let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
+    let layer = &image.layers[0];
+    let index = Arc::new(
+        build(&layout, layer, None, BuildOptions { spacing: 256 << 10 })
+            .await
+            .unwrap(),
+    );
+    let proxy = FaultProxy::start(registry.addr(), Shaping::default()).unwrap();
+    let (source, _) = open(&format!("{}/test/layers:latest", proxy.host())).await;
+    proxy.add_rule(
+        Rule::new(Fault::CorruptAt { at: 100 })
+            .on_path(&layer.digest.to_string())
+            .always(),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), source, cache.path()).unwrap();
+    let entry = index.entry(b"data/random-3m").unwrap().clone();
+    let err = reader.read(&entry, 0, 4096).await.unwrap_err();
+    assert!(matches!(err, Error::SpanMismatch { .. }), "{err}");
+    assert_eq!(reader.spans_present(), 0, "nothing unverified was kept");
+    proxy.clear_rules();
+    let good = reader.read(&entry, 0, entry.size).await.unwrap();
+    let extracted = extract(&blob_path(&layer.digest));
+    assert!(good == std::fs::read(extracted.path().join("data/random-3m")).unwrap());
+    // A cached span damaged on disk is detected and fetched again.
+    let spans_file = cache.path().join(format!("{}.spans", layer.digest.hex()));
+    let mut damaged = std::fs::read(&spans_file).unwrap();
+    let first_span = index.span_at(entry.data_offset);
+    damaged[index.spans[first_span].compressed_start as usize + 10] ^= 0x40;
+    std::fs::write(&spans_file, damaged).unwrap();
+    let reader = LayerReader::new(index.clone(), layout, cache.path()).unwrap();
+    assert!(matches!(
+        reader.read(&entry, 0, 10).await.unwrap_err(),
+        Error::SpanMismatch { .. }
+    ));
+    assert_eq!(
+        reader.read(&entry, 0, entry.size).await.unwrap(),
+        good,
+        "fetched again"
+    );
+}
+
+#[tokio::test]
+async fn spans_are_fetched_once_and_a_small_file_costs_a_span() {
+    let (layout, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
+    let layer = &image.layers[0];
+    let index = Arc::new(
+        build(&layout, layer, None, BuildOptions::default())
+            .await
+            .unwrap(),
+    );
+    let (source, _) = open(&format!(
+        "{}/test/debian:bookworm",
+        shared_registry().host()
+    ))
+    .await;
+    let cache = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), source, cache.path()).unwrap();
+    let entry = index
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File && e.size >= 48 << 10 && e.size <= 80 << 10)
+        .min_by_key(|e| e.size.abs_diff(64 << 10))
+        .unwrap()
+        .clone();
+    reader.read(&entry, 0, entry.size).await.unwrap();
+    let first = reader.stats();
+    reader.read(&entry, 0, entry.size).await.unwrap();
+    assert_eq!(reader.stats(), first, "second read is local");
+    eprintln!(
+        "cold read of {} ({} bytes): fetched {} of {} bytes ({:.2}%) in {} request(s)",
+        entry.display_path(),
+        entry.size,
+        first.bytes_fetched,
+        layer.size,
+        first.bytes_fetched as f64 * 100.0 / layer.size as f64,
+        first.requests
+    );
+    assert!(first.bytes_fetched < 3 * index.spacing + (1 << 20));
+    assert!(first.requests <= 2);
+    // A reader on the same cache does not fetch again.
+    let (source, _) = open(&format!(
+        "{}/test/debian:bookworm",
+        shared_registry().host()
+    ))
+    .await;
+    let again = LayerReader::new(index, source, cache.path()).unwrap();
+    again.read(&entry, 0, entry.size).await.unwrap();
+    assert_eq!(again.stats().requests, 0);
+}
+
+#[tokio::test]
+async fn content_that_does_not_match_the_manifest_or_config_is_refused() {
+    let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
+    let layer = &image.layers[2];
+    let wrong = Digest::sha256(b"not the diff_id");
+    let err = build(&layout, layer, Some(&wrong), BuildOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DiffIdMismatch { .. }), "{err}");
+    let mut liar = layer.clone();
+    liar.size += 1;
+    assert!(
+        build(&layout, &liar, None, BuildOptions::default())
+            .await
+            .is_err()
+    );
+    // Bytes that do not match the blob digest fail the build even through build_from_reader.
+    let mut bytes = std::fs::read(blob_path(&layer.digest)).unwrap();
+    let len = bytes.len();
+    bytes[len / 2] ^= 1;
+    assert!(
+        build_from_reader(
+            std::io::Cursor::new(bytes),
+            layer,
+            None,
+            BuildOptions::default()
+        )
+        .is_err()
+    );
+}
+
+#[tokio::test]
+async fn broken_indexes_are_rejected_with_a_clear_error() {
+    let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
+    let index = build(
+        &layout,
+        &image.layers[0],
+        None,
+        BuildOptions { spacing: 64 << 10 },
+    )
+    .await
+    .unwrap();
+    let good = index.encode().unwrap();
+    assert!(LayerIndex::decode("good", &good).is_ok());
+    let expect = |bytes: &[u8], needle: &str| {
+        let err = LayerIndex::decode("x", bytes).unwrap_err().to_string();
+        assert!(err.contains(needle), "expected {needle:?} in {err}");
+    };
+    expect(&good[..good.len() - 1], "truncated");
+    expect(&good[..20], "bad magic");
+    expect(
+        b"garbage garbage garbage garbage garbage garbage",
+        "bad magic",
+    );
+    let mut version = good.clone();
+    version[8] = 9;
+    expect(&version, "format version 9");
+    let mut scrambled = good.clone();
+    for b in &mut scrambled[40..60] {
+        *b ^= 0x5a;
+    }
+    assert!(LayerIndex::decode("x", &scrambled).is_err());
+    // Well-formed indexes that lie.
+    let lie = |change: &dyn Fn(&mut LayerIndex), needle: &str| {
+        let mut index = LayerIndex::decode("good", &good).unwrap();
+        change(&mut index);
+        expect(&index.encode().unwrap(), needle);
+    };
+    lie(
+        &|i| i.spans.last_mut().unwrap().compressed_end = i.blob_size + 4096,
+        "of a",
+    );
+    lie(&|i| i.spans[1].compressed_start += 7, "not in order");
+    lie(
+        &|i| {
+            let file = i
+                .entries
+                .iter_mut()
+                .find(|e| e.kind == EntryKind::File)
+                .unwrap();
+            file.data_offset = i.uncompressed_size;
+            file.size = 10;
+        },
+        "past the end",
+    );
+    lie(
+        &|i| i.entries[3].path = b"../../etc/passwd".to_vec(),
+        "invalid path",
+    );
+    lie(
+        &|i| {
+            let dup = i.entries[2].clone();
+            i.entries.push(dup);
+        },
+        "twice",
+    );
+}
