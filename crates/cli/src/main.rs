@@ -3,6 +3,7 @@
 
 mod commands;
 mod options;
+mod output;
 
 use std::process::ExitCode;
 

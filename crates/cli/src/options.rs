@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::commands::index::IndexArgs;
 use crate::commands::inspect::InspectArgs;
 
 /// lazylayer makes a container image's layers usable before they are downloaded.
@@ -73,4 +74,22 @@ pub enum Command {
             lazylayer inspect --json oci:/var/cache/images:bookworm | jq -r '.layers[].digest'"
     )]
     Inspect(InspectArgs),
+
+    /// Build the lazy index of every layer of an image, and attach it to the image.
+    #[command(
+        long_about = "Stream each layer of IMAGE once (nothing of it is kept) and build its lazy \
+            index: the file table with each file's offset in the uncompressed stream, \
+            decompression checkpoints every --spacing compressed bytes (gzip: zran bit offset and \
+            32 KiB window; zstd: frame boundaries; plain tar: anywhere), and a sha256 of each span \
+            between checkpoints. The blob digest and the config's diff_id are checked while \
+            building. Indexes are stored under --root/indexes; with --push they are also attached \
+            to the image in its registry as an OCI artifact (found through the referrers API, or \
+            the sha256-<digest> referrers tag on registries without it), so that other machines \
+            load the image lazily without building anything.",
+        after_help = "Examples:\n  \
+            lazylayer index --push registry.example.com/app:1.0\n  \
+            lazylayer index --spacing 1M oci:./layout:latest\n  \
+            lazylayer inspect --files registry.example.com/app:1.0"
+    )]
+    Index(IndexArgs),
 }

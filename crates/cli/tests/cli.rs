@@ -158,7 +158,7 @@ fn help_lists_only_working_commands_and_the_root_option() {
         help.contains("inspect") && help.contains("--root"),
         "{help}"
     );
-    for absent in ["pull", "serve", "mount", "demo"] {
+    for absent in ["pull", "serve", "mount", "demo", "run"] {
         assert!(
             !help.contains(&format!("  {absent} ")),
             "{absent} listed: {help}"
@@ -244,4 +244,141 @@ fn credentials_never_appear_in_logs_or_errors() {
         !stderr.contains(password),
         "password in the error: {stderr}"
     );
+}
+
+#[test]
+fn index_push_then_inspect_on_a_fresh_root_finds_and_verifies_the_index() {
+    let registry = TestRegistry::start(RegistryAuth::Anonymous).unwrap();
+    let host = registry.host();
+    skopeo_copy(
+        &format!("oci:{}:layers", layout_dir().display()),
+        &format!("docker://{host}/test/layers:latest"),
+        &[],
+    );
+    let image = format!("{host}/test/layers:latest");
+    let builder_root = tempfile::tempdir().unwrap();
+    let root = builder_root.path().to_str().unwrap();
+    let before: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
+        &["--root", root, "inspect", "--json", &image],
+        &[],
+    )))
+    .unwrap();
+    assert!(
+        before["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["index"].is_null())
+    );
+
+    let pushed = stdout(&lazylayer(
+        &["--root", root, "index", "--push", &image],
+        &[],
+    ));
+    assert!(
+        pushed.starts_with("pushed index artifact sha256:"),
+        "{pushed}"
+    );
+    // skopeo sees the referrers tag the registry lacks an API for.
+    let manifest_digest = before["manifest"]["digest"]
+        .as_str()
+        .unwrap()
+        .replace(':', "-");
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{host}/test/layers:{manifest_digest}"))
+        .output()
+        .unwrap();
+    assert!(raw.status.success());
+    let referrers: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(
+        referrers["manifests"][0]["artifactType"],
+        "application/vnd.lazylayer.index.v1"
+    );
+
+    let fresh = tempfile::tempdir().unwrap();
+    let fresh_root = fresh.path().to_str().unwrap();
+    let after: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
+        &["--root", fresh_root, "inspect", "--json", &image],
+        &[],
+    )))
+    .unwrap();
+    for layer in after["layers"].as_array().unwrap() {
+        let index = &layer["index"];
+        assert_eq!(index["origin"], "registry", "{layer}");
+        let hex = layer["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
+        let local = std::fs::read(builder_root.path().join("indexes/sha256").join(hex)).unwrap();
+        let local_digest = format!("{:x}", sha256_of(&local));
+        assert_eq!(
+            index["digest"],
+            format!("sha256:{local_digest}"),
+            "the pushed index is the built one"
+        );
+    }
+    let text = stdout(&lazylayer(
+        &["--root", fresh_root, "inspect", "--files", &image],
+        &[],
+    ));
+    assert!(text.contains("registry, verified"), "{text}");
+    assert!(
+        text.contains("data/sparse.img") && text.contains("d+o") && text.contains("remove-me.txt"),
+        "{text}"
+    );
+
+    // A registry that serves other bytes for the index is caught.
+    let index_digest = after["layers"][0]["index"]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let stored = registry
+        .storage()
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&index_digest[..2])
+        .join(&index_digest)
+        .join("data");
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&stored, bytes).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let output = lazylayer(
+        &["--root", other.path().to_str().unwrap(), "inspect", &image],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("digest mismatch"), "{stderr}");
+}
+
+#[test]
+fn a_single_frame_zstd_layer_says_so() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path().to_str().unwrap();
+    let image = format!("oci:{}:bookworm-zstd", layout_dir().display());
+    stdout(&lazylayer(&["--root", root, "index", &image], &[]));
+    let text = stdout(&lazylayer(&["--root", root, "inspect", &image], &[]));
+    assert!(
+        text.contains("a single zstd frame: any read fetches the whole layer"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
+        &["--root", root, "inspect", "--json", &image],
+        &[],
+    )))
+    .unwrap();
+    assert_eq!(json["layers"][0]["index"]["singleSpan"], true);
+    assert_eq!(json["layers"][0]["index"]["origin"], "local");
+    let output = lazylayer(&["--root", root, "index", "--push", &image], &[]);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--push needs an image in a registry")
+    );
+}
+
+fn sha256_of(bytes: &[u8]) -> impl std::fmt::LowerHex {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
 }

@@ -24,7 +24,7 @@ pub const MAGIC: &[u8; 8] = b"LZLYIDX\0";
 /// The format version this build writes and reads.
 pub const VERSION: u32 = 1;
 /// Media type of an index blob in a registry.
-pub const INDEX_MEDIA_TYPE: &str = "application/vnd.lazylayer.index.v1";
+pub const INDEX_MEDIA_TYPE: &str = "application/vnd.lazylayer.layer.index.v1";
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 8;
 /// Largest metadata section accepted (uncompressed).
 const META_LIMIT: u64 = 512 << 20;
@@ -336,7 +336,8 @@ impl LayerIndex {
             return bad("the first span does not start at the beginning".into());
         }
         for (i, span) in self.spans.iter().enumerate() {
-            if span.compressed_start > span.compressed_end || span.compressed_end > self.blob_size {
+            if span.compressed_start >= span.compressed_end || span.compressed_end > self.blob_size
+            {
                 return bad(format!(
                     "span {i} covers bytes {}..{} of a {}-byte blob",
                     span.compressed_start, span.compressed_end, self.blob_size

@@ -9,13 +9,16 @@
 
 pub mod build;
 pub mod codec;
+pub mod distribution;
 pub mod entry;
 pub mod error;
 pub mod format;
+pub mod local;
 pub mod read;
 
 pub use build::{BuildOptions, DEFAULT_SPACING, build, build_from_reader};
 pub use entry::{Entry, EntryKind, Piece};
 pub use error::{Error, Result};
 pub use format::{Compression, INDEX_MEDIA_TYPE, LayerIndex, Span, SpanStart};
+pub use local::IndexStore;
 pub use read::{LayerReader, ReaderStats};

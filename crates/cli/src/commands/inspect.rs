@@ -3,10 +3,12 @@
 use std::fmt::Write as _;
 
 use clap::Args;
+use lazylayer_index::{Compression, Entry, EntryKind, IndexStore, LayerIndex};
 use lazylayer_source::{
     BlobDescriptor, ImageReference, ImageSource, PlatformChoice, ResolvedImage,
 };
 
+use crate::commands::layer_indexes::{self, FoundIndex, Origin};
 use crate::commands::registry_client;
 use crate::options::GlobalArgs;
 
@@ -24,6 +26,11 @@ pub struct InspectArgs {
     /// Platform to pick from a multi-platform image, as OS/ARCH[/VARIANT] (default: this machine's).
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     pub platform: Option<String>,
+
+    /// Also list each layer's spans and files from its lazy index (offsets in the
+    /// uncompressed stream, the spans holding each file's data).
+    #[arg(long)]
+    pub files: bool,
 }
 
 /// The JSON form of `inspect`'s answer (stable field names for scripts).
@@ -44,6 +51,53 @@ struct LayerOutput<'a> {
     #[serde(flatten)]
     blob: &'a BlobDescriptor,
     diff_id: Option<String>,
+    /// The lazy index, or null when the layer has none.
+    index: Option<IndexOutput>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexOutput {
+    digest: String,
+    size: u64,
+    origin: Origin,
+    compression: &'static str,
+    spans: usize,
+    entries: usize,
+    /// True when the whole layer is one span (a single zstd frame): any read fetches it all.
+    single_span: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    span_table: Option<Vec<SpanOutput>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file_table: Option<Vec<FileOutput>>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SpanOutput {
+    compressed_start: u64,
+    compressed_end: u64,
+    uncompressed_start: u64,
+    uncompressed_end: u64,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileOutput {
+    path: String,
+    kind: EntryKind,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spans: Option<(usize, usize)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    opaque: bool,
 }
 
 /// Runs `inspect`.
@@ -53,16 +107,94 @@ pub async fn run(global: &GlobalArgs, args: InspectArgs) -> anyhow::Result<()> {
     let client = registry_client(global)?;
     let source = ImageSource::open(&reference, &client)?;
     let image = source.resolve(&choice).await?;
+    let store = IndexStore::new(&global.root);
+    let indexes = layer_indexes::find(&store, &source, &image).await?;
+    if args.files {
+        if let Some(i) = indexes.iter().position(Option::is_none) {
+            anyhow::bail!(
+                "layer {} ({}) has no lazy index; `lazylayer index {}` builds one",
+                i + 1,
+                image.layers[i].digest,
+                args.image
+            );
+        }
+    }
     let text = if args.json {
-        serde_json::to_string_pretty(&to_output(&image))? + "\n"
+        serde_json::to_string_pretty(&to_output(&image, &indexes, args.files))? + "\n"
     } else {
-        render_text(&image)
+        render_text(&image, &indexes, args.files)
     };
-    print!("{text}");
-    Ok(())
+    crate::output::print(&text)
 }
 
-fn to_output(image: &ResolvedImage) -> InspectOutput<'_> {
+fn index_output(found: &FoundIndex, files: bool) -> IndexOutput {
+    let index = &found.index;
+    IndexOutput {
+        digest: found.digest.to_string(),
+        size: found.size,
+        origin: found.origin,
+        compression: index.compression.name(),
+        spans: index.spans.len(),
+        entries: index.entries.len(),
+        single_span: single_span(index),
+        span_table: files.then(|| {
+            index
+                .spans
+                .iter()
+                .enumerate()
+                .map(|(i, s)| SpanOutput {
+                    compressed_start: s.compressed_start,
+                    compressed_end: s.compressed_end,
+                    uncompressed_start: s.uncompressed_start,
+                    uncompressed_end: index.span_uncompressed_end(i),
+                })
+                .collect()
+        }),
+        file_table: files.then(|| {
+            index
+                .entries
+                .iter()
+                .map(|e| FileOutput {
+                    path: e.display_path(),
+                    kind: e.kind,
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size: e.size,
+                    data_offset: (e.kind == EntryKind::File).then_some(e.data_offset),
+                    spans: file_spans(index, e),
+                    link: e
+                        .link
+                        .as_ref()
+                        .map(|l| String::from_utf8_lossy(l).into_owned()),
+                    opaque: e.opaque,
+                })
+                .collect()
+        }),
+    }
+}
+
+/// A layer whose data is all in one span (a single zstd frame, or a small layer).
+fn single_span(index: &LayerIndex) -> bool {
+    index.spans.len() == 1 && index.compression == Compression::Zstd
+}
+
+/// The first and last span holding a file's stored bytes.
+fn file_spans(index: &LayerIndex, entry: &Entry) -> Option<(usize, usize)> {
+    let stored = entry.stored_size();
+    (entry.kind == EntryKind::File && stored > 0).then(|| {
+        (
+            index.span_at(entry.data_offset),
+            index.span_at(entry.data_offset + stored - 1),
+        )
+    })
+}
+
+fn to_output<'a>(
+    image: &'a ResolvedImage,
+    indexes: &[Option<FoundIndex>],
+    files: bool,
+) -> InspectOutput<'a> {
     let diff_ids = &image.config_summary.rootfs.diff_ids;
     InspectOutput {
         reference: &image.reference,
@@ -77,12 +209,13 @@ fn to_output(image: &ResolvedImage) -> InspectOutput<'_> {
             .map(|(i, blob)| LayerOutput {
                 blob,
                 diff_id: diff_ids.get(i).map(ToString::to_string),
+                index: indexes[i].as_ref().map(|found| index_output(found, files)),
             })
             .collect(),
     }
 }
 
-fn render_text(image: &ResolvedImage) -> String {
+fn render_text(image: &ResolvedImage, indexes: &[Option<FoundIndex>], files: bool) -> String {
     let mut out = String::new();
     let total: u64 = image.layers.iter().map(|l| l.size).sum();
     let _ = writeln!(out, "Image:     {}", image.reference);
@@ -115,8 +248,98 @@ fn render_text(image: &ResolvedImage) -> String {
             human_size(layer.size),
             layer.media_type
         );
+        match &indexes[i] {
+            None => {
+                let _ = writeln!(out, "      lazy index: none (`lazylayer index` builds one)");
+            }
+            Some(found) => {
+                let index = &found.index;
+                let origin = match found.origin {
+                    Origin::Local => "local",
+                    Origin::Registry => "registry, verified",
+                };
+                let _ = writeln!(
+                    out,
+                    "      lazy index {} ({}, {origin}): {}, {} spans, {} entries{}",
+                    found.digest,
+                    human_size(found.size),
+                    index.compression.name(),
+                    index.spans.len(),
+                    index.entries.len(),
+                    if single_span(index) {
+                        " (a single zstd frame: any read fetches the whole layer)"
+                    } else {
+                        ""
+                    }
+                );
+                if files {
+                    render_files(&mut out, index);
+                }
+            }
+        }
     }
     out
+}
+
+fn render_files(out: &mut String, index: &LayerIndex) {
+    let _ = writeln!(
+        out,
+        "      {:>5}  {:>23}  {:>23}",
+        "SPAN", "COMPRESSED", "UNCOMPRESSED"
+    );
+    for (i, span) in index.spans.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "      {i:>5}  {:>23}  {:>23}",
+            format!("{}..{}", span.compressed_start, span.compressed_end),
+            format!(
+                "{}..{}",
+                span.uncompressed_start,
+                index.span_uncompressed_end(i)
+            )
+        );
+    }
+    let _ = writeln!(
+        out,
+        "      {:<4} {:>5} {:>11} {:>12} {:>12} {:>9}  PATH",
+        "TYPE", "MODE", "UID:GID", "SIZE", "OFFSET", "SPANS"
+    );
+    for entry in &index.entries {
+        let kind = match entry.kind {
+            EntryKind::File => "f",
+            EntryKind::Dir if entry.opaque => "d+o",
+            EntryKind::Dir => "d",
+            EntryKind::Symlink => "l",
+            EntryKind::Hardlink => "h",
+            EntryKind::CharDevice => "c",
+            EntryKind::BlockDevice => "b",
+            EntryKind::Fifo => "p",
+            EntryKind::Whiteout => "w",
+        };
+        let offset = if entry.kind == EntryKind::File {
+            entry.data_offset.to_string()
+        } else {
+            "-".to_string()
+        };
+        let spans = match file_spans(index, entry) {
+            Some((a, b)) if a == b => a.to_string(),
+            Some((a, b)) => format!("{a}-{b}"),
+            None => "-".to_string(),
+        };
+        let link = match (&entry.kind, &entry.link) {
+            (EntryKind::Symlink, Some(l)) => format!(" -> {}", String::from_utf8_lossy(l)),
+            (EntryKind::Hardlink, Some(l)) => format!(" => {}", String::from_utf8_lossy(l)),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "      {kind:<4} {:>04o} {:>11} {:>12} {offset:>12} {spans:>9}  {}{link}",
+            entry.mode,
+            format!("{}:{}", entry.uid, entry.gid),
+            entry.size,
+            entry.display_path()
+        );
+    }
 }
 
 /// Sizes as people read them: `95.1 MiB`.

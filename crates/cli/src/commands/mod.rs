@@ -1,6 +1,8 @@
 //! One module per command.
 
+pub mod index;
 pub mod inspect;
+mod layer_indexes;
 
 use lazylayer_source::{ClientOptions, RegistryClient};
 
@@ -10,6 +12,7 @@ use crate::options::{Cli, Command, GlobalArgs};
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(&cli.global, args).await,
+        Command::Index(args) => index::run(&cli.global, args).await,
     }
 }
 

@@ -136,8 +136,12 @@ impl<R: Read> CompressedInput<R> {
         self.span_uncompressed_start = uncompressed_at;
     }
 
-    /// Closes the last span at the end of the blob; returns every span.
+    /// Closes the last span at the end of the blob; returns every span. A cut right at the
+    /// end leaves nothing for a last span, so none is added.
     pub fn finish(mut self) -> Vec<CutSpan> {
+        if self.consumed == self.span_start && !self.spans.is_empty() {
+            return self.spans;
+        }
         let digest: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
         self.spans.push(CutSpan {
             compressed_start: self.span_start,

@@ -112,6 +112,52 @@ impl Repository {
         }
     }
 
+    /// The referrers of a manifest from the OCI 1.1 referrers API (an image index), or `None`
+    /// when the registry does not offer the API (then the `sha256-<hex>` tag schema applies).
+    pub async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<Bytes>> {
+        let mut url = self.url("referrers", &subject.to_string())?;
+        if let Some(artifact_type) = artifact_type {
+            url.query_pairs_mut()
+                .append_pair("artifactType", artifact_type);
+        }
+        let what = format!(
+            "GET referrers of {subject} in {}/{}",
+            self.registry, self.name
+        );
+        let request = Request::new(Method::GET, url, Access::Pull, what.clone())
+            .header(ACCEPT, media_type::OCI_INDEX);
+        let mut attempts = Attempts::new(self.client.retry_policy());
+        let response = match self.send(&request, &mut attempts).await {
+            Ok(response) => response,
+            Err(Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let is_index = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(media_type::OCI_INDEX));
+        if !is_index {
+            // Some registries answer unknown routes with 200 and a web page.
+            return Ok(None);
+        }
+        match read_limited(response, MANIFEST_SIZE_LIMIT).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(ReadError::TooLarge) => Err(Error::TooLarge {
+                what,
+                limit: MANIFEST_SIZE_LIMIT,
+            }),
+            Err(ReadError::Transport(detail)) => Err(Error::Transport {
+                request: what,
+                detail,
+            }),
+        }
+    }
+
     /// Uploads a manifest under `reference` (a tag or its digest) and returns its digest.
     pub async fn put_manifest(
         &self,

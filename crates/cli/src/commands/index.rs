@@ -1,0 +1,142 @@
+//! `lazylayer index IMAGE [--push]`: build the lazy index of every layer, keep it under the
+//! root, and attach the indexes to the image in its registry.
+
+use std::time::Instant;
+
+use clap::Args;
+use lazylayer_index::distribution::push_indexes;
+use lazylayer_index::{BuildOptions, DEFAULT_SPACING, IndexStore, build};
+use lazylayer_source::{ImageReference, ImageSource, PlatformChoice};
+
+use crate::commands::inspect::human_size;
+use crate::commands::registry_client;
+use crate::options::GlobalArgs;
+
+/// Options of `index`.
+#[derive(Args, Debug)]
+pub struct IndexArgs {
+    /// The image: HOST[:PORT]/NAME[:TAG|@DIGEST] or oci:DIR[:TAG].
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+
+    /// Attach the indexes to the image in its registry (as an OCI artifact referring to it).
+    #[arg(long)]
+    pub push: bool,
+
+    /// Platform to pick from a multi-platform image (default: this machine's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
+
+    /// Compressed bytes between decompression checkpoints: smaller spans fetch less for a
+    /// small read and make a bigger index (suffixes K, M).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_SPACING, value_parser = parse_size)]
+    pub spacing: u64,
+
+    /// Rebuild indexes that are already stored.
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&text[..i], text[i..].trim_start()),
+        None => (text, ""),
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size"))?;
+    let factor = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        _ => return Err(format!("unknown size unit in {text:?} (use K or M)")),
+    };
+    match number.checked_mul(factor) {
+        Some(size) if size >= 64 << 10 => Ok(size),
+        _ => Err(format!("{text:?}: the spacing must be at least 64K")),
+    }
+}
+
+/// Runs `index`.
+pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
+    let reference: ImageReference = args.image.parse()?;
+    if args.push && !matches!(reference, ImageReference::Registry(_)) {
+        anyhow::bail!("--push needs an image in a registry, not {reference}");
+    }
+    let choice = PlatformChoice::from_flag(args.platform.as_deref())?;
+    let client = registry_client(global)?;
+    let source = ImageSource::open(&reference, &client)?;
+    let image = source.resolve(&choice).await?;
+    let store = IndexStore::new(&global.root);
+    let count = image.layers.len();
+    let mut built = Vec::with_capacity(count);
+    for (i, layer) in image.layers.iter().enumerate() {
+        let label = format!("layer {}/{count} {}", i + 1, layer.digest);
+        if !args.force {
+            if let (Some(index), Some(encoded)) = (store.get(layer)?, store.get_encoded(layer)?) {
+                eprintln!(
+                    "{label}: already indexed ({} spans, {} entries)",
+                    index.spans.len(),
+                    index.entries.len()
+                );
+                built.push((layer.clone(), encoded));
+                continue;
+            }
+        }
+        eprintln!("{label}: indexing {} ...", human_size(layer.size));
+        let started = Instant::now();
+        let diff_id = image.config_summary.rootfs.diff_ids.get(i);
+        let index = build(
+            &source,
+            layer,
+            diff_id,
+            BuildOptions {
+                spacing: args.spacing,
+            },
+        )
+        .await?;
+        let encoded = index.encode()?;
+        let path = store.put(layer, &encoded)?;
+        eprintln!(
+            "{label}: {} spans, {} entries, index {} ({:.2}% of the layer) in {:.1?} -> {}",
+            index.spans.len(),
+            index.entries.len(),
+            human_size(encoded.len() as u64),
+            encoded.len() as f64 * 100.0 / layer.size.max(1) as f64,
+            started.elapsed(),
+            path.display()
+        );
+        built.push((layer.clone(), encoded));
+    }
+    if args.push {
+        let ImageSource::Registry { repository, .. } = &source else {
+            unreachable!("checked above");
+        };
+        let artifact = push_indexes(repository, &image, &built).await?;
+        crate::output::print(&format!(
+            "pushed index artifact {artifact} for {}\n",
+            image.reference
+        ))
+    } else {
+        crate::output::print(&format!(
+            "indexed {count} layer(s) of {}; `lazylayer index --push` attaches them to the image\n",
+            image.reference
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2M"), Ok(2 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("1K").is_err());
+        assert!(parse_size("2G").is_err());
+        assert!(parse_size("x").is_err());
+    }
+}
