@@ -73,16 +73,16 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
     let mut built = Vec::with_capacity(count);
     for (i, layer) in image.layers.iter().enumerate() {
         let label = format!("layer {}/{count} {}", i + 1, layer.digest);
-        if !args.force {
-            if let (Some(index), Some(encoded)) = (store.get(layer)?, store.get_encoded(layer)?) {
-                eprintln!(
-                    "{label}: already indexed ({} spans, {} entries)",
-                    index.spans.len(),
-                    index.entries.len()
-                );
-                built.push((layer.clone(), encoded));
-                continue;
-            }
+        if !args.force
+            && let (Some(index), Some(encoded)) = (store.get(layer)?, store.get_encoded(layer)?)
+        {
+            eprintln!(
+                "{label}: already indexed ({} spans, {} entries)",
+                index.spans.len(),
+                index.entries.len()
+            );
+            built.push((layer.clone(), encoded));
+            continue;
         }
         eprintln!("{label}: indexing {} ...", human_size(layer.size));
         let started = Instant::now();

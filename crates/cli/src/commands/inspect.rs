@@ -109,15 +109,15 @@ pub async fn run(global: &GlobalArgs, args: InspectArgs) -> anyhow::Result<()> {
     let image = source.resolve(&choice).await?;
     let store = IndexStore::new(&global.root);
     let indexes = layer_indexes::find(&store, &source, &image).await?;
-    if args.files {
-        if let Some(i) = indexes.iter().position(Option::is_none) {
-            anyhow::bail!(
-                "layer {} ({}) has no lazy index; `lazylayer index {}` builds one",
-                i + 1,
-                image.layers[i].digest,
-                args.image
-            );
-        }
+    if args.files
+        && let Some(i) = indexes.iter().position(Option::is_none)
+    {
+        anyhow::bail!(
+            "layer {} ({}) has no lazy index; `lazylayer index {}` builds one",
+            i + 1,
+            image.layers[i].digest,
+            args.image
+        );
     }
     let text = if args.json {
         serde_json::to_string_pretty(&to_output(&image, &indexes, args.files))? + "\n"
