@@ -44,12 +44,24 @@ fn referrers_tag(subject: &Digest) -> String {
     format!("{}-{}", subject.algorithm().name(), subject.hex())
 }
 
-/// Pushes the encoded indexes of `image`'s layers as an artifact referring to the image, and
-/// makes it findable (referrers API, else the tag schema). Returns the artifact's digest.
+/// One index to push: the layer it indexes, and the index blob.
+pub struct IndexUpload {
+    /// The layer.
+    pub layer: BlobDescriptor,
+    /// Digest and size of the encoded index.
+    pub digest: Digest,
+    /// Size of the encoded index.
+    pub size: u64,
+    /// Its bytes (a file, streamed).
+    pub body: Body,
+}
+
+/// Pushes the indexes of `image`'s layers as an artifact referring to the image, and makes it
+/// findable (referrers API, else the tag schema). Returns the artifact's digest.
 pub async fn push_indexes(
     repository: &Repository,
     image: &ResolvedImage,
-    indexes: &[(BlobDescriptor, Vec<u8>)],
+    indexes: &[IndexUpload],
 ) -> Result<Digest> {
     let empty = Bytes::from_static(b"{}");
     let config = BlobDescriptor {
@@ -59,20 +71,18 @@ pub async fn push_indexes(
     };
     repository.push_blob(&config, Body::Bytes(empty)).await?;
     let mut layers = Vec::new();
-    for (layer, encoded) in indexes {
+    for upload in indexes {
         let blob = BlobDescriptor {
-            digest: Digest::sha256(encoded),
+            digest: upload.digest.clone(),
             media_type: INDEX_MEDIA_TYPE.to_string(),
-            size: encoded.len() as u64,
+            size: upload.size,
         };
-        repository
-            .push_blob(&blob, Body::Bytes(Bytes::copy_from_slice(encoded)))
-            .await?;
+        repository.push_blob(&blob, upload.body.clone()).await?;
         layers.push(json!({
             "mediaType": blob.media_type,
             "digest": blob.digest,
             "size": blob.size,
-            "annotations": { LAYER_ANNOTATION: layer.digest },
+            "annotations": { LAYER_ANNOTATION: upload.layer.digest },
         }));
     }
     let manifest = json!({

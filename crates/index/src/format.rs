@@ -7,9 +7,10 @@
 //! windows: zstd-compressed 32 KiB deflate windows, one per gzip checkpoint, read on demand
 //! ```
 
-use std::io::{Read, Seek};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Mutex;
 
 use lazylayer_source::Digest;
 use serde::{Deserialize, Serialize};
@@ -115,13 +116,32 @@ struct Meta {
     entries: Vec<Entry>,
 }
 
+/// Where the compressed windows are: in memory (a decoded index), or in a file (an opened or
+/// just built index), read when a span needs one.
 enum Windows {
     Memory(Vec<u8>),
-    File {
-        file: Mutex<std::fs::File>,
-        base: u64,
-        len: u64,
-    },
+    File { file: File, base: u64, len: u64 },
+}
+
+impl Windows {
+    fn len(&self) -> u64 {
+        match self {
+            Windows::Memory(bytes) => bytes.len() as u64,
+            Windows::File { len, .. } => *len,
+        }
+    }
+
+    /// Bytes `offset..offset+len` of the windows section.
+    fn read(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        match self {
+            Windows::Memory(bytes) => Ok(bytes[offset as usize..(offset + len) as usize].to_vec()),
+            Windows::File { file, base, .. } => {
+                let mut out = vec![0; len as usize];
+                file.read_exact_at(&mut out, base + offset)?;
+                Ok(out)
+            }
+        }
+    }
 }
 
 /// A layer's lazy index: its identity, spans and file table.
@@ -169,7 +189,8 @@ pub(crate) struct IndexParts {
     pub spacing: u64,
     pub spans: Vec<Span>,
     pub entries: Vec<Entry>,
-    pub windows: Vec<u8>,
+    pub windows_file: File,
+    pub windows_len: u64,
 }
 
 impl LayerIndex {
@@ -184,7 +205,11 @@ impl LayerIndex {
             spacing: parts.spacing,
             spans: parts.spans,
             entries: parts.entries,
-            windows: Windows::Memory(parts.windows),
+            windows: Windows::File {
+                file: parts.windows_file,
+                base: 0,
+                len: parts.windows_len,
+            },
         };
         index.validate("just built")?;
         Ok(index)
@@ -192,17 +217,13 @@ impl LayerIndex {
 
     /// The index as bytes (what is stored and pushed).
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let windows = match &self.windows {
-            Windows::Memory(bytes) => bytes.clone(),
-            Windows::File { file, base, len } => {
-                let mut file = file.lock().expect("window file lock");
-                let mut bytes = vec![0; *len as usize];
-                file.seek(std::io::SeekFrom::Start(*base))
-                    .and_then(|_| file.read_exact(&mut bytes))
-                    .map_err(|e| Error::io("reading index windows", e))?;
-                bytes
-            }
-        };
+        let mut out = Vec::new();
+        self.encode_to(&mut out)?;
+        Ok(out)
+    }
+
+    /// Writes the index to `out`, streaming the windows (they are never all in memory).
+    pub fn encode_to(&self, out: &mut dyn Write) -> Result<()> {
         let meta = Meta {
             blob_digest: self.blob_digest.clone(),
             blob_size: self.blob_size,
@@ -217,15 +238,23 @@ impl LayerIndex {
         let raw = postcard::to_stdvec(&meta).map_err(|e| Error::bad_index("encoding", e))?;
         let packed =
             zstd::bulk::compress(&raw, 9).map_err(|e| Error::io("compressing index", e))?;
-        let mut out = Vec::with_capacity(HEADER_LEN + packed.len() + windows.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(packed.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(windows.len() as u64).to_le_bytes());
-        out.extend_from_slice(&packed);
-        out.extend_from_slice(&windows);
-        Ok(out)
+        let windows_len = self.windows.len();
+        let written = (|| -> std::io::Result<()> {
+            out.write_all(MAGIC)?;
+            out.write_all(&VERSION.to_le_bytes())?;
+            out.write_all(&(packed.len() as u64).to_le_bytes())?;
+            out.write_all(&(raw.len() as u64).to_le_bytes())?;
+            out.write_all(&windows_len.to_le_bytes())?;
+            out.write_all(&packed)?;
+            let mut offset = 0;
+            while offset < windows_len {
+                let chunk = (windows_len - offset).min(1 << 20);
+                out.write_all(&self.windows.read(offset, chunk)?)?;
+                offset += chunk;
+            }
+            Ok(())
+        })();
+        written.map_err(|e| Error::io("writing the index", e))
     }
 
     /// Decodes and checks an index held in memory; `what` names it in errors.
@@ -257,7 +286,7 @@ impl LayerIndex {
         let index = assemble(
             meta,
             Windows::File {
-                file: Mutex::new(file),
+                file,
                 base: HEADER_LEN as u64 + meta_len,
                 len: windows_len,
             },
@@ -281,19 +310,10 @@ impl LayerIndex {
         else {
             return Ok(Vec::new());
         };
-        let packed = match &self.windows {
-            Windows::Memory(bytes) => bytes
-                [window_offset as usize..(window_offset + u64::from(window_len)) as usize]
-                .to_vec(),
-            Windows::File { file, base, .. } => {
-                let mut file = file.lock().expect("window file lock");
-                let mut packed = vec![0; window_len as usize];
-                file.seek(std::io::SeekFrom::Start(base + window_offset))
-                    .and_then(|_| file.read_exact(&mut packed))
-                    .map_err(|e| Error::io("reading a deflate window", e))?;
-                packed
-            }
-        };
+        let packed = self
+            .windows
+            .read(window_offset, u64::from(window_len))
+            .map_err(|e| Error::io("reading a deflate window", e))?;
         let window = zstd::bulk::decompress(&packed, WINDOW)
             .map_err(|e| Error::bad_index("window", format!("does not decompress: {e}")))?;
         Ok(window)
@@ -324,10 +344,7 @@ impl LayerIndex {
         if self.spans.is_empty() {
             return bad("no spans".into());
         }
-        let windows_len = match &self.windows {
-            Windows::Memory(bytes) => bytes.len() as u64,
-            Windows::File { len, .. } => *len,
-        };
+        let windows_len = self.windows.len();
         let first = &self.spans[0];
         if first.compressed_start != 0
             || first.uncompressed_start != 0

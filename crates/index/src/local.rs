@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lazylayer_source::BlobDescriptor;
+use lazylayer_source::{BlobDescriptor, Digest, DigestAlgorithm, DigestHasher};
 
 use crate::distribution::check_identity;
 use crate::format::LayerIndex;
@@ -40,29 +40,83 @@ impl IndexStore {
         Ok(Some(index))
     }
 
-    /// The encoded bytes of the stored index of `layer`, if any.
-    pub fn get_encoded(&self, layer: &BlobDescriptor) -> Result<Option<Vec<u8>>> {
-        match std::fs::read(self.path(layer)) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(
-                format!("reading {}", self.path(layer).display()),
-                e,
-            )),
-        }
+    /// Where the stored index of `layer` is, with its digest and size, if there is one.
+    pub fn stored(&self, layer: &BlobDescriptor) -> Result<Option<StoredIndex>> {
+        let path = self.path(layer);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+        };
+        let mut hashing = HashingWriter::new(std::io::sink());
+        std::io::copy(&mut file, &mut hashing)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let (digest, size) = hashing.finish();
+        Ok(Some(StoredIndex { path, digest, size }))
     }
 
-    /// Stores an encoded index of `layer` (atomically: written aside, then renamed).
-    pub fn put(&self, layer: &BlobDescriptor, encoded: &[u8]) -> Result<PathBuf> {
+    /// Stores the index of `layer` (written aside, synced, then renamed into place).
+    pub fn put(&self, layer: &BlobDescriptor, index: &LayerIndex) -> Result<StoredIndex> {
         let path = self.path(layer);
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let temporary = path.with_extension("tmp");
-        std::fs::write(&temporary, encoded)
-            .and_then(|_| std::fs::File::open(&temporary)?.sync_all())
-            .and_then(|_| std::fs::rename(&temporary, &path))
+        let file = std::fs::File::create(&temporary)
+            .map_err(|e| Error::io(format!("creating {}", temporary.display()), e))?;
+        let mut writer = HashingWriter::new(std::io::BufWriter::new(file));
+        index.encode_to(&mut writer)?;
+        let (digest, size) = (writer.hasher.clone().finish(), writer.hasher.len());
+        let file = writer
+            .inner
+            .into_inner()
+            .map_err(|e| Error::io(format!("writing {}", temporary.display()), e.into_error()))?;
+        file.sync_all()
+            .and_then(|()| std::fs::rename(&temporary, &path))
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-        Ok(path)
+        Ok(StoredIndex { path, digest, size })
+    }
+}
+
+/// An index file in the store.
+#[derive(Clone, Debug)]
+pub struct StoredIndex {
+    /// The file.
+    pub path: PathBuf,
+    /// Its digest (what a registry names it by).
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+}
+
+/// Counts and hashes what passes through.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: DigestHasher,
+}
+
+impl<W> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: DigestHasher::new(DigestAlgorithm::Sha256),
+        }
+    }
+
+    fn finish(self) -> (Digest, u64) {
+        let len = self.hasher.len();
+        (self.hasher.finish(), len)
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(bytes)?;
+        self.hasher.update(&bytes[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }

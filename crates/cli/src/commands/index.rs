@@ -4,9 +4,11 @@
 use std::time::Instant;
 
 use clap::Args;
-use lazylayer_index::distribution::push_indexes;
+use lazylayer_index::distribution::{IndexUpload, push_indexes};
+use lazylayer_index::local::StoredIndex;
 use lazylayer_index::{BuildOptions, DEFAULT_SPACING, IndexStore, build};
-use lazylayer_source::{ImageReference, ImageSource, PlatformChoice};
+use lazylayer_source::registry::Body;
+use lazylayer_source::{BlobDescriptor, ImageReference, ImageSource, PlatformChoice};
 
 use crate::commands::inspect::human_size;
 use crate::commands::registry_client;
@@ -58,6 +60,15 @@ fn parse_size(text: &str) -> Result<u64, String> {
     }
 }
 
+fn upload(layer: &BlobDescriptor, stored: StoredIndex) -> IndexUpload {
+    IndexUpload {
+        layer: layer.clone(),
+        digest: stored.digest,
+        size: stored.size,
+        body: Body::File(stored.path),
+    }
+}
+
 /// Runs `index`.
 pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
     let reference: ImageReference = args.image.parse()?;
@@ -74,14 +85,14 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
     for (i, layer) in image.layers.iter().enumerate() {
         let label = format!("layer {}/{count} {}", i + 1, layer.digest);
         if !args.force
-            && let (Some(index), Some(encoded)) = (store.get(layer)?, store.get_encoded(layer)?)
+            && let (Some(index), Some(stored)) = (store.get(layer)?, store.stored(layer)?)
         {
             eprintln!(
                 "{label}: already indexed ({} spans, {} entries)",
                 index.spans.len(),
                 index.entries.len()
             );
-            built.push((layer.clone(), encoded));
+            built.push(upload(layer, stored));
             continue;
         }
         eprintln!("{label}: indexing {} ...", human_size(layer.size));
@@ -96,18 +107,17 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
             },
         )
         .await?;
-        let encoded = index.encode()?;
-        let path = store.put(layer, &encoded)?;
+        let stored = store.put(layer, &index)?;
         eprintln!(
             "{label}: {} spans, {} entries, index {} ({:.2}% of the layer) in {:.1?} -> {}",
             index.spans.len(),
             index.entries.len(),
-            human_size(encoded.len() as u64),
-            encoded.len() as f64 * 100.0 / layer.size.max(1) as f64,
+            human_size(stored.size),
+            stored.size as f64 * 100.0 / layer.size.max(1) as f64,
             started.elapsed(),
-            path.display()
+            stored.path.display()
         );
-        built.push((layer.clone(), encoded));
+        built.push(upload(layer, stored));
     }
     if args.push {
         let ImageSource::Registry { repository, .. } = &source else {

@@ -32,12 +32,12 @@ pub async fn find(
 ) -> anyhow::Result<Vec<Option<FoundIndex>>> {
     let mut found = Vec::with_capacity(image.layers.len());
     for layer in &image.layers {
-        found.push(match (store.get(layer)?, store.get_encoded(layer)?) {
-            (Some(index), Some(encoded)) => Some(FoundIndex {
+        found.push(match (store.get(layer)?, store.stored(layer)?) {
+            (Some(index), Some(stored)) => Some(FoundIndex {
                 index,
                 origin: Origin::Local,
-                digest: Digest::sha256(&encoded),
-                size: encoded.len() as u64,
+                digest: stored.digest,
+                size: stored.size,
             }),
             _ => None,
         });

@@ -13,13 +13,13 @@ use lazylayer_source::{BlobDescriptor, Digest, DigestAlgorithm, DigestHasher, Im
 use tokio::sync::mpsc;
 
 use self::table::{Table, parse_sparse_map_01, read_sparse_map};
-use crate::codec::{self, CutSpan};
+use crate::codec;
 use crate::entry::{Entry, EntryKind};
-use crate::format::{Compression, IndexParts, LayerIndex, Span, SpanStart};
+use crate::format::{Compression, IndexParts, LayerIndex};
 use crate::{Error, Result};
 
 /// Default checkpoint spacing, in compressed bytes (see docs/benchmarks.md for the choice).
-pub const DEFAULT_SPACING: u64 = 2 << 20;
+pub const DEFAULT_SPACING: u64 = 1 << 20;
 
 /// How to build.
 #[derive(Clone, Copy, Debug)]
@@ -144,11 +144,11 @@ pub fn build_from_reader<R: Read + Send + 'static>(
             actual: actual_diff_id,
         });
     }
-    let cut = uncompressed
+    let (spans, windows) = uncompressed
         .inner
         .finish()
         .map_err(|e| bad(e.to_string()))?;
-    let (spans, windows) = store_windows(cut)?;
+    let (windows_file, windows_len) = windows.into_parts();
     LayerIndex::from_parts(IndexParts {
         blob_digest: layer.digest.clone(),
         blob_size: layer.size,
@@ -159,38 +159,9 @@ pub fn build_from_reader<R: Read + Send + 'static>(
         spacing: options.spacing,
         spans,
         entries,
-        windows,
+        windows_file,
+        windows_len,
     })
-}
-
-/// Compresses the deflate windows into the windows section and points the spans at them.
-fn store_windows(cut: Vec<CutSpan>) -> Result<(Vec<Span>, Vec<u8>)> {
-    let mut windows = Vec::new();
-    let mut spans = Vec::with_capacity(cut.len());
-    for span in cut {
-        let start = match (span.start, span.window) {
-            (SpanStart::Deflate { bits, .. }, Some(window)) => {
-                let packed = zstd::bulk::compress(&window, 3)
-                    .map_err(|e| Error::io("compressing a window", e))?;
-                let offset = windows.len() as u64;
-                windows.extend_from_slice(&packed);
-                SpanStart::Deflate {
-                    bits,
-                    window_offset: offset,
-                    window_len: packed.len() as u32,
-                }
-            }
-            (start, _) => start,
-        };
-        spans.push(Span {
-            compressed_start: span.compressed_start,
-            compressed_end: span.compressed_end,
-            uncompressed_start: span.uncompressed_start,
-            digest: span.digest,
-            start,
-        });
-    }
-    Ok((spans, windows))
 }
 
 /// Walks the tar and returns the resolved file table.

@@ -6,8 +6,8 @@
 use std::io::{self, Read};
 
 use super::inflate::{Inflater, Wrapper};
-use super::{CompressedInput, CutSpan, Indexer, PendingStart, corrupt};
-use crate::format::SpanStart;
+use super::{CompressedInput, Indexer, WindowSpill, corrupt};
+use crate::format::{Span, SpanStart};
 
 /// Deflate's back-reference distance: the dictionary a checkpoint needs.
 pub const WINDOW: usize = 32 << 10;
@@ -72,7 +72,7 @@ pub struct GzipIndexer<R> {
 impl<R: Read> GzipIndexer<R> {
     pub fn new(blob: R, spacing: u64) -> io::Result<Self> {
         Ok(GzipIndexer {
-            input: CompressedInput::new(blob),
+            input: CompressedInput::new(blob)?,
             inflater: Inflater::new(Wrapper::Gzip).map_err(corrupt)?,
             ring: Ring::new(),
             spacing: spacing.max(1),
@@ -111,14 +111,7 @@ impl<R: Read> GzipIndexer<R> {
             self.member_out_start = self.out_total;
             if self.input.span_len() >= self.spacing {
                 let at = self.out_total;
-                self.input.cut(
-                    false,
-                    at,
-                    PendingStart {
-                        start: SpanStart::Fresh,
-                        window: None,
-                    },
-                );
+                self.input.cut(false, at, None)?;
             }
             return Ok(());
         }
@@ -157,18 +150,7 @@ impl<R: Read> Read for GzipIndexer<R> {
                     (self.out_total - self.member_out_start).min(WINDOW as u64) as usize;
                 let at = self.out_total;
                 let window = self.ring.last(window_len);
-                self.input.cut(
-                    bits > 0,
-                    at,
-                    PendingStart {
-                        start: SpanStart::Deflate {
-                            bits,
-                            window_offset: 0,
-                            window_len: 0,
-                        },
-                        window: Some(window),
-                    },
-                );
+                self.input.cut(bits > 0, at, Some((bits, &window)))?;
             }
             if step.produced > 0 {
                 return Ok(step.produced);
@@ -182,7 +164,7 @@ impl<R: Read> Read for GzipIndexer<R> {
 }
 
 impl<R: Read + Send> Indexer for GzipIndexer<R> {
-    fn finish(self: Box<Self>) -> io::Result<Vec<CutSpan>> {
+    fn finish(self: Box<Self>) -> io::Result<(Vec<Span>, WindowSpill)> {
         if !self.finished {
             return Err(corrupt("gzip stream not read to its end"));
         }

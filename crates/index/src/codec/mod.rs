@@ -11,28 +11,41 @@ pub mod inflate;
 pub mod plain;
 pub mod zstd;
 
-use std::io::{self, Read};
+use std::fs::File;
+use std::io::{self, Read, Write};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::format::{Compression, SpanStart};
+use crate::format::{Compression, Span, SpanStart};
 
-/// A span as the indexer cuts it; the window, if any, is raw (not yet compressed).
-#[derive(Clone, Debug)]
-pub struct CutSpan {
-    pub compressed_start: u64,
-    pub compressed_end: u64,
-    pub uncompressed_start: u64,
-    pub digest: [u8; 32],
-    pub start: SpanStart,
-    pub window: Option<Vec<u8>>,
+/// Deflate windows as the indexer takes them: compressed at once and spilled to an unnamed
+/// temporary file, so building holds no window in memory whatever the layer size.
+pub struct WindowSpill {
+    file: File,
+    len: u64,
 }
 
-/// How a span's decompression begins, before its window is stored.
-#[derive(Clone, Debug)]
-pub(crate) struct PendingStart {
-    pub start: SpanStart,
-    pub window: Option<Vec<u8>>,
+impl WindowSpill {
+    fn new() -> io::Result<Self> {
+        Ok(WindowSpill {
+            file: tempfile::tempfile()?,
+            len: 0,
+        })
+    }
+
+    /// Stores a window; returns where it is.
+    fn append(&mut self, window: &[u8]) -> io::Result<(u64, u32)> {
+        let packed = ::zstd::bulk::compress(window, 3)?;
+        self.file.write_all(&packed)?;
+        let offset = self.len;
+        self.len += packed.len() as u64;
+        Ok((offset, packed.len() as u32))
+    }
+
+    /// The file and its length.
+    pub fn into_parts(self) -> (File, u64) {
+        (self.file, self.len)
+    }
 }
 
 /// The compressed side of indexing: buffers input from the blob, tracks how much the
@@ -49,13 +62,14 @@ pub(crate) struct CompressedInput<R> {
     hasher: Sha256,
     span_start: u64,
     span_uncompressed_start: u64,
-    span_begin: PendingStart,
-    pub spans: Vec<CutSpan>,
+    span_begin: SpanStart,
+    spans: Vec<Span>,
+    windows: WindowSpill,
 }
 
 impl<R: Read> CompressedInput<R> {
-    pub fn new(inner: R) -> Self {
-        CompressedInput {
+    pub fn new(inner: R) -> io::Result<Self> {
+        Ok(CompressedInput {
             inner,
             buf: vec![0; 256 << 10],
             start: 0,
@@ -66,12 +80,10 @@ impl<R: Read> CompressedInput<R> {
             hasher: Sha256::new(),
             span_start: 0,
             span_uncompressed_start: 0,
-            span_begin: PendingStart {
-                start: SpanStart::Fresh,
-                window: None,
-            },
+            span_begin: SpanStart::Fresh,
             spans: Vec::new(),
-        }
+            windows: WindowSpill::new()?,
+        })
     }
 
     /// The unconsumed input, reading more when none is left; empty at the end of the blob.
@@ -115,17 +127,33 @@ impl<R: Read> CompressedInput<R> {
     }
 
     /// Ends the current span at the consumed position and starts the next one there, or one
-    /// byte earlier when the next checkpoint needs bits of the last consumed byte.
-    pub fn cut(&mut self, share_last_byte: bool, uncompressed_at: u64, next: PendingStart) {
+    /// byte earlier when the next checkpoint needs bits of the last consumed byte. A deflate
+    /// checkpoint brings its `bits` and the `window` to resume with.
+    pub fn cut(
+        &mut self,
+        share_last_byte: bool,
+        uncompressed_at: u64,
+        deflate: Option<(u8, &[u8])>,
+    ) -> io::Result<()> {
+        let next = match deflate {
+            None => SpanStart::Fresh,
+            Some((bits, window)) => {
+                let (window_offset, window_len) = self.windows.append(window)?;
+                SpanStart::Deflate {
+                    bits,
+                    window_offset,
+                    window_len,
+                }
+            }
+        };
         let digest: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
         let begin = std::mem::replace(&mut self.span_begin, next);
-        self.spans.push(CutSpan {
+        self.spans.push(Span {
             compressed_start: self.span_start,
             compressed_end: self.consumed,
             uncompressed_start: self.span_uncompressed_start,
             digest,
-            start: begin.start,
-            window: begin.window,
+            start: begin,
         });
         self.span_start = if share_last_byte {
             self.hasher.update([self.last_byte]);
@@ -134,31 +162,30 @@ impl<R: Read> CompressedInput<R> {
             self.consumed
         };
         self.span_uncompressed_start = uncompressed_at;
+        Ok(())
     }
 
-    /// Closes the last span at the end of the blob; returns every span. A cut right at the
-    /// end leaves nothing for a last span, so none is added.
-    pub fn finish(mut self) -> Vec<CutSpan> {
-        if self.consumed == self.span_start && !self.spans.is_empty() {
-            return self.spans;
+    /// Closes the last span at the end of the blob; returns every span and the windows. A cut
+    /// right at the end leaves nothing for a last span, so none is added.
+    pub fn finish(mut self) -> (Vec<Span>, WindowSpill) {
+        if self.consumed > self.span_start || self.spans.is_empty() {
+            let digest: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
+            self.spans.push(Span {
+                compressed_start: self.span_start,
+                compressed_end: self.consumed,
+                uncompressed_start: self.span_uncompressed_start,
+                digest,
+                start: self.span_begin,
+            });
         }
-        let digest: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
-        self.spans.push(CutSpan {
-            compressed_start: self.span_start,
-            compressed_end: self.consumed,
-            uncompressed_start: self.span_uncompressed_start,
-            digest,
-            start: self.span_begin.start,
-            window: self.span_begin.window,
-        });
-        self.spans
+        (self.spans, self.windows)
     }
 }
 
 /// A decompressing reader that cuts spans as it goes.
 pub trait Indexer: Read + Send {
-    /// The spans, once the reader has returned end of stream.
-    fn finish(self: Box<Self>) -> io::Result<Vec<CutSpan>>;
+    /// The spans and windows, once the reader has returned end of stream.
+    fn finish(self: Box<Self>) -> io::Result<(Vec<Span>, WindowSpill)>;
 }
 
 /// The indexing decoder for a layer's compression.
@@ -170,7 +197,7 @@ pub fn indexer<R: Read + Send + 'static>(
     Ok(match compression {
         Compression::Gzip => Box::new(gzip::GzipIndexer::new(blob, spacing)?),
         Compression::Zstd => Box::new(zstd::ZstdIndexer::new(blob, spacing)?),
-        Compression::None => Box::new(plain::PlainIndexer::new(blob, spacing)),
+        Compression::None => Box::new(plain::PlainIndexer::new(blob, spacing)?),
     })
 }
 

@@ -2,8 +2,8 @@
 
 use std::io::{self, Read};
 
-use super::{CompressedInput, CutSpan, Indexer, PendingStart, corrupt};
-use crate::format::SpanStart;
+use super::{CompressedInput, Indexer, WindowSpill, corrupt};
+use crate::format::Span;
 
 /// Passes the tar through, cutting a span every `spacing` bytes.
 pub struct PlainIndexer<R> {
@@ -12,11 +12,11 @@ pub struct PlainIndexer<R> {
 }
 
 impl<R: Read> PlainIndexer<R> {
-    pub fn new(blob: R, spacing: u64) -> Self {
-        PlainIndexer {
-            input: CompressedInput::new(blob),
+    pub fn new(blob: R, spacing: u64) -> io::Result<Self> {
+        Ok(PlainIndexer {
+            input: CompressedInput::new(blob)?,
             spacing: spacing.max(1),
-        }
+        })
     }
 }
 
@@ -24,14 +24,7 @@ impl<R: Read> Read for PlainIndexer<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.input.span_len() >= self.spacing {
             let at = self.input.consumed;
-            self.input.cut(
-                false,
-                at,
-                PendingStart {
-                    start: SpanStart::Fresh,
-                    window: None,
-                },
-            );
+            self.input.cut(false, at, None)?;
         }
         let room = (self.spacing - self.input.span_len()).min(out.len() as u64) as usize;
         let available = self.input.available()?;
@@ -43,7 +36,7 @@ impl<R: Read> Read for PlainIndexer<R> {
 }
 
 impl<R: Read + Send> Indexer for PlainIndexer<R> {
-    fn finish(self: Box<Self>) -> io::Result<Vec<CutSpan>> {
+    fn finish(self: Box<Self>) -> io::Result<(Vec<Span>, WindowSpill)> {
         Ok(self.input.finish())
     }
 }

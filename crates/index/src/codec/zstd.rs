@@ -5,8 +5,8 @@ use std::io::{self, Read};
 
 use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer};
 
-use super::{CompressedInput, CutSpan, Indexer, PendingStart, corrupt};
-use crate::format::SpanStart;
+use super::{CompressedInput, Indexer, WindowSpill, corrupt};
+use crate::format::Span;
 
 /// Decompresses a zstd layer, cutting spans at frame ends once `spacing` bytes have passed.
 pub struct ZstdIndexer<R> {
@@ -25,7 +25,7 @@ fn context() -> io::Result<DCtx<'static>> {
 impl<R: Read> ZstdIndexer<R> {
     pub fn new(blob: R, spacing: u64) -> io::Result<Self> {
         Ok(ZstdIndexer {
-            input: CompressedInput::new(blob),
+            input: CompressedInput::new(blob)?,
             context: context()?,
             spacing: spacing.max(1),
             out_total: 0,
@@ -61,14 +61,7 @@ impl<R: Read> Read for ZstdIndexer<R> {
             self.in_frame = hint != 0;
             if hint == 0 && self.input.span_len() >= self.spacing {
                 let at = self.out_total;
-                self.input.cut(
-                    false,
-                    at,
-                    PendingStart {
-                        start: SpanStart::Fresh,
-                        window: None,
-                    },
-                );
+                self.input.cut(false, at, None)?;
             }
             if produced > 0 {
                 return Ok(produced);
@@ -82,7 +75,7 @@ impl<R: Read> Read for ZstdIndexer<R> {
 }
 
 impl<R: Read + Send> Indexer for ZstdIndexer<R> {
-    fn finish(self: Box<Self>) -> io::Result<Vec<CutSpan>> {
+    fn finish(self: Box<Self>) -> io::Result<(Vec<Span>, WindowSpill)> {
         Ok(self.input.finish())
     }
 }

@@ -1,0 +1,60 @@
+//! `lazylayer-bench`: benchmarks that run lazylayer and the tools it is measured against side by
+//! side in one run, repeat each measurement, and print medians and ratios (machines are noisy:
+//! read the ratios). Results and the commands are kept in docs/benchmarks.md.
+//!
+//!   cargo run --release -p lazylayer-bench -- index [--runs N]
+
+mod index;
+
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "lazylayer benchmarks (side by side, printed as ratios)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Lazy index on the Debian test layer: build time vs `gzip -dc | tar -t`, bytes fetched for
+    /// a cold 64 KiB read per checkpoint spacing, reconstruction throughput vs `gzip -dc`.
+    Index(index::Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Index(args) => index::run(args).await,
+    }
+}
+
+/// Runs `f` `runs` times and returns the median wall time.
+pub fn median<F: FnMut() -> anyhow::Result<()>>(runs: usize, mut f: F) -> anyhow::Result<Duration> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        f()?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// Like [`median`], for async work.
+pub async fn median_async<F, Fut>(runs: usize, mut f: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        f().await?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
