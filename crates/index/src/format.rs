@@ -103,17 +103,27 @@ pub struct Span {
     pub start: SpanStart,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Meta {
-    blob_digest: Digest,
-    blob_size: u64,
-    media_type: String,
-    diff_id: Digest,
-    compression: Compression,
-    uncompressed_size: u64,
-    spacing: u64,
-    spans: Vec<Span>,
-    entries: Vec<Entry>,
+/// What an index says about its layer: identity, spans and file table (the metadata section).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IndexMeta {
+    /// The layer blob's digest.
+    pub blob_digest: Digest,
+    /// The layer blob's size.
+    pub blob_size: u64,
+    /// The layer's media type.
+    pub media_type: String,
+    /// sha256 of the uncompressed tar.
+    pub diff_id: Digest,
+    /// How the blob is compressed.
+    pub compression: Compression,
+    /// Size of the uncompressed tar.
+    pub uncompressed_size: u64,
+    /// The checkpoint spacing asked for when building (compressed bytes).
+    pub spacing: u64,
+    /// The spans, in order; they cover the whole blob.
+    pub spans: Vec<Span>,
+    /// The file table in archive order.
+    pub entries: Vec<Entry>,
 }
 
 /// Where the compressed windows are: in memory (a decoded index), or in a file (an opened or
@@ -144,27 +154,25 @@ impl Windows {
     }
 }
 
-/// A layer's lazy index: its identity, spans and file table.
+/// A layer's lazy index: its metadata (reachable through `Deref`) and the deflate windows,
+/// which stay in their file until a span needs one.
 pub struct LayerIndex {
-    /// The layer blob's digest.
-    pub blob_digest: Digest,
-    /// The layer blob's size.
-    pub blob_size: u64,
-    /// The layer's media type.
-    pub media_type: String,
-    /// sha256 of the uncompressed tar.
-    pub diff_id: Digest,
-    /// How the blob is compressed.
-    pub compression: Compression,
-    /// Size of the uncompressed tar.
-    pub uncompressed_size: u64,
-    /// The checkpoint spacing asked for when building (compressed bytes).
-    pub spacing: u64,
-    /// The spans, in order; they cover the whole blob.
-    pub spans: Vec<Span>,
-    /// The file table in archive order.
-    pub entries: Vec<Entry>,
+    meta: IndexMeta,
     windows: Windows,
+}
+
+impl std::ops::Deref for LayerIndex {
+    type Target = IndexMeta;
+
+    fn deref(&self) -> &IndexMeta {
+        &self.meta
+    }
+}
+
+impl std::ops::DerefMut for LayerIndex {
+    fn deref_mut(&mut self) -> &mut IndexMeta {
+        &mut self.meta
+    }
 }
 
 impl std::fmt::Debug for LayerIndex {
@@ -178,37 +186,15 @@ impl std::fmt::Debug for LayerIndex {
     }
 }
 
-/// The parts of an index, as the builder assembles them.
-pub(crate) struct IndexParts {
-    pub blob_digest: Digest,
-    pub blob_size: u64,
-    pub media_type: String,
-    pub diff_id: Digest,
-    pub compression: Compression,
-    pub uncompressed_size: u64,
-    pub spacing: u64,
-    pub spans: Vec<Span>,
-    pub entries: Vec<Entry>,
-    pub windows_file: File,
-    pub windows_len: u64,
-}
-
 impl LayerIndex {
-    pub(crate) fn from_parts(parts: IndexParts) -> Result<Self> {
+    /// A just-built index whose windows are in `windows_file` (checked like a decoded one).
+    pub(crate) fn built(meta: IndexMeta, windows_file: File, windows_len: u64) -> Result<Self> {
         let index = LayerIndex {
-            blob_digest: parts.blob_digest,
-            blob_size: parts.blob_size,
-            media_type: parts.media_type,
-            diff_id: parts.diff_id,
-            compression: parts.compression,
-            uncompressed_size: parts.uncompressed_size,
-            spacing: parts.spacing,
-            spans: parts.spans,
-            entries: parts.entries,
+            meta,
             windows: Windows::File {
-                file: parts.windows_file,
+                file: windows_file,
                 base: 0,
-                len: parts.windows_len,
+                len: windows_len,
             },
         };
         index.validate("just built")?;
@@ -224,18 +210,7 @@ impl LayerIndex {
 
     /// Writes the index to `out`, streaming the windows (they are never all in memory).
     pub fn encode_to(&self, out: &mut dyn Write) -> Result<()> {
-        let meta = Meta {
-            blob_digest: self.blob_digest.clone(),
-            blob_size: self.blob_size,
-            media_type: self.media_type.clone(),
-            diff_id: self.diff_id.clone(),
-            compression: self.compression,
-            uncompressed_size: self.uncompressed_size,
-            spacing: self.spacing,
-            spans: self.spans.clone(),
-            entries: self.entries.clone(),
-        };
-        let raw = postcard::to_stdvec(&meta).map_err(|e| Error::bad_index("encoding", e))?;
+        let raw = postcard::to_stdvec(&self.meta).map_err(|e| Error::bad_index("encoding", e))?;
         let packed =
             zstd::bulk::compress(&raw, 9).map_err(|e| Error::io("compressing index", e))?;
         let windows_len = self.windows.len();
@@ -263,7 +238,10 @@ impl LayerIndex {
             decode_header_and_meta(what, bytes.len() as u64, bytes)?;
         let start = HEADER_LEN as u64 + meta_len;
         let windows = bytes[start as usize..(start + windows_len) as usize].to_vec();
-        let index = assemble(meta, Windows::Memory(windows));
+        let index = LayerIndex {
+            meta,
+            windows: Windows::Memory(windows),
+        };
         index.validate(what)?;
         Ok(index)
     }
@@ -283,14 +261,14 @@ impl LayerIndex {
         file.read_exact(&mut head_and_meta[HEADER_LEN..])
             .map_err(|e| Error::io(&what, e))?;
         let (meta_len, windows_len, meta) = decode_header_and_meta(&what, size, &head_and_meta)?;
-        let index = assemble(
+        let index = LayerIndex {
             meta,
-            Windows::File {
+            windows: Windows::File {
                 file,
                 base: HEADER_LEN as u64 + meta_len,
                 len: windows_len,
             },
-        );
+        };
         index.validate(&what)?;
         Ok(index)
     }
@@ -485,7 +463,7 @@ fn parse_header(what: &str, size: u64, header: &[u8]) -> Result<(u64, u64, u64)>
     Ok((meta_len, windows_len, meta_raw_len))
 }
 
-fn decode_header_and_meta(what: &str, size: u64, bytes: &[u8]) -> Result<(u64, u64, Meta)> {
+fn decode_header_and_meta(what: &str, size: u64, bytes: &[u8]) -> Result<(u64, u64, IndexMeta)> {
     let (meta_len, windows_len, meta_raw_len) = parse_header(what, size, bytes)?;
     let packed = &bytes[HEADER_LEN..HEADER_LEN + meta_len as usize];
     let mut raw = Vec::new();
@@ -497,24 +475,9 @@ fn decode_header_and_meta(what: &str, size: u64, bytes: &[u8]) -> Result<(u64, u
     if raw.len() as u64 != meta_raw_len {
         return Err(Error::bad_index(what, "metadata has the wrong length"));
     }
-    let meta: Meta = postcard::from_bytes(&raw)
+    let meta: IndexMeta = postcard::from_bytes(&raw)
         .map_err(|e| Error::bad_index(what, format!("metadata does not decode: {e}")))?;
     Ok((meta_len, windows_len, meta))
-}
-
-fn assemble(meta: Meta, windows: Windows) -> LayerIndex {
-    LayerIndex {
-        blob_digest: meta.blob_digest,
-        blob_size: meta.blob_size,
-        media_type: meta.media_type,
-        diff_id: meta.diff_id,
-        compression: meta.compression,
-        uncompressed_size: meta.uncompressed_size,
-        spacing: meta.spacing,
-        spans: meta.spans,
-        entries: meta.entries,
-        windows,
-    }
 }
 
 /// sha256 as raw bytes, for span digests.

@@ -19,6 +19,6 @@ pub mod read;
 pub use build::{BuildOptions, DEFAULT_SPACING, build, build_from_reader};
 pub use entry::{Entry, EntryKind, Piece};
 pub use error::{Error, Result};
-pub use format::{Compression, INDEX_MEDIA_TYPE, LayerIndex, Span, SpanStart};
+pub use format::{Compression, INDEX_MEDIA_TYPE, IndexMeta, LayerIndex, Span, SpanStart};
 pub use local::IndexStore;
 pub use read::{LayerReader, ReaderStats};

@@ -568,12 +568,13 @@ async fn broken_indexes_are_rejected_with_a_clear_error() {
     lie(&|i| i.spans[1].compressed_start += 7, "not in order");
     lie(
         &|i| {
+            let end = i.uncompressed_size;
             let file = i
                 .entries
                 .iter_mut()
                 .find(|e| e.kind == EntryKind::File)
                 .unwrap();
-            file.data_offset = i.uncompressed_size;
+            file.data_offset = end;
             file.size = 10;
         },
         "past the end",

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use self::table::{Table, parse_sparse_map_01, read_sparse_map};
 use crate::codec;
 use crate::entry::{Entry, EntryKind};
-use crate::format::{Compression, IndexParts, LayerIndex};
+use crate::format::{Compression, IndexMeta, LayerIndex};
 use crate::{Error, Result};
 
 /// Default checkpoint spacing, in compressed bytes (see docs/benchmarks.md for the choice).
@@ -149,19 +149,21 @@ pub fn build_from_reader<R: Read + Send + 'static>(
         .finish()
         .map_err(|e| bad(e.to_string()))?;
     let (windows_file, windows_len) = windows.into_parts();
-    LayerIndex::from_parts(IndexParts {
-        blob_digest: layer.digest.clone(),
-        blob_size: layer.size,
-        media_type: layer.media_type.clone(),
-        diff_id: actual_diff_id,
-        compression,
-        uncompressed_size,
-        spacing: options.spacing,
-        spans,
-        entries,
+    LayerIndex::built(
+        IndexMeta {
+            blob_digest: layer.digest.clone(),
+            blob_size: layer.size,
+            media_type: layer.media_type.clone(),
+            diff_id: actual_diff_id,
+            compression,
+            uncompressed_size,
+            spacing: options.spacing,
+            spans,
+            entries,
+        },
         windows_file,
         windows_len,
-    })
+    )
 }
 
 /// Walks the tar and returns the resolved file table.

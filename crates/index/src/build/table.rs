@@ -266,20 +266,10 @@ pub fn read_sparse_map(
         return Err("the sparse map has too many segments".into());
     }
     let mut segments = Vec::with_capacity(count as usize);
-    let mut position = 0u64;
     for _ in 0..count {
         let offset = next_number(&mut consumed)?;
         let len = next_number(&mut consumed)?;
-        let end = offset
-            .checked_add(len)
-            .ok_or("a sparse segment overflows")?;
-        if offset < position || end > real_size {
-            return Err("the sparse map's segments overlap or pass the file size".into());
-        }
-        position = end;
-        if len > 0 {
-            segments.push((offset, len));
-        }
+        push_segment(&mut segments, offset, len, real_size)?;
     }
     let padded = consumed.div_ceil(512) * 512;
     if padded > size {
@@ -308,22 +298,31 @@ pub fn parse_sparse_map_01(
     if !numbers.len().is_multiple_of(2) {
         return Err("GNU.sparse.map has an odd count".into());
     }
-    let mut position = 0;
     let mut segments = Vec::new();
     for pair in numbers.chunks(2) {
-        let (offset, len) = (pair[0], pair[1]);
-        let end = offset
-            .checked_add(len)
-            .ok_or("a sparse segment overflows")?;
-        if offset < position || end > real_size {
-            return Err("GNU.sparse.map's segments overlap or pass the file size".into());
-        }
-        position = end;
-        if len > 0 {
-            segments.push((offset, len));
-        }
+        push_segment(&mut segments, pair[0], pair[1], real_size)?;
     }
     Ok(segments)
+}
+
+/// Appends a sparse data segment; segments must be in order, apart, and inside the file.
+fn push_segment(
+    segments: &mut Vec<(u64, u64)>,
+    offset: u64,
+    len: u64,
+    real_size: u64,
+) -> std::result::Result<(), String> {
+    let end = offset
+        .checked_add(len)
+        .ok_or("a sparse segment overflows")?;
+    let previous_end = segments.last().map_or(0, |(o, l)| o + l);
+    if offset < previous_end || end > real_size {
+        return Err("the sparse map's segments overlap or pass the file size".into());
+    }
+    if len > 0 {
+        segments.push((offset, len));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
