@@ -57,6 +57,9 @@ pub struct Entry {
     /// For sparse files: the data segments `(file offset, length)`, stored back to back from
     /// `data_offset`; everything else of the file reads as zeros.
     pub sparse: Option<Vec<(u64, u64)>>,
+    /// For regular files: sha256 of the stored bytes (for sparse files, the data segments back
+    /// to back), so a populated file can be checked without the layer.
+    pub digest: Option<[u8; 32]>,
     /// For directories: hides what the layers below have in it (from `.wh..wh..opq`).
     pub opaque: bool,
     /// True for a directory the layer does not list but implies (a parent of an entry).
@@ -162,6 +165,7 @@ mod tests {
             xattrs: vec![],
             data_offset: 1000,
             sparse: Some(vec![(0, 10), (50, 10)]),
+            digest: None,
             opaque: false,
             implied: false,
         }

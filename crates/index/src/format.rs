@@ -413,6 +413,11 @@ impl LayerIndex {
                 }
                 _ => {}
             }
+            if (entry.kind == EntryKind::File) != entry.digest.is_some() {
+                return bad(format!(
+                    "entry {name:?} lacks its content digest or has one it should not"
+                ));
+            }
             if entry.opaque && entry.kind != EntryKind::Dir {
                 return bad(format!("entry {name:?} is opaque but not a directory"));
             }

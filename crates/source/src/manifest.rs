@@ -53,7 +53,7 @@ pub struct FetchedManifest {
 }
 
 /// A content descriptor with a validated digest: what a manifest says about a blob.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BlobDescriptor {
     /// Content digest.

@@ -17,6 +17,7 @@ mod http_wire;
 pub mod proxy;
 pub mod registry;
 pub mod token_issuer;
+pub mod tree_diff;
 
 use std::path::PathBuf;
 use std::process::Command;

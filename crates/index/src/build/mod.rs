@@ -309,6 +309,15 @@ fn walk_tar<R: Read>(layer: &str, reader: &mut R) -> Result<Vec<Entry>> {
             size = real_size;
             sparse = Some(segments);
         }
+        let digest = if kind == EntryKind::File {
+            let stored_total = match &sparse {
+                Some(segments) => segments.iter().map(|(_, len)| len).sum(),
+                None => stored,
+            };
+            Some(hash_data(&mut tar_entry, stored_total).map_err(bad_entry)?)
+        } else {
+            None
+        };
         table.add(
             &path,
             Entry {
@@ -329,12 +338,33 @@ fn walk_tar<R: Read>(layer: &str, reader: &mut R) -> Result<Vec<Entry>> {
                     0
                 },
                 sparse,
+                digest,
                 opaque: false,
                 implied: false,
             },
         )?;
     }
     Ok(table.finish())
+}
+
+/// sha256 of the next `len` bytes of a file's stored data.
+fn hash_data(data: &mut impl Read, len: u64) -> std::result::Result<[u8; 32], String> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    const CHUNK: usize = 64 << 10;
+    let mut buffer = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = data
+            .read(&mut buffer[..left.min(CHUNK as u64) as usize])
+            .map_err(|e| format!("reading file data: {e}"))?;
+        if n == 0 {
+            return Err("file data ends early".into());
+        }
+        hasher.update(&buffer[..n]);
+        left -= n as u64;
+    }
+    Ok(hasher.finalize().into())
 }
 
 /// PAX times: decimal seconds with an optional fraction, possibly negative.

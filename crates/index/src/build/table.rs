@@ -91,6 +91,7 @@ impl Table {
                     xattrs: Vec::new(),
                     data_offset: 0,
                     sparse: None,
+                    digest: None,
                     opaque: false,
                     implied: true,
                 }),
@@ -150,6 +151,7 @@ impl Table {
                 link: None,
                 device: None,
                 sparse: None,
+                digest: None,
                 data_offset: 0,
                 ..entry
             };
@@ -344,6 +346,7 @@ mod tests {
             xattrs: vec![],
             data_offset: 0,
             sparse: None,
+            digest: None,
             opaque: false,
             implied: false,
         }

@@ -1,0 +1,19 @@
+//! # lazylayer-store: layers as real directories, filled lazily
+//!
+//! The step after the index in lazylayer's data flow. Each layer becomes a directory on a
+//! local filesystem (the overlay lower): created at once as placeholders with their final
+//! metadata ([`tree`]), then filled file by file from the index's reader ([`layer`]), with a
+//! population record that is made durable only after the data ([`state`]). Where everything
+//! lives under `--root` is in [`store`].
+
+pub mod error;
+pub mod layer;
+pub mod state;
+pub mod store;
+pub mod tree;
+
+pub use error::{Error, Result};
+pub use layer::Layer;
+pub use state::Phase;
+pub use store::{ImageRecord, Store};
+pub use tree::LayerTree;

@@ -1,0 +1,149 @@
+//! A layer's population state, durable in the order "data before state": which files hold
+//! their data is recorded on disk only after a `syncfs` of the layer's filesystem has made the
+//! data durable. After a crash, a file the record does not list is populated again from the
+//! start, so a torn or lost write is never mistaken for data.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Where a layer is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Placeholders are being created (a crash here means starting the tree over).
+    Creating,
+    /// The tree exists; file data is populated on access and in the background.
+    Lazy,
+    /// Every file is populated and the blob digest was verified end to end; no marks remain.
+    Detached,
+}
+
+/// The small record kept beside each layer directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// The phase.
+    pub phase: Phase,
+    /// Number of entries of the index the tree was built from.
+    pub entries: usize,
+}
+
+impl LayerRecord {
+    /// Reads the record at `path`, if the layer has one.
+    pub fn load(path: &Path) -> Result<Option<LayerRecord>> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// Writes the record durably (aside, synced, renamed, directory synced).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let temporary = path.with_extension("tmp");
+        let bytes = serde_json::to_vec_pretty(self).expect("record serialises");
+        let write = || -> std::io::Result<()> {
+            let file = File::create(&temporary)?;
+            file.write_all_at(&bytes, 0)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, path)?;
+            File::open(path.parent().expect("has a parent"))?.sync_all()
+        };
+        write().map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+}
+
+/// Which files of a layer hold their data: one byte per index entry on disk (1 = durable),
+/// and in memory the files populated since the last [`persist`](Self::persist).
+pub struct PopulationState {
+    path: PathBuf,
+    file: File,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    populated: Vec<bool>,
+    pending: Vec<usize>,
+}
+
+impl PopulationState {
+    /// Opens the state of a layer with `entries` entries.
+    pub fn open(path: &Path, entries: usize) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let mut bytes = vec![0u8; entries];
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(path.display().to_string(), e))?
+            .len();
+        if len == entries as u64 {
+            file.read_exact_at(&mut bytes, 0)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        } else {
+            file.set_len(entries as u64)
+                .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
+        }
+        Ok(PopulationState {
+            path: path.to_path_buf(),
+            file,
+            inner: Mutex::new(Inner {
+                populated: bytes.iter().map(|b| *b == 1).collect(),
+                pending: Vec::new(),
+            }),
+        })
+    }
+
+    /// Whether entry `i` holds its data (durably or not yet).
+    pub fn is_populated(&self, i: usize) -> bool {
+        self.inner.lock().expect("state lock").populated[i]
+    }
+
+    /// Records that entry `i`'s data is written (durable at the next persist).
+    pub fn mark(&self, i: usize) {
+        let mut inner = self.inner.lock().expect("state lock");
+        if !inner.populated[i] {
+            inner.populated[i] = true;
+            inner.pending.push(i);
+        }
+    }
+
+    /// How many entries are populated.
+    pub fn count(&self) -> usize {
+        self.inner
+            .lock()
+            .expect("state lock")
+            .populated
+            .iter()
+            .filter(|p| **p)
+            .count()
+    }
+
+    /// Makes the marks since the last call durable. The caller must have made the data durable
+    /// first (`syncfs` of the layer), so the record never runs ahead of the data.
+    pub fn persist(&self) -> Result<()> {
+        let pending = std::mem::take(&mut self.inner.lock().expect("state lock").pending);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        for i in &pending {
+            self.file
+                .write_all_at(&[1], *i as u64)
+                .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))
+    }
+}

@@ -1,0 +1,193 @@
+//! The store under `--root`: where each layer's directory, record and population state live,
+//! the span cache, the indexes, image records and mounts.
+//!
+//! ```text
+//! ROOT/layers/sha256/<hex>/fs          the layer directory (an overlay lower)
+//! ROOT/layers/sha256/<hex>/record      phase (creating | lazy | detached)
+//! ROOT/layers/sha256/<hex>/populated   one byte per index entry: data durable
+//! ROOT/spans/                          verified compressed spans (until detach)
+//! ROOT/indexes/sha256/<hex>            lazy indexes
+//! ROOT/images/<manifest hex>.json      image records (reference, layers)
+//! ROOT/mounts/<name>/{upper,work}      writable layers of mounts
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lazylayer_index::{IndexStore, LayerIndex};
+use lazylayer_source::{BlobDescriptor, Digest, ImageSource};
+use serde::{Deserialize, Serialize};
+
+use crate::layer::Layer;
+use crate::state::{LayerRecord, Phase};
+use crate::tree::LayerTree;
+use crate::{Error, Result};
+
+/// What the store remembers about a pulled image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The reference it was pulled as.
+    pub reference: String,
+    /// The image manifest digest.
+    pub manifest: Digest,
+    /// The layers, bottom first.
+    pub layers: Vec<BlobDescriptor>,
+    /// The image config (for running it).
+    pub config: serde_json::Value,
+}
+
+/// The layer store.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// The store under `root`.
+    pub fn new(root: &Path) -> Self {
+        Store {
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn layer_dir(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("layers")
+            .join(digest.algorithm().name())
+            .join(digest.hex())
+    }
+
+    /// The directory of a layer (the overlay lower).
+    pub fn layer_fs(&self, digest: &Digest) -> PathBuf {
+        self.layer_dir(digest).join("fs")
+    }
+
+    /// The span cache directory.
+    pub fn span_dir(&self) -> PathBuf {
+        self.root.join("spans")
+    }
+
+    /// The index store.
+    pub fn indexes(&self) -> IndexStore {
+        IndexStore::new(&self.root)
+    }
+
+    /// The daemon's control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("lazylayer.sock")
+    }
+
+    /// Where mounts keep their writable layers.
+    pub fn mounts_dir(&self) -> PathBuf {
+        self.root.join("mounts")
+    }
+
+    /// The phase of a layer, if the store has it.
+    pub fn phase(&self, digest: &Digest) -> Result<Option<Phase>> {
+        Ok(LayerRecord::load(&self.layer_dir(digest).join("record"))?.map(|r| r.phase))
+    }
+
+    /// Creates the layer's directory from its index, unless it exists already: placeholders
+    /// for every entry, directory times last, then (after a sync) the record says `lazy`. A
+    /// tree left half-made by a crash is removed and made again.
+    pub fn prepare_layer(&self, index: &LayerIndex) -> Result<Phase> {
+        let dir = self.layer_dir(&index.blob_digest);
+        let record_path = dir.join("record");
+        match LayerRecord::load(&record_path)? {
+            Some(record) if record.phase != Phase::Creating => return Ok(record.phase),
+            Some(_) => {
+                std::fs::remove_dir_all(dir.join("fs"))
+                    .or_else(|e| {
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(|e| Error::io(format!("removing a half-made {}", dir.display()), e))?;
+                let _ = std::fs::remove_file(dir.join("populated"));
+            }
+            None => {}
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let record = |phase| LayerRecord {
+            phase,
+            entries: index.entries.len(),
+        };
+        record(Phase::Creating).save(&record_path)?;
+        let tree = LayerTree::open(&dir.join("fs"))?;
+        for entry in &index.entries {
+            tree.create(entry)?;
+        }
+        tree.set_dir_times(index.entries.iter())?;
+        tree.sync()?;
+        record(Phase::Lazy).save(&record_path)?;
+        Ok(Phase::Lazy)
+    }
+
+    /// Opens a prepared layer for population, reading from `source`.
+    pub fn open_layer(&self, index: Arc<LayerIndex>, source: ImageSource) -> Result<Layer> {
+        let dir = self.layer_dir(&index.blob_digest);
+        let tree = LayerTree::open(&dir.join("fs"))?;
+        Layer::new(
+            index.blob_digest.clone(),
+            index.clone(),
+            tree,
+            &dir.join("populated"),
+            &dir.join("record"),
+            source,
+            &self.span_dir(),
+        )
+    }
+
+    /// Removes a layer's span cache (after detach: the data is in the layer directory).
+    pub fn drop_spans(&self, digest: &Digest) {
+        for suffix in ["spans", "present"] {
+            let _ =
+                std::fs::remove_file(self.span_dir().join(format!("{}.{suffix}", digest.hex())));
+        }
+    }
+
+    /// Saves an image record.
+    pub fn save_image(&self, image: &ImageRecord) -> Result<()> {
+        let dir = self.root.join("images");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let path = dir.join(format!("{}.json", image.manifest.hex()));
+        let bytes = serde_json::to_vec_pretty(image).expect("image record serialises");
+        let temporary = path.with_extension("tmp");
+        std::fs::write(&temporary, bytes)
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// Every image record.
+    pub fn images(&self) -> Result<Vec<ImageRecord>> {
+        let dir = self.root.join("images");
+        let listing = match std::fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+        };
+        let mut images = Vec::new();
+        for item in listing {
+            let path = item.map_err(|e| Error::io("listing images", e))?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                images.push(
+                    serde_json::from_slice(&bytes)
+                        .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?,
+                );
+            }
+        }
+        images.sort_by(|a: &ImageRecord, b| a.reference.cmp(&b.reference));
+        Ok(images)
+    }
+}

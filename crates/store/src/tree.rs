@@ -1,0 +1,371 @@
+//! A layer directory built from the index: every path of the layer created as a placeholder
+//! with its final metadata (regular files sparse, of their final size), and file data written
+//! into place later. Every path operation resolves beneath the layer root without following
+//! symlinks (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`) and acts on a single name
+//! in an already-opened parent, so a hostile layer cannot reach outside its directory.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use lazylayer_index::{Entry, EntryKind};
+use rustix::fs::{
+    AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid, XattrFlags,
+};
+
+use crate::{Error, Result};
+
+/// The xattr overlayfs reads to know a directory hides the layers below.
+pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// File capabilities: a data write clears them, so they are set again after population.
+pub const CAPABILITY_XATTR: &[u8] = b"security.capability";
+
+/// A layer directory, opened.
+pub struct LayerTree {
+    root: OwnedFd,
+    path: PathBuf,
+}
+
+fn beneath() -> ResolveFlags {
+    ResolveFlags::BENEATH
+        | ResolveFlags::NO_SYMLINKS
+        | ResolveFlags::NO_MAGICLINKS
+        | ResolveFlags::NO_XDEV
+}
+
+impl LayerTree {
+    /// Opens (creating if needed) the layer directory at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        let root = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::sys(format!("opening {}", path.display()), e))?;
+        Ok(LayerTree {
+            root,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The absolute path of an entry (for messages and for marks).
+    pub fn path_of(&self, relative: &[u8]) -> PathBuf {
+        if relative.is_empty() {
+            self.path.clone()
+        } else {
+            self.path.join(std::ffi::OsStr::from_bytes(relative))
+        }
+    }
+
+    /// The open root directory.
+    pub fn root_fd(&self) -> &OwnedFd {
+        &self.root
+    }
+
+    /// Opens the parent directory of `relative` beneath the root; returns it and the last name.
+    pub fn parent<'a>(&self, relative: &'a [u8]) -> Result<(OwnedFd, &'a [u8])> {
+        let (parent, name) = match relative.iter().rposition(|b| *b == b'/') {
+            Some(slash) => (&relative[..slash], &relative[slash + 1..]),
+            None => (&relative[..0], relative),
+        };
+        let dir = if parent.is_empty() {
+            rustix::io::dup(&self.root).map_err(|e| Error::sys("dup", e))?
+        } else {
+            rustix::fs::openat2(
+                &self.root,
+                std::ffi::OsStr::from_bytes(parent),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+                beneath(),
+            )
+            .map_err(|e| Error::sys(format!("opening {}", self.path_of(parent).display()), e))?
+        };
+        Ok((dir, name))
+    }
+
+    /// Opens an entry beneath the root (never through a symlink).
+    pub fn open_entry(&self, relative: &[u8], flags: OFlags) -> Result<OwnedFd> {
+        let path = if relative.is_empty() {
+            &b"."[..]
+        } else {
+            relative
+        };
+        rustix::fs::openat2(
+            &self.root,
+            std::ffi::OsStr::from_bytes(path),
+            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            beneath(),
+        )
+        .map_err(|e| Error::sys(format!("opening {}", self.path_of(relative).display()), e))
+    }
+
+    /// Creates the placeholder for `entry`: everything but a regular file's data. Times of
+    /// directories are set later ([`set_dir_times`](Self::set_dir_times)), since creating their
+    /// children changes them.
+    pub fn create(&self, entry: &Entry) -> Result<()> {
+        let shown = || self.path_of(&entry.path).display().to_string();
+        let sys = |what: &str, e: rustix::io::Errno| Error::sys(format!("{what} {}", shown()), e);
+        if entry.path.is_empty() {
+            // The layer root itself.
+            return self.apply_metadata(&self.root, entry, true);
+        }
+        let (dir, name) = self.parent(&entry.path)?;
+        let name = std::ffi::OsStr::from_bytes(name);
+        match entry.kind {
+            EntryKind::Dir => {
+                match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(sys("creating directory", e)),
+                }
+                let fd = rustix::fs::openat(
+                    &dir,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| sys("opening directory", e))?;
+                if entry.opaque {
+                    rustix::fs::fsetxattr(&fd, OPAQUE_XATTR, b"y", XattrFlags::empty())
+                        .map_err(|e| sys("marking opaque", e))?;
+                }
+                self.apply_metadata(&fd, entry, false)
+            }
+            EntryKind::File => {
+                let fd = rustix::fs::openat(
+                    &dir,
+                    name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| sys("creating file", e))?;
+                rustix::fs::ftruncate(&fd, entry.size).map_err(|e| sys("sizing", e))?;
+                self.apply_metadata(&fd, entry, true)
+            }
+            EntryKind::Symlink => {
+                let target = std::ffi::OsStr::from_bytes(entry.link.as_deref().unwrap_or_default());
+                rustix::fs::symlinkat(target, &dir, name)
+                    .map_err(|e| sys("creating symlink", e))?;
+                rustix::fs::chownat(
+                    &dir,
+                    name,
+                    Some(uid(entry.uid)),
+                    Some(gid(entry.gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| sys("chown", e))?;
+                for (key, value) in &entry.xattrs {
+                    rustix::fs::lsetxattr(
+                        proc_path(&dir, name),
+                        std::ffi::OsStr::from_bytes(key),
+                        value,
+                        XattrFlags::empty(),
+                    )
+                    .map_err(|e| sys("setting an xattr on", e))?;
+                }
+                rustix::fs::utimensat(&dir, name, &times(entry), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| sys("setting times of", e))
+            }
+            EntryKind::Hardlink => {
+                let target = entry.link.as_deref().unwrap_or_default();
+                let (target_dir, target_name) = self.parent(target)?;
+                rustix::fs::linkat(
+                    &target_dir,
+                    std::ffi::OsStr::from_bytes(target_name),
+                    &dir,
+                    name,
+                    AtFlags::empty(),
+                )
+                .map_err(|e| sys("creating hardlink", e))
+            }
+            EntryKind::CharDevice
+            | EntryKind::BlockDevice
+            | EntryKind::Fifo
+            | EntryKind::Whiteout => {
+                let (kind, device) = match entry.kind {
+                    EntryKind::CharDevice => {
+                        (FileType::CharacterDevice, entry.device.unwrap_or((0, 0)))
+                    }
+                    EntryKind::BlockDevice => {
+                        (FileType::BlockDevice, entry.device.unwrap_or((0, 0)))
+                    }
+                    EntryKind::Fifo => (FileType::Fifo, (0, 0)),
+                    // overlayfs whiteout: a character device 0:0.
+                    _ => (FileType::CharacterDevice, (0, 0)),
+                };
+                rustix::fs::mknodat(
+                    &dir,
+                    name,
+                    kind,
+                    Mode::from_raw_mode(0o600),
+                    rustix::fs::makedev(device.0, device.1),
+                )
+                .map_err(|e| sys("creating node", e))?;
+                rustix::fs::chownat(
+                    &dir,
+                    name,
+                    Some(uid(entry.uid)),
+                    Some(gid(entry.gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| sys("chown", e))?;
+                rustix::fs::chmodat(
+                    &dir,
+                    name,
+                    Mode::from_raw_mode(entry.mode),
+                    AtFlags::empty(),
+                )
+                .map_err(|e| sys("chmod", e))?;
+                for (key, value) in &entry.xattrs {
+                    rustix::fs::lsetxattr(
+                        proc_path(&dir, name),
+                        std::ffi::OsStr::from_bytes(key),
+                        value,
+                        XattrFlags::empty(),
+                    )
+                    .map_err(|e| sys("setting an xattr on", e))?;
+                }
+                rustix::fs::utimensat(&dir, name, &times(entry), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| sys("setting times of", e))
+            }
+        }
+    }
+
+    /// Owner, then mode (chown clears setuid), then xattrs, then (for files) times.
+    /// `security.capability` of a file with data waits for [`finish_file`](Self::finish_file).
+    fn apply_metadata(&self, fd: &OwnedFd, entry: &Entry, set_times: bool) -> Result<()> {
+        let shown = || self.path_of(&entry.path).display().to_string();
+        rustix::fs::fchown(fd, Some(uid(entry.uid)), Some(gid(entry.gid)))
+            .map_err(|e| Error::sys(format!("chown {}", shown()), e))?;
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(entry.mode))
+            .map_err(|e| Error::sys(format!("chmod {}", shown()), e))?;
+        let has_data = entry.kind == EntryKind::File && entry.stored_size() > 0;
+        for (key, value) in &entry.xattrs {
+            if has_data && key == CAPABILITY_XATTR {
+                continue;
+            }
+            rustix::fs::fsetxattr(
+                fd,
+                std::ffi::OsStr::from_bytes(key),
+                value,
+                XattrFlags::empty(),
+            )
+            .map_err(|e| {
+                Error::sys(
+                    format!(
+                        "setting xattr {} on {}",
+                        String::from_utf8_lossy(key),
+                        shown()
+                    ),
+                    e,
+                )
+            })?;
+        }
+        if set_times {
+            rustix::fs::futimens(fd, &times(entry))
+                .map_err(|e| Error::sys(format!("setting times of {}", shown()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Sets the times of directories, deepest first, once their contents exist.
+    pub fn set_dir_times<'a>(
+        &self,
+        entries: impl DoubleEndedIterator<Item = &'a Entry>,
+    ) -> Result<()> {
+        for entry in entries.rev().filter(|e| e.kind == EntryKind::Dir) {
+            let fd = self.open_entry(&entry.path, OFlags::RDONLY | OFlags::DIRECTORY)?;
+            rustix::fs::futimens(&fd, &times(entry)).map_err(|e| {
+                Error::sys(
+                    format!("setting times of {}", self.path_of(&entry.path).display()),
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Opens a regular file's placeholder for writing its data.
+    pub fn open_for_data(&self, entry: &Entry) -> Result<File> {
+        let fd = self.open_entry(&entry.path, OFlags::WRONLY)?;
+        Ok(File::from(fd))
+    }
+
+    /// After a file's data is written: its times and capabilities again (writes change both).
+    pub fn finish_file(&self, file: &File, entry: &Entry) -> Result<()> {
+        let shown = || self.path_of(&entry.path).display().to_string();
+        if let Some((_, value)) = entry.xattrs.iter().find(|(k, _)| k == CAPABILITY_XATTR) {
+            rustix::fs::fsetxattr(file, "security.capability", value, XattrFlags::empty())
+                .map_err(|e| Error::sys(format!("setting capabilities of {}", shown()), e))?;
+        }
+        rustix::fs::futimens(file, &times(entry))
+            .map_err(|e| Error::sys(format!("setting times of {}", shown()), e))
+    }
+
+    /// Writes `data` at `offset` of an open placeholder.
+    pub fn write_at(&self, file: &File, entry: &Entry, offset: u64, data: &[u8]) -> Result<()> {
+        file.write_all_at(data, offset).map_err(|e| {
+            Error::io(
+                format!("writing {}", self.path_of(&entry.path).display()),
+                e,
+            )
+        })
+    }
+
+    /// Flushes everything written in the layer's filesystem to disk.
+    pub fn sync(&self) -> Result<()> {
+        rustix::fs::syncfs(&self.root)
+            .map_err(|e| Error::sys(format!("syncfs {}", self.path.display()), e))
+    }
+
+    /// The `(device, inode)` of an entry, as fanotify events and overlay report it.
+    pub fn inode(&self, relative: &[u8]) -> Result<(u64, u64)> {
+        let (dir, name) = self.parent(relative)?;
+        let stat = rustix::fs::statat(
+            &dir,
+            std::ffi::OsStr::from_bytes(name),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| Error::sys(format!("stat {}", self.path_of(relative).display()), e))?;
+        Ok((stat.st_dev, stat.st_ino))
+    }
+}
+
+/// `/proc/self/fd/DIR/NAME`: names `name` in the already-opened `dir` for calls that take a
+/// path and must not follow a final symlink (the `l*xattr` family).
+fn proc_path(dir: &impl AsFd, name: &std::ffi::OsStr) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_fd().as_raw_fd())).join(name)
+}
+
+fn uid(id: u64) -> Uid {
+    Uid::from_raw(id as u32)
+}
+
+fn gid(id: u64) -> Gid {
+    Gid::from_raw(id as u32)
+}
+
+fn times(entry: &Entry) -> Timestamps {
+    let time = Timespec {
+        tv_sec: entry.mtime,
+        tv_nsec: i64::from(entry.mtime_nsec) as _,
+    };
+    Timestamps {
+        last_access: time,
+        last_modification: time,
+    }
+}
