@@ -4,8 +4,14 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::commands::detach::DetachArgs;
 use crate::commands::index::IndexArgs;
 use crate::commands::inspect::InspectArgs;
+use crate::commands::mount::{MountArgs, UmountArgs};
+use crate::commands::pull::PullArgs;
+use crate::commands::serve::ServeArgs;
+use crate::commands::status::StatusArgs;
+use crate::commands::verify::VerifyArgs;
 
 /// lazylayer makes a container image's layers usable before they are downloaded.
 #[derive(Parser, Debug)]
@@ -92,4 +98,45 @@ pub enum Command {
             lazylayer inspect --files registry.example.com/app:1.0"
     )]
     Index(IndexArgs),
+
+    /// Make an image's layers available lazily; returns once the image can be mounted.
+    #[command(
+        long_about = "Resolve IMAGE, get each layer's lazy index (from --root, from the image's \
+        index artifact in its registry, or, for layers without one, by fetching the layer once), create \
+        each layer's directory under --root as placeholders with their final metadata, and have the \
+        daemon (`lazylayer serve`, started on demand) mark the files whose data is not there yet. \
+        Reading such a file blocks until its data is fetched and verified; the daemon also fills every \
+        layer in the background and detaches it when complete. Layers shared between images are \
+        stored once."
+    )]
+    Pull(PullArgs),
+
+    /// Mount a pulled image with overlayfs (fresh writable upper).
+    #[command(
+        long_about = "Mount a pulled image at TARGET: its layer directories as overlayfs lowers, a \
+        fresh upper and work directory under --root/mounts, with metacopy=on, redirect_dir=on, index=on \
+        and xino=auto (metadata-only copy-up; stable inode numbers)."
+    )]
+    Mount(MountArgs),
+
+    /// Unmount an image mounted by `lazylayer mount` and remove its writable layer.
+    Umount(UmountArgs),
+
+    /// Show each layer's mode, phase (lazy | detached), files and bytes in place, bytes fetched.
+    Status(StatusArgs),
+
+    /// Populate an image's layers now; with --wait, return once they are detached.
+    Detach(DetachArgs),
+
+    /// Check pulled layers against their indexes and content digests (non-zero exit on a difference).
+    Verify(VerifyArgs),
+
+    /// Run the daemon in the foreground (other commands start it when needed).
+    #[command(
+        long_about = "The daemon behind lazy layers: holds the fanotify group, fills files when they \
+        are opened or read and in the background, and detaches each layer once complete and verified \
+        against its blob digest. Commands talk to it over --root/lazylayer.sock and start it on demand \
+        (with --exit-when-idle)."
+    )]
+    Serve(ServeArgs),
 }

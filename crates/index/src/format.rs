@@ -23,7 +23,7 @@ use crate::{Error, Result};
 /// First bytes of every index file.
 pub const MAGIC: &[u8; 8] = b"LZLYIDX\0";
 /// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Media type of an index blob in a registry.
 pub const INDEX_MEDIA_TYPE: &str = "application/vnd.lazylayer.layer.index.v1";
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 8;

@@ -16,7 +16,7 @@ pub mod format;
 pub mod local;
 pub mod read;
 
-pub use build::{BuildOptions, DEFAULT_SPACING, build, build_from_reader};
+pub use build::{BuildOptions, DEFAULT_SPACING, build, build_and_cache, build_from_reader};
 pub use entry::{Entry, EntryKind, Piece};
 pub use error::{Error, Result};
 pub use format::{Compression, INDEX_MEDIA_TYPE, IndexMeta, LayerIndex, Span, SpanStart};

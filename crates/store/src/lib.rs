@@ -11,6 +11,7 @@ pub mod layer;
 pub mod state;
 pub mod store;
 pub mod tree;
+pub mod verify;
 
 pub use error::{Error, Result};
 pub use layer::Layer;

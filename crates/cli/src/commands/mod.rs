@@ -1,8 +1,15 @@
 //! One module per command.
 
+pub mod detach;
+mod images;
 pub mod index;
 pub mod inspect;
 mod layer_indexes;
+pub mod mount;
+pub mod pull;
+pub mod serve;
+pub mod status;
+pub mod verify;
 
 use lazylayer_source::{ClientOptions, RegistryClient};
 
@@ -13,6 +20,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(&cli.global, args).await,
         Command::Index(args) => index::run(&cli.global, args).await,
+        Command::Pull(args) => pull::run(&cli.global, args).await,
+        Command::Serve(args) => serve::run(&cli.global, args).await,
+        Command::Mount(args) => mount::run_mount(&cli.global, args).await,
+        Command::Umount(args) => mount::run_umount(&cli.global, args).await,
+        Command::Status(args) => status::run(&cli.global, args).await,
+        Command::Detach(args) => detach::run(&cli.global, args).await,
+        Command::Verify(args) => verify::run(&cli.global, args).await,
     }
 }
 

@@ -45,7 +45,43 @@ pub async fn build(
     diff_id: Option<&Digest>,
     options: BuildOptions,
 ) -> Result<LayerIndex> {
+    build_teeing(source, layer, diff_id, options, None).await
+}
+
+/// Builds the index while keeping the blob's bytes in the span cache under `span_dir`, so a
+/// layer that had no index is fetched once: afterwards every span is local (and verified, since
+/// the whole blob matched its digest).
+pub async fn build_and_cache(
+    source: &ImageSource,
+    layer: &BlobDescriptor,
+    diff_id: Option<&Digest>,
+    options: BuildOptions,
+    span_dir: &std::path::Path,
+) -> Result<LayerIndex> {
+    std::fs::create_dir_all(span_dir)
+        .map_err(|e| Error::io(format!("creating {}", span_dir.display()), e))?;
+    let data = span_dir.join(format!("{}.spans", layer.digest.hex()));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&data)
+        .map_err(|e| Error::io(format!("opening {}", data.display()), e))?;
+    let index = build_teeing(source, layer, diff_id, options, Some(&file)).await?;
+    crate::read::cache::SpanCache::open(span_dir, &index)?.mark_all_present()?;
+    Ok(index)
+}
+
+async fn build_teeing(
+    source: &ImageSource,
+    layer: &BlobDescriptor,
+    diff_id: Option<&Digest>,
+    options: BuildOptions,
+    tee: Option<&std::fs::File>,
+) -> Result<LayerIndex> {
+    use std::os::unix::fs::FileExt;
     let mut stream = source.open_blob(layer).await?;
+    let mut offset = 0u64;
     let (sender, receiver) = mpsc::channel::<io::Result<Bytes>>(16);
     let layer_owned = layer.clone();
     let diff_id = diff_id.cloned();
@@ -57,6 +93,11 @@ pub async fn build(
         build_from_reader(reader, &layer_owned, diff_id.as_ref(), options)
     });
     while let Some(chunk) = stream.next().await {
+        if let (Some(file), Ok(bytes)) = (tee, &chunk) {
+            file.write_all_at(bytes, offset)
+                .map_err(|e| Error::io("writing the span cache", e))?;
+            offset += bytes.len() as u64;
+        }
         let item = chunk.map_err(|e| io::Error::other(e.to_string()));
         let failed = item.is_err();
         if sender.send(item).await.is_err() || failed {

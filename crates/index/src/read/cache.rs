@@ -13,6 +13,7 @@ use crate::{Error, Result};
 
 /// The on-disk cache of one layer's spans.
 pub struct SpanCache {
+    data_path: std::path::PathBuf,
     data: File,
     marks: File,
     present: Mutex<Vec<bool>>,
@@ -56,11 +57,17 @@ impl SpanCache {
                 .map_err(|e| Error::io(format!("resetting {}", marks_path.display()), e))?;
         }
         Ok(SpanCache {
+            data_path: data_path.clone(),
             data,
             marks,
             present: Mutex::new(present.iter().map(|b| *b == 1).collect()),
             what: data_path.display().to_string(),
         })
+    }
+
+    /// The file holding the blob's bytes at their offsets.
+    pub fn data_path(&self) -> &Path {
+        &self.data_path
     }
 
     /// Whether span `i` is believed present (it is verified again when read).
@@ -87,6 +94,17 @@ impl SpanCache {
             .write_all_at(&[1], i as u64)
             .map_err(|e| Error::io(format!("marking span {i} in {}", self.what), e))?;
         self.present.lock().expect("cache lock")[i] = true;
+        Ok(())
+    }
+
+    /// Marks every span present: the caller wrote the whole blob, verified against its digest.
+    pub fn mark_all_present(&self) -> Result<()> {
+        let mut present = self.present.lock().expect("cache lock");
+        let ones = vec![1u8; present.len()];
+        self.marks
+            .write_all_at(&ones, 0)
+            .map_err(|e| Error::io(format!("marking spans in {}", self.what), e))?;
+        present.iter_mut().for_each(|p| *p = true);
         Ok(())
     }
 

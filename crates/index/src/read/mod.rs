@@ -252,6 +252,47 @@ impl LayerReader {
         Ok(())
     }
 
+    /// Once every span is local: checks the whole blob against its digest, end to end, and
+    /// rebuilds the index from it to check that the index in use (perhaps from a registry)
+    /// says exactly what the verified blob says: spans, file table, diff_id.
+    pub async fn verify_complete(&self) -> Result<()> {
+        let layer = self.index.blob_digest.to_string();
+        self.ensure(0..=self.index.spans.len() - 1).await?;
+        let descriptor = lazylayer_source::BlobDescriptor {
+            digest: self.index.blob_digest.clone(),
+            media_type: self.index.media_type.clone(),
+            size: self.index.blob_size,
+        };
+        let path = self.cache.data_path().to_path_buf();
+        let index = self.index.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let file = std::fs::File::open(&path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            let blob = std::io::Read::take(file, descriptor.size);
+            let verifier = BlobDigestCheck::new(blob, &descriptor);
+            let rebuilt = crate::build_from_reader(
+                verifier,
+                &descriptor,
+                Some(&index.diff_id),
+                crate::BuildOptions {
+                    spacing: index.spacing,
+                },
+            )?;
+            if rebuilt.entries != index.entries || rebuilt.spans != index.spans {
+                return Err(Error::bad_index(
+                    format!("of layer {}", index.blob_digest),
+                    "differs from the index rebuilt from the verified blob",
+                ));
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::BadLayer {
+            layer,
+            reason: format!("verification task failed: {e}"),
+        })?
+    }
+
     async fn fetch_run(&self, run: RangeInclusive<usize>) -> Result<()> {
         let (first, last) = (*run.start(), *run.end());
         let start = self.index.spans[first].compressed_start;
@@ -274,6 +315,45 @@ impl LayerReader {
             self.spans_fetched.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+/// A reader that fails at its end if what passed does not hash to the blob's digest.
+struct BlobDigestCheck<R> {
+    inner: R,
+    hasher: Option<lazylayer_source::DigestHasher>,
+    expected: lazylayer_source::Digest,
+}
+
+impl<R> BlobDigestCheck<R> {
+    fn new(inner: R, blob: &lazylayer_source::BlobDescriptor) -> Self {
+        BlobDigestCheck {
+            inner,
+            hasher: Some(lazylayer_source::DigestHasher::new(blob.digest.algorithm())),
+            expected: blob.digest.clone(),
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for BlobDigestCheck<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(out)?;
+        if n > 0 {
+            if let Some(hasher) = self.hasher.as_mut() {
+                hasher.update(&out[..n]);
+            }
+        } else if !out.is_empty()
+            && let Some(hasher) = self.hasher.take()
+        {
+            let actual = hasher.finish();
+            if actual != self.expected {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("the layer's bytes hash to {actual}, not {}", self.expected),
+                ));
+            }
+        }
+        Ok(n)
     }
 }
 

@@ -1,0 +1,152 @@
+//! `lazylayer pull IMAGE`: make an image's layers available lazily and return once it can be
+//! mounted.
+
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+use lazylayer_daemon::{Request, client};
+use lazylayer_index::distribution::{fetch_index, find_indexes};
+use lazylayer_index::{BuildOptions, build_and_cache};
+use lazylayer_source::{ImageReference, ImageSource, PlatformChoice};
+use lazylayer_store::{ImageRecord, Phase, Store};
+
+use crate::commands::inspect::human_size;
+use crate::commands::{images, registry_client};
+use crate::options::GlobalArgs;
+
+/// How lazy layers are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// fanotify where the store's filesystem supports pre-content marks.
+    Auto,
+    /// fanotify pre-content events (Linux 6.14+, store on ext4, xfs or btrfs).
+    Fanotify,
+}
+
+/// Options of `pull`.
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// The image: HOST[:PORT]/NAME[:TAG|@DIGEST] or oci:DIR[:TAG].
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+
+    /// How lazy layers are served.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+
+    /// Platform to pick from a multi-platform image (default: this machine's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
+}
+
+/// Runs `pull`.
+pub async fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<()> {
+    let reference: ImageReference = args.image.parse()?;
+    let choice = PlatformChoice::from_flag(args.platform.as_deref())?;
+    let client = registry_client(global)?;
+    let source = ImageSource::open(&reference, &client)?;
+    let image = source.resolve(&choice).await?;
+    std::fs::create_dir_all(&global.root)?;
+    let store = Store::new(&global.root);
+    if !lazylayer_fanotify::supports_pre_content(&global.root)? {
+        anyhow::bail!(
+            "the store {} is on a filesystem without fanotify pre-content support (ext4, xfs and \
+             btrfs have it; tmpfs and overlayfs do not): use a --root on one of those",
+            global.root.display()
+        );
+    }
+    let remote = match &source {
+        ImageSource::Registry { repository, .. } => {
+            Some((repository, find_indexes(repository, &image).await?))
+        }
+        ImageSource::Layout { .. } => None,
+    };
+    let mut built_here = 0;
+    for (i, layer) in image.layers.iter().enumerate() {
+        let label = format!("layer {}/{} {}", i + 1, image.layers.len(), layer.digest);
+        if let Some(phase @ (Phase::Lazy | Phase::Detached)) = store.phase(&layer.digest)? {
+            eprintln!("{label}: already in the store ({phase:?})");
+            continue;
+        }
+        let mut index = store.indexes().get(layer)?;
+        if index.is_none()
+            && let Some((repository, descriptor)) = remote
+                .as_ref()
+                .and_then(|(repo, found)| Some((repo, found.by_layer.get(&layer.digest)?)))
+        {
+            match fetch_index(repository, descriptor, layer).await {
+                Ok((fetched, _)) => {
+                    store.indexes().put(layer, &fetched)?;
+                    index = Some(fetched);
+                }
+                Err(e) => eprintln!(
+                    "{label}: the registry's lazy index is unusable ({e}); building one here"
+                ),
+            }
+        }
+        let index = match index {
+            Some(index) => index,
+            None => {
+                eprintln!(
+                    "{label}: no lazy index; fetching the layer once ({}) to build one",
+                    human_size(layer.size)
+                );
+                let diff_id = image.config_summary.rootfs.diff_ids.get(i);
+                let index = build_and_cache(
+                    &source,
+                    layer,
+                    diff_id,
+                    BuildOptions::default(),
+                    &store.span_dir(),
+                )
+                .await?;
+                store.indexes().put(layer, &index)?;
+                built_here += 1;
+                index
+            }
+        };
+        let index = Arc::new(index);
+        store.prepare_layer(&index)?;
+        eprintln!("{label}: {} entries ready", index.entries.len());
+    }
+    let config: serde_json::Value = serde_json::from_slice(&image.config_bytes)?;
+    store.save_image(&ImageRecord {
+        reference: images::canonical(&reference),
+        manifest: image.manifest.digest.clone(),
+        layers: image.layers.clone(),
+        config,
+    })?;
+    start_daemon(global).await?;
+    let mut text = format!(
+        "pulled {} ({} layers); mount it with `lazylayer mount`\n",
+        image.reference,
+        image.layers.len()
+    );
+    if built_here > 0 {
+        text.push_str(&format!(
+            "note: {built_here} layer(s) had no lazy index and were fetched whole; after `lazylayer index --push {}` other machines load them lazily\n",
+            args.image
+        ));
+    }
+    crate::output::print(&text)
+}
+
+/// Makes sure the daemon runs and has taken up every lazy layer (marks placed).
+pub async fn start_daemon(global: &GlobalArgs) -> anyhow::Result<()> {
+    let store = Store::new(&global.root);
+    let exe = std::env::current_exe()?;
+    let mut extra = Vec::new();
+    for host in &global.insecure_registries {
+        extra.push("--insecure-registry".to_string());
+        extra.push(host.clone());
+    }
+    client::ensure_running(&global.root, &store.socket(), &exe, &extra).await?;
+    let response = client::request(&store.socket(), &Request::Refresh).await?;
+    if !response.ok {
+        anyhow::bail!(
+            "the daemon could not take up the layers: {}",
+            response.error.unwrap_or_default()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! `lazylayer status [IMAGE] [--json]`: per layer, the mode, the phase, files and bytes in
+//! place, bytes fetched.
+
+use clap::Args;
+use lazylayer_daemon::{DaemonStatus, Request, client};
+use lazylayer_store::Store;
+
+use crate::commands::images;
+use crate::commands::inspect::human_size;
+use crate::options::GlobalArgs;
+
+/// Options of `status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Only this image's layers.
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// JSON for tools.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `status`.
+pub async fn run(global: &GlobalArgs, args: StatusArgs) -> anyhow::Result<()> {
+    let store = Store::new(&global.root);
+    let running = client::is_running(&store.socket()).await;
+    let mut status = if running {
+        client::request(&store.socket(), &Request::Status)
+            .await?
+            .status
+            .unwrap_or_default()
+    } else {
+        offline_status(&store)?
+    };
+    if let Some(image) = &args.image {
+        let image = images::find(&store, image)?;
+        status
+            .layers
+            .retain(|l| image.layers.iter().any(|i| i.digest == l.digest));
+    }
+    if args.json {
+        let mut value = serde_json::to_value(&status)?;
+        value["daemon_running"] = serde_json::Value::Bool(running);
+        return crate::output::print(&(serde_json::to_string_pretty(&value)? + "\n"));
+    }
+    let mut text = if running {
+        format!(
+            "daemon: pid {}, {} files marked\n",
+            status.pid, status.marked_files
+        )
+    } else {
+        "daemon: not running\n".to_string()
+    };
+    for layer in &status.layers {
+        text.push_str(&format!(
+            "{}  {:<9} {:<9} files {}/{}  data {}/{}  fetched {}{}\n",
+            layer.digest,
+            layer.mode,
+            format!("{:?}", layer.phase).to_lowercase(),
+            layer.files_populated,
+            layer.files,
+            human_size(layer.bytes_populated),
+            human_size(layer.bytes),
+            human_size(layer.bytes_fetched),
+            layer
+                .error
+                .as_ref()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    crate::output::print(&text)
+}
+
+fn offline_status(store: &Store) -> anyhow::Result<DaemonStatus> {
+    let mut layers = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for image in store.images()? {
+        for blob in image.layers {
+            if !seen.insert(blob.digest.clone()) {
+                continue;
+            }
+            let phase = store
+                .phase(&blob.digest)?
+                .unwrap_or(lazylayer_store::Phase::Creating);
+            layers.push(lazylayer_daemon::LayerStatus {
+                digest: blob.digest,
+                phase,
+                mode: "fanotify".into(),
+                files: 0,
+                files_populated: 0,
+                bytes: 0,
+                bytes_populated: 0,
+                bytes_fetched: 0,
+                error: None,
+            });
+        }
+    }
+    Ok(DaemonStatus {
+        pid: 0,
+        marked_files: 0,
+        layers,
+    })
+}

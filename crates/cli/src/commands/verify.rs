@@ -1,0 +1,59 @@
+//! `lazylayer verify IMAGE`: every entry of the image's layers against the index (metadata)
+//! and every populated file against its content digest. Exits non-zero on any difference.
+
+use std::sync::Arc;
+
+use clap::Args;
+use lazylayer_source::{ImageReference, ImageSource};
+use lazylayer_store::verify::verify_layer;
+use lazylayer_store::{Phase, Store};
+
+use crate::commands::{images, registry_client};
+use crate::options::GlobalArgs;
+
+/// Options of `verify`.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// A pulled image.
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+}
+
+/// Runs `verify`.
+pub async fn run(global: &GlobalArgs, args: VerifyArgs) -> anyhow::Result<()> {
+    let store = Store::new(&global.root);
+    let image = images::find(&store, &args.image)?;
+    let reference: ImageReference = image.reference.parse()?;
+    let source = ImageSource::open(&reference, &registry_client(global)?)?;
+    let mut problems = 0;
+    let mut text = String::new();
+    for layer in &image.layers {
+        let phase = store.phase(&layer.digest)?;
+        let Some(index) = store.indexes().get(layer)? else {
+            text.push_str(&format!("{}: no index\n", layer.digest));
+            problems += 1;
+            continue;
+        };
+        let opened = store.open_layer(Arc::new(index), source.clone())?;
+        let detached = phase == Some(Phase::Detached);
+        let found = verify_layer(&opened.tree, &opened.index, &|i| {
+            detached || opened.is_populated(i)
+        });
+        let (files, populated) = opened.progress();
+        text.push_str(&format!(
+            "{}: {:?}, {populated}/{files} files populated, {} problem(s)\n",
+            layer.digest,
+            phase.unwrap_or(Phase::Creating),
+            found.len()
+        ));
+        for problem in &found {
+            text.push_str(&format!("  {problem}\n"));
+        }
+        problems += found.len();
+    }
+    crate::output::print(&text)?;
+    if problems > 0 {
+        anyhow::bail!("{problems} difference(s) between the layers and their indexes");
+    }
+    Ok(())
+}

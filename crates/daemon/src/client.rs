@@ -1,0 +1,82 @@
+//! Talking to the daemon, and starting it when nobody answers.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::protocol::{Request, Response};
+
+/// Sends one request to the daemon serving `socket`.
+pub async fn request(socket: &Path, request: &Request) -> std::io::Result<Response> {
+    let stream = UnixStream::connect(socket).await?;
+    let (reader, mut writer) = stream.into_split();
+    let mut line = serde_json::to_string(request).expect("request serialises");
+    line.push('\n');
+    writer.write_all(line.as_bytes()).await?;
+    let mut answer = String::new();
+    BufReader::new(reader).read_line(&mut answer).await?;
+    serde_json::from_str(&answer).map_err(std::io::Error::other)
+}
+
+/// Whether a daemon answers on `socket`.
+pub async fn is_running(socket: &Path) -> bool {
+    UnixStream::connect(socket).await.is_ok()
+}
+
+/// Starts `exe serve` for `root` in the background (its own session, logging to
+/// `root/serve.log`) unless one answers already, and waits until it does.
+pub async fn ensure_running(
+    root: &Path,
+    socket: &Path,
+    exe: &Path,
+    extra_args: &[String],
+) -> std::io::Result<()> {
+    if is_running(socket).await {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("serve.log"))?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("--root")
+        .arg(root)
+        .arg("serve")
+        .arg("--exit-when-idle")
+        .args(extra_args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no Rust state; the daemon gets its own
+    // session so that it outlives the command that started it and its terminal.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if is_running(socket).await {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(root.join("serve.log")).unwrap_or_default();
+            let last: Vec<&str> = log.lines().rev().take(5).collect();
+            return Err(std::io::Error::other(format!(
+                "lazylayer serve exited ({status}): {}",
+                last.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(std::io::Error::other(
+        "lazylayer serve did not start within 20 s (see serve.log under the root)",
+    ))
+}

@@ -1,0 +1,68 @@
+//! The control protocol on `ROOT/lazylayer.sock`: one JSON request per line, one JSON answer.
+
+use lazylayer_source::Digest;
+use lazylayer_store::Phase;
+use serde::{Deserialize, Serialize};
+
+/// What a command asks the daemon.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// Take up layers that became lazy since the last look (after a pull): mark them and start
+    /// populating them.
+    Refresh,
+    /// Report every layer.
+    Status,
+    /// Populate these layers at full speed; with `wait`, answer once they are detached.
+    Detach { layers: Vec<Digest>, wait: bool },
+    /// Stop (marks go with the group: only safe when no lazy layer is in use).
+    Shutdown,
+}
+
+/// The daemon's answer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For `status` and `refresh`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<DaemonStatus>,
+}
+
+/// The daemon and its layers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Files marked for pre-content events right now.
+    pub marked_files: usize,
+    /// The layers the daemon serves or served.
+    pub layers: Vec<LayerStatus>,
+}
+
+/// One layer's population.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerStatus {
+    /// The layer digest.
+    pub digest: Digest,
+    /// lazy, detached, ...
+    pub phase: Phase,
+    /// The frontend serving it.
+    pub mode: String,
+    /// Regular files with data.
+    pub files: usize,
+    /// Of those, how many hold their data.
+    pub files_populated: usize,
+    /// Bytes of file data.
+    pub bytes: u64,
+    /// Of those, how many are in place.
+    pub bytes_populated: u64,
+    /// Compressed bytes fetched from the registry.
+    pub bytes_fetched: u64,
+    /// The last population error, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -1,0 +1,221 @@
+//! A fanotify group of the pre-content class (Linux 6.14+): inode marks for open-permission and
+//! pre-access events, reading events, answering them. The fanotify syscalls are called here and
+//! only here; constants the libc crate lacks are defined locally (see kernel-facts).
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// `FAN_PRE_ACCESS`: a read or write of a range is about to happen (6.14+).
+pub const FAN_PRE_ACCESS: u64 = 0x0010_0000;
+/// Info record type of the range of a pre-access event.
+const FAN_EVENT_INFO_TYPE_RANGE: u8 = 6;
+/// The events a placeholder is marked for: every open (including exec) and every access.
+pub const PLACEHOLDER_MASK: u64 = libc::FAN_OPEN_PERM | libc::FAN_OPEN_EXEC_PERM | FAN_PRE_ACCESS;
+
+/// `FAN_DENY` with an errno for the denied caller (6.14+).
+fn deny_with(errno: i32) -> u32 {
+    libc::FAN_DENY | (((errno & 0xff) as u32) << 24)
+}
+
+/// One permission event.
+#[derive(Debug)]
+pub struct Event {
+    /// Event bits.
+    pub mask: u64,
+    /// An fd on the file (read-only); closed when the event is dropped after its answer.
+    pub fd: OwnedFd,
+    /// The process that caused the event.
+    pub pid: i32,
+    /// For pre-access events: offset and length of the access.
+    pub range: Option<(u64, u64)>,
+}
+
+/// How to answer a permission event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Let the access happen.
+    Allow,
+    /// Fail it with this errno (EIO when data could not be fetched).
+    Deny(i32),
+}
+
+/// A pre-content fanotify group.
+pub struct Group {
+    fd: OwnedFd,
+}
+
+impl Group {
+    /// A new group. Needs CAP_SYS_ADMIN.
+    pub fn new() -> std::io::Result<Group> {
+        let flags = libc::FAN_CLASS_PRE_CONTENT
+            | libc::FAN_CLOEXEC
+            | libc::FAN_UNLIMITED_QUEUE
+            | libc::FAN_UNLIMITED_MARKS;
+        let event_flags = (libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC) as u32;
+        // SAFETY: fanotify_init takes two integer flag sets and returns a new fd or -1.
+        let fd = unsafe { libc::fanotify_init(flags, event_flags) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by fanotify_init and is owned by nobody else.
+        Ok(Group {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn mark(&self, flags: u32, dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> std::io::Result<()> {
+        let name = CString::new(name.as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the group fd and the directory fd are open for the duration of the call, and
+        // `name` is a NUL-terminated string that outlives it.
+        let result = unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                flags | libc::FAN_MARK_DONT_FOLLOW,
+                PLACEHOLDER_MASK,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+            )
+        };
+        if result < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Marks the file `name` in `dir` (an inode mark; the name is not followed if a symlink).
+    pub fn add_mark(&self, dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> std::io::Result<()> {
+        self.mark(libc::FAN_MARK_ADD, dir, name)
+    }
+
+    /// Removes the mark of the file `name` in `dir`; a file without a mark is fine.
+    pub fn remove_mark(&self, dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> std::io::Result<()> {
+        match self.mark(libc::FAN_MARK_REMOVE, dir, name) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Waits for events and returns them (blocking).
+    pub fn read_events(&self) -> std::io::Result<Vec<Event>> {
+        let mut buffer = vec![0u8; 64 << 10];
+        let n = loop {
+            // SAFETY: the buffer is valid for writes of its length.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        };
+        Ok(parse_events(&buffer[..n]))
+    }
+
+    /// Answers a permission event; the event's fd is closed when `event` is dropped.
+    pub fn answer(&self, event: &Event, answer: Answer) -> std::io::Result<()> {
+        let response = libc::fanotify_response {
+            fd: event.fd.as_raw_fd(),
+            response: match answer {
+                Answer::Allow => libc::FAN_ALLOW,
+                Answer::Deny(errno) => deny_with(errno),
+            },
+        };
+        let size = std::mem::size_of::<libc::fanotify_response>();
+        // SAFETY: `response` is a plain struct of the size passed, alive for the call.
+        let written = unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                (&response as *const libc::fanotify_response).cast(),
+                size,
+            )
+        };
+        if written != size as isize {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The group's fd (to see its marks in /proc/self/fdinfo).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Splits a read buffer into events; records that do not fit are dropped.
+fn parse_events(mut bytes: &[u8]) -> Vec<Event> {
+    let header = std::mem::size_of::<libc::fanotify_event_metadata>();
+    let mut events = Vec::new();
+    while bytes.len() >= header {
+        // SAFETY: at least `header` bytes are available; read_unaligned copes with alignment.
+        let metadata: libc::fanotify_event_metadata =
+            unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let len = metadata.event_len as usize;
+        if len < header || len > bytes.len() {
+            break;
+        }
+        let mut range = None;
+        let mut info = &bytes[metadata.metadata_len as usize..len];
+        while info.len() >= 4 {
+            let (info_type, info_len) = (info[0], u16::from_ne_bytes([info[2], info[3]]) as usize);
+            if info_len < 4 || info_len > info.len() {
+                break;
+            }
+            if info_type == FAN_EVENT_INFO_TYPE_RANGE && info_len >= 24 {
+                let offset = u64::from_ne_bytes(info[8..16].try_into().expect("8 bytes"));
+                let count = u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes"));
+                range = Some((offset, count));
+            }
+            info = &info[info_len..];
+        }
+        if metadata.fd >= 0 {
+            events.push(Event {
+                mask: metadata.mask,
+                // SAFETY: the kernel opened this fd for us with the event; we own it from here.
+                fd: unsafe { OwnedFd::from_raw_fd(metadata.fd) },
+                pid: metadata.pid,
+                range,
+            });
+        }
+        bytes = &bytes[len..];
+    }
+    events
+}
+
+/// Whether the filesystem holding `dir` takes pre-content marks (ext4, xfs, btrfs do; tmpfs
+/// and overlayfs do not).
+pub fn supports_pre_content(dir: &std::path::Path) -> std::io::Result<bool> {
+    let group = Group::new()?;
+    let probe = dir.join(".lazylayer-probe");
+    std::fs::write(&probe, b"")?;
+    let parent = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let result = group.add_mark(
+        std::os::fd::AsFd::as_fd(&parent),
+        std::ffi::OsStr::new(".lazylayer-probe"),
+    );
+    let _ = std::fs::remove_file(&probe);
+    match result {
+        Ok(()) => Ok(true),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
