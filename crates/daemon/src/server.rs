@@ -211,12 +211,24 @@ impl Daemon {
         let mut queue = pending.into_iter().peekable();
         while let Some(&i) = queue.peek() {
             let entry = &layer.index.entries[i];
-            // Fetch ahead in runs: one ranged GET covers several spans.
-            let span = layer.index.span_at(entry.data_offset);
-            if span >= prefetched {
-                let last = (span + 8).min(layer.index.spans.len() - 1);
-                if layer.reader().ensure(span..=last).await.is_ok() {
-                    prefetched = last + 1;
+            let urgent = managed.urgent.load(std::sync::atomic::Ordering::Relaxed);
+            if let Some(rate) = self.options.background_rate.filter(|_| !urgent) {
+                // Keep the background under the cap; fills for waiting readers are not held back
+                // (they count as fetched, which only slows the background further).
+                let fetched = layer.reader().stats().bytes_fetched as f64;
+                let allowed = Duration::from_secs_f64(fetched / rate.max(1) as f64);
+                if let Some(wait) = allowed.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+                    continue;
+                }
+            } else {
+                // Fetch ahead in runs: one ranged GET covers several spans.
+                let span = layer.index.span_at(entry.data_offset);
+                if span >= prefetched {
+                    let last = (span + 8).min(layer.index.spans.len() - 1);
+                    if layer.reader().ensure(span..=last).await.is_ok() {
+                        prefetched = last + 1;
+                    }
                 }
             }
             match layer.populate(i).await {
@@ -243,16 +255,6 @@ impl Daemon {
                 }
                 since_persist = 0;
                 last_persist = Instant::now();
-            }
-            if let (Some(rate), false) = (
-                self.options.background_rate,
-                managed.urgent.load(std::sync::atomic::Ordering::Relaxed),
-            ) {
-                let fetched = layer.reader().stats().bytes_fetched as f64;
-                let allowed = Duration::from_secs_f64(fetched / rate.max(1) as f64);
-                if let Some(wait) = allowed.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
             }
         }
         if let Err(e) = self.detach(&managed).await {

@@ -244,19 +244,15 @@ impl LayerTree {
         }
     }
 
-    /// Owner, then mode (chown clears setuid), then xattrs, then (for files) times.
-    /// `security.capability` of a file with data waits for [`finish_file`](Self::finish_file).
+    /// Owner, then mode (chown clears setuid), then xattrs, then (for files) times. A data
+    /// write clears `security.capability`; [`finish_file`](Self::finish_file) sets it again.
     fn apply_metadata(&self, fd: &OwnedFd, entry: &Entry, set_times: bool) -> Result<()> {
         let shown = || self.path_of(&entry.path).display().to_string();
         rustix::fs::fchown(fd, Some(uid(entry.uid)), Some(gid(entry.gid)))
             .map_err(|e| Error::sys(format!("chown {}", shown()), e))?;
         rustix::fs::fchmod(fd, Mode::from_raw_mode(entry.mode))
             .map_err(|e| Error::sys(format!("chmod {}", shown()), e))?;
-        let has_data = entry.kind == EntryKind::File && entry.stored_size() > 0;
         for (key, value) in &entry.xattrs {
-            if has_data && key == CAPABILITY_XATTR {
-                continue;
-            }
             rustix::fs::fsetxattr(
                 fd,
                 std::ffi::OsStr::from_bytes(key),
