@@ -3,8 +3,10 @@
 //! read the ratios). Results and the commands are kept in docs/benchmarks.md.
 //!
 //!   cargo run --release -p lazylayer-bench -- index [--runs N]
+//!   cargo build --release && sudo target/release/lazylayer-bench lazy [--runs N]
 
 mod index;
+mod lazy;
 
 use std::time::{Duration, Instant};
 
@@ -22,12 +24,16 @@ enum Command {
     /// Lazy index on the Debian test layer: build time vs `gzip -dc | tar -t`, bytes fetched for
     /// a cold 64 KiB read per checkpoint spacing, reconstruction throughput vs `gzip -dc`.
     Index(index::Args),
+    /// Lazy layers (as root): pull to a usable mount, bytes fetched to run a command, and
+    /// reads after detach against an overlay over a plain extraction.
+    Lazy(lazy::Args),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Index(args) => index::run(args).await,
+        Command::Lazy(args) => lazy::run(args).await,
     }
 }
 
