@@ -30,8 +30,10 @@ use crate::commands::verify::VerifyArgs;
         ~/.docker/config.json (including credential helpers), as podman and docker write them.",
     after_help = "Examples:\n  \
         lazylayer inspect debian:bookworm\n  \
-        lazylayer inspect --json 127.0.0.1:5000/test/debian:bookworm\n  \
-        lazylayer inspect --platform linux/arm64 oci:./layout:latest\n\n\
+        lazylayer index --push registry.example.com/app:1.0\n  \
+        lazylayer pull registry.example.com/app:1.0\n  \
+        lazylayer mount registry.example.com/app:1.0 /mnt/app\n  \
+        lazylayer status\n\n\
         Environment:\n  \
         LAZYLAYER_ROOT     state directory (same as --root)\n  \
         LAZYLAYER_LOG      log filter, e.g. debug or lazylayer_source=trace\n  \
