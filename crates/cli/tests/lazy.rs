@@ -676,3 +676,71 @@ fn xfs_detach_leaves_a_plain_directory() {
         detach_leaves_a_plain_directory("xfs");
     }
 }
+
+#[test]
+fn stores_without_pre_content_support_are_refused_clearly() {
+    if !require_root("stores_without_pre_content_support_are_refused_clearly") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    sh(&format!("mount -t tmpfs tmpfs {}", dir.path().display()));
+    let output = run(&[
+        "--root",
+        dir.path().join("root").to_str().unwrap(),
+        "pull",
+        &format!("oci:{}:layers", layout_dir().display()),
+    ]);
+    let _ = Command::new("umount").arg(dir.path()).status();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("without fanotify pre-content support") && stderr.contains("ext4"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn layers_without_an_index_are_fetched_once_and_verify_catches_damage() {
+    if !require_root("layers_without_an_index_are_fetched_once_and_verify_catches_damage") {
+        return;
+    }
+    let mut lazy = Lazy::new("ext4");
+    let image = format!("oci:{}:layers", layout_dir().display());
+    let root = lazy.root_arg();
+    let output = run(&["--root", &root, "pull", &image]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no lazy index; fetching the layer once"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("lazylayer index --push"));
+    let target = lazy.fs.path().join("mnt-layers");
+    std::fs::create_dir_all(&target).unwrap();
+    lazy.ll(&["mount", &image, target.to_str().unwrap()]);
+    lazy.mounts.push(target.clone());
+    let reference = Reference::new("layers");
+    assert!(diff_trees(&reference.path(), &target, true).is_empty());
+    lazy.ll(&["detach", "--wait", &image]);
+    ok(&["--root", &root, "verify", &image]);
+    // Damage one populated file in a layer directory: verify names it and fails.
+    let layers = lazy.root().join("layers/sha256");
+    let damaged = std::fs::read_dir(&layers)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("fs/etc/hello.txt"))
+        .find(|p| p.exists())
+        .unwrap();
+    let original = std::fs::read(&damaged).unwrap();
+    std::fs::write(&damaged, original.to_ascii_uppercase()).unwrap();
+    let output = run(&["--root", &root, "verify", &image]);
+    assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("etc/hello.txt") && stdout.contains("content differs"),
+        "{stdout}"
+    );
+}
