@@ -159,25 +159,7 @@ impl LayerTree {
                 let target = std::ffi::OsStr::from_bytes(entry.link.as_deref().unwrap_or_default());
                 rustix::fs::symlinkat(target, &dir, name)
                     .map_err(|e| sys("creating symlink", e))?;
-                rustix::fs::chownat(
-                    &dir,
-                    name,
-                    Some(uid(entry.uid)),
-                    Some(gid(entry.gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(|e| sys("chown", e))?;
-                for (key, value) in &entry.xattrs {
-                    rustix::fs::lsetxattr(
-                        proc_path(&dir, name),
-                        std::ffi::OsStr::from_bytes(key),
-                        value,
-                        XattrFlags::empty(),
-                    )
-                    .map_err(|e| sys("setting an xattr on", e))?;
-                }
-                rustix::fs::utimensat(&dir, name, &times(entry), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| sys("setting times of", e))
+                self.apply_metadata_at(&dir, name, entry, false)
             }
             EntryKind::Hardlink => {
                 let target = entry.link.as_deref().unwrap_or_default();
@@ -214,34 +196,46 @@ impl LayerTree {
                     rustix::fs::makedev(device.0, device.1),
                 )
                 .map_err(|e| sys("creating node", e))?;
-                rustix::fs::chownat(
-                    &dir,
-                    name,
-                    Some(uid(entry.uid)),
-                    Some(gid(entry.gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(|e| sys("chown", e))?;
-                rustix::fs::chmodat(
-                    &dir,
-                    name,
-                    Mode::from_raw_mode(entry.mode),
-                    AtFlags::empty(),
-                )
-                .map_err(|e| sys("chmod", e))?;
-                for (key, value) in &entry.xattrs {
-                    rustix::fs::lsetxattr(
-                        proc_path(&dir, name),
-                        std::ffi::OsStr::from_bytes(key),
-                        value,
-                        XattrFlags::empty(),
-                    )
-                    .map_err(|e| sys("setting an xattr on", e))?;
-                }
-                rustix::fs::utimensat(&dir, name, &times(entry), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| sys("setting times of", e))
+                self.apply_metadata_at(&dir, name, entry, true)
             }
         }
+    }
+
+    /// Metadata of a symlink or node, by name in its directory, never following the name:
+    /// owner, mode (not for symlinks), xattrs, times.
+    fn apply_metadata_at(
+        &self,
+        dir: &OwnedFd,
+        name: &std::ffi::OsStr,
+        entry: &Entry,
+        chmod: bool,
+    ) -> Result<()> {
+        let sys = |what: &str, e: rustix::io::Errno| {
+            Error::sys(format!("{what} {}", self.path_of(&entry.path).display()), e)
+        };
+        rustix::fs::chownat(
+            dir,
+            name,
+            Some(uid(entry.uid)),
+            Some(gid(entry.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| sys("chown", e))?;
+        if chmod {
+            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(entry.mode), AtFlags::empty())
+                .map_err(|e| sys("chmod", e))?;
+        }
+        for (key, value) in &entry.xattrs {
+            rustix::fs::lsetxattr(
+                proc_path(dir, name),
+                std::ffi::OsStr::from_bytes(key),
+                value,
+                XattrFlags::empty(),
+            )
+            .map_err(|e| sys("setting an xattr on", e))?;
+        }
+        rustix::fs::utimensat(dir, name, &times(entry), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| sys("setting times of", e))
     }
 
     /// Owner, then mode (chown clears setuid), then xattrs, then (for files) times. A data
