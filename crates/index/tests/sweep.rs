@@ -591,3 +591,51 @@ async fn broken_indexes_are_rejected_with_a_clear_error() {
         "twice",
     );
 }
+
+#[tokio::test]
+async fn concurrent_reads_of_one_span_fetch_it_once() {
+    let (layout, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
+    let layer = &image.layers[0];
+    let index = Arc::new(
+        build(&layout, layer, None, BuildOptions::default())
+            .await
+            .unwrap(),
+    );
+    let (source, _) = open(&format!(
+        "{}/test/debian:bookworm",
+        shared_registry().host()
+    ))
+    .await;
+    let cache = tempfile::tempdir().unwrap();
+    let reader = Arc::new(LayerReader::new(index.clone(), source, cache.path()).unwrap());
+    // Eight small files that all live in one span.
+    let mut by_span: HashMap<usize, Vec<Entry>> = HashMap::new();
+    for e in index
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File && e.size > 0 && e.size < 4096)
+    {
+        let span = index.span_at(e.data_offset);
+        if index.span_at(e.data_offset + e.size - 1) == span {
+            by_span.entry(span).or_default().push(e.clone());
+        }
+    }
+    let files: Vec<Entry> = by_span
+        .into_values()
+        .max_by_key(|v| v.len())
+        .unwrap()
+        .into_iter()
+        .take(8)
+        .collect();
+    assert!(files.len() >= 2, "{}", files.len());
+    let reads = files.iter().map(|entry| {
+        let reader = reader.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move { reader.read(&entry, 0, entry.size).await.unwrap() })
+    });
+    for read in reads.collect::<Vec<_>>() {
+        read.await.unwrap();
+    }
+    let stats = reader.stats();
+    assert_eq!((stats.requests, stats.spans_fetched), (1, 1), "{stats:?}");
+}

@@ -46,6 +46,9 @@ pub struct LayerReader {
     requests: AtomicU64,
     spans_fetched: AtomicU64,
     recent: Mutex<VecDeque<(usize, Arc<Vec<u8>>)>>,
+    /// One lock per span being fetched, so that concurrent reads needing the same span fetch
+    /// it once (taken in ascending order: overlapping runs cannot deadlock).
+    fetching: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl LayerReader {
@@ -60,6 +63,7 @@ impl LayerReader {
             requests: AtomicU64::new(0),
             spans_fetched: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
+            fetching: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -293,7 +297,50 @@ impl LayerReader {
         })?
     }
 
+    /// Fetches a run of spans, unless another read is fetching (some of) them: it waits for
+    /// that one and fetches only what is still missing.
     async fn fetch_run(&self, run: RangeInclusive<usize>) -> Result<()> {
+        let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
+            let mut fetching = self.fetching.lock().expect("fetching");
+            run.clone()
+                .map(|i| {
+                    fetching
+                        .entry(i)
+                        .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+                        .clone()
+                })
+                .collect()
+        };
+        let mut guards = Vec::with_capacity(locks.len());
+        for lock in &locks {
+            guards.push(lock.lock().await);
+        }
+        let mut result = Ok(());
+        let mut i = *run.start();
+        while i <= *run.end() && result.is_ok() {
+            if self.cache.has(i) {
+                i += 1;
+                continue;
+            }
+            let mut end = i;
+            while end < *run.end() && !self.cache.has(end + 1) {
+                end += 1;
+            }
+            result = self.fetch_missing(i..=end).await;
+            i = end + 1;
+        }
+        drop(guards);
+        let mut fetching = self.fetching.lock().expect("fetching");
+        for (i, lock) in run.zip(&locks) {
+            // Forget the lock unless another read is waiting on it.
+            if Arc::strong_count(lock) <= 2 {
+                fetching.remove(&i);
+            }
+        }
+        result
+    }
+
+    async fn fetch_missing(&self, run: RangeInclusive<usize>) -> Result<()> {
         let (first, last) = (*run.start(), *run.end());
         let start = self.index.spans[first].compressed_start;
         let end = self.index.spans[last].compressed_end;
