@@ -12,6 +12,11 @@ use clap::Parser;
 use crate::options::Cli;
 
 fn main() -> ExitCode {
+    let mut argv = std::env::args();
+    if argv.nth(1).as_deref() == Some(commands::run::CONTAINER_HELPER) {
+        let code = commands::run::container_helper(&argv.next().unwrap_or_default());
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     init_logging(cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -25,7 +30,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(commands::run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("lazylayer: error: {e:#}");
             ExitCode::FAILURE

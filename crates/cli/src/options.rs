@@ -9,6 +9,7 @@ use crate::commands::index::IndexArgs;
 use crate::commands::inspect::InspectArgs;
 use crate::commands::mount::{MountArgs, UmountArgs};
 use crate::commands::pull::PullArgs;
+use crate::commands::run::RunArgs;
 use crate::commands::serve::ServeArgs;
 use crate::commands::status::StatusArgs;
 use crate::commands::verify::VerifyArgs;
@@ -112,6 +113,20 @@ pub enum Command {
         stored once."
     )]
     Pull(PullArgs),
+
+    /// Run a command in a container on an image, loading the image lazily.
+    #[command(
+        long_about = "Pull IMAGE lazily (see pull), mount it with a fresh writable upper, and run \
+            COMMAND (default: the image's Entrypoint and Cmd) with the image's Env, WorkingDir and \
+            User, in new mount, pid, uts and ipc namespaces with pivot_root, /proc, a minimal /dev \
+            and a read-only /sys. Output streams live; the exit code is the command's; Ctrl-C and \
+            termination signals reach the workload; the writable layer and the mount are removed \
+            afterwards unless --keep. The network is the host's.",
+        after_help = "Examples:\n  \
+            lazylayer run registry.example.com/debian:bookworm -- /bin/sh -c 'cat /etc/os-release; id'\n  \
+            lazylayer run --keep oci:./layout:app"
+    )]
+    Run(RunArgs),
 
     /// Mount a pulled image with overlayfs (fresh writable upper).
     #[command(

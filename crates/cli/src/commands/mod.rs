@@ -7,6 +7,7 @@ pub mod inspect;
 mod layer_indexes;
 pub mod mount;
 pub mod pull;
+pub mod run;
 pub mod serve;
 pub mod status;
 pub mod verify;
@@ -15,9 +16,17 @@ use lazylayer_source::{ClientOptions, RegistryClient};
 
 use crate::options::{Cli, Command, GlobalArgs};
 
-/// Runs the chosen command.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the chosen command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Command::Run(args) = cli.command {
+        return run::run(&cli.global, args).await;
+    }
+    run_other(cli).await.map(|()| 0)
+}
+
+async fn run_other(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(_) => unreachable!("handled above"),
         Command::Inspect(args) => inspect::run(&cli.global, args).await,
         Command::Index(args) => index::run(&cli.global, args).await,
         Command::Pull(args) => pull::run(&cli.global, args).await,

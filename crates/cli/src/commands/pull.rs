@@ -41,8 +41,30 @@ pub struct PullArgs {
 
 /// Runs `pull`.
 pub async fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<()> {
-    let reference: ImageReference = args.image.parse()?;
-    let choice = PlatformChoice::from_flag(args.platform.as_deref())?;
+    let (image, built_here) = pull_image(global, &args.image, args.platform.as_deref()).await?;
+    let mut text = format!(
+        "pulled {} ({} layers); mount it with `lazylayer mount`\n",
+        image.reference,
+        image.layers.len()
+    );
+    if built_here > 0 {
+        text.push_str(&format!(
+            "note: {built_here} layer(s) had no lazy index and were fetched whole; after `lazylayer index --push {}` other machines load them lazily\n",
+            args.image
+        ));
+    }
+    crate::output::print(&text)
+}
+
+/// Pulls `image` lazily (see [`run`]); returns its record and how many layers had no index and
+/// were fetched whole.
+pub async fn pull_image(
+    global: &GlobalArgs,
+    image_ref: &str,
+    platform: Option<&str>,
+) -> anyhow::Result<(ImageRecord, usize)> {
+    let reference: ImageReference = image_ref.parse()?;
+    let choice = PlatformChoice::from_flag(platform)?;
     let client = registry_client(global)?;
     let source = ImageSource::open(&reference, &client)?;
     let image = source.resolve(&choice).await?;
@@ -110,25 +132,15 @@ pub async fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<()> {
         eprintln!("{label}: {} entries ready", index.entries.len());
     }
     let config: serde_json::Value = serde_json::from_slice(&image.config_bytes)?;
-    store.save_image(&ImageRecord {
+    let record = ImageRecord {
         reference: images::canonical(&reference),
         manifest: image.manifest.digest.clone(),
         layers: image.layers.clone(),
         config,
-    })?;
+    };
+    store.save_image(&record)?;
     start_daemon(global).await?;
-    let mut text = format!(
-        "pulled {} ({} layers); mount it with `lazylayer mount`\n",
-        image.reference,
-        image.layers.len()
-    );
-    if built_here > 0 {
-        text.push_str(&format!(
-            "note: {built_here} layer(s) had no lazy index and were fetched whole; after `lazylayer index --push {}` other machines load them lazily\n",
-            args.image
-        ));
-    }
-    crate::output::print(&text)
+    Ok((record, built_here))
 }
 
 /// Makes sure the daemon runs and has taken up every lazy layer (marks placed).
