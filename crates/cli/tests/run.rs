@@ -250,3 +250,128 @@ fn ctrl_c_stops_the_workload_and_a_killed_run_leaves_nothing() {
         "cleaned by the next run"
     );
 }
+
+/// Starts the daemon with the background held back and waits until it answers.
+fn serve_held_back(root: &Root) -> std::process::Child {
+    let child = Command::new(EXE)
+        .arg("--root")
+        .arg(root.path())
+        .args(["serve", "--background-rate", "1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !root.path().join("lazylayer.sock").exists() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+fn files_populated(root: &Root) -> u64 {
+    let status: serde_json::Value =
+        serde_json::from_slice(&lazylayer(root.path(), &["status", "--json"]).stdout).unwrap();
+    status["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["files_populated"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn a_recorded_profile_is_fetched_first_by_later_pulls() {
+    if !require_root("a_recorded_profile_is_fetched_first_by_later_pulls") {
+        return;
+    }
+    let image = format!("{}/test/debian:bookworm", shared_registry().host());
+    // With its index in the registry, so that pulls load it lazily.
+    let scratch = Root::new();
+    assert!(
+        lazylayer(scratch.path(), &["index", "--push", &image])
+            .status
+            .success()
+    );
+    let recorder = Root::new();
+    let mut daemon = serve_held_back(&recorder);
+    let output = lazylayer(
+        recorder.path(),
+        &["run", "--record", &image, "--", "perl", "-e", "print 1"],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("recorded"), "{stderr}");
+    let inspect = String::from_utf8_lossy(&lazylayer(recorder.path(), &["inspect", &image]).stdout)
+        .into_owned();
+    assert!(inspect.contains("Profile:"), "{inspect}");
+    let profiles = recorder.path().join("profiles");
+    let profile_file = std::fs::read_dir(&profiles)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let profile: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&profile_file).unwrap()).unwrap();
+    let recorded: Vec<String> = profile["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap().to_string())
+        .collect();
+    assert!(recorded.iter().any(|p| p == "usr/bin/perl"), "{recorded:?}");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+
+    // A store with the profile fills those files at once, background or not.
+    let with_profile = Root::new();
+    std::fs::create_dir_all(with_profile.path().join("profiles")).unwrap();
+    std::fs::copy(
+        &profile_file,
+        with_profile
+            .path()
+            .join("profiles")
+            .join(profile_file.file_name().unwrap()),
+    )
+    .unwrap();
+    let mut daemon = serve_held_back(&with_profile);
+    assert!(
+        lazylayer(with_profile.path(), &["pull", &image])
+            .status
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while files_populated(&with_profile) < recorded.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} profile files filled",
+            files_populated(&with_profile),
+            recorded.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+
+    // Without it, the held-back background fills (almost) nothing in the same time.
+    let without = Root::new();
+    let mut daemon = serve_held_back(&without);
+    assert!(
+        lazylayer(without.path(), &["pull", &image])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let populated = files_populated(&without);
+    assert!(
+        populated <= 1,
+        "{populated}: {}",
+        String::from_utf8_lossy(&lazylayer(without.path(), &["status", "--json"]).stdout)
+    );
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}

@@ -15,6 +15,8 @@ pub enum Request {
     Status,
     /// Populate these layers at full speed; with `wait`, answer once they are detached.
     Detach { layers: Vec<Digest>, wait: bool },
+    /// The files readers waited for since the `since`-th (for recording profiles).
+    Demanded { since: usize },
     /// Stop (marks go with the group: only safe when no lazy layer is in use).
     Shutdown,
 }
@@ -30,6 +32,9 @@ pub struct Response {
     /// For `status` and `refresh`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<DaemonStatus>,
+    /// For `demanded`: the files, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub demanded: Option<Vec<lazylayer_store::ProfileEntry>>,
 }
 
 /// The daemon and its layers.
@@ -39,6 +44,8 @@ pub struct DaemonStatus {
     pub pid: u32,
     /// Files marked for pre-content events right now.
     pub marked_files: usize,
+    /// How many files readers have waited for since the daemon started.
+    pub demanded_files: usize,
     /// The layers the daemon serves or served.
     pub layers: Vec<LayerStatus>,
 }

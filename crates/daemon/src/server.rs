@@ -72,7 +72,14 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     std::fs::create_dir_all(&options.root).map_err(other)?;
     let store = Store::new(&options.root);
     let socket = store.socket();
-    if UnixStream::connect(&socket).await.is_ok() {
+    // One daemon per store: an exclusive lock held for the daemon's life.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(options.root.join("serve.lock"))
+        .map_err(other)?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(ServeError::AlreadyRunning(
             options.root.display().to_string(),
         ));
@@ -87,6 +94,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
         ..ClientOptions::default()
     })
     .map_err(other)?;
+    let _lock = lock;
     let daemon = Arc::new(Daemon {
         store,
         frontend: frontend.clone(),
@@ -192,16 +200,54 @@ impl Daemon {
                     .lock()
                     .expect("layers")
                     .insert(blob.digest.clone(), managed.clone());
+                let first = self.profile_files(&managed.layer);
                 let daemon = self.clone();
-                tokio::spawn(async move { daemon.populate_in_background(managed).await });
+                tokio::spawn(async move { daemon.populate_in_background(managed, first).await });
             }
         }
         Ok(())
     }
 
-    /// Fills every file of the layer in stream order, then verifies and detaches it.
-    async fn populate_in_background(self: Arc<Self>, managed: Arc<Managed>) {
+    /// The entries of `layer` that the prefetch profiles of images using it list, in order.
+    fn profile_files(&self, layer: &Layer) -> Vec<usize> {
+        let by_path: HashMap<String, usize> = layer
+            .index
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.display_path(), i))
+            .collect();
+        let mut first = Vec::new();
+        for image in self.store.images().unwrap_or_default() {
+            if !image.layers.iter().any(|l| l.digest == layer.digest) {
+                continue;
+            }
+            let Ok(Some(profile)) =
+                lazylayer_store::Profile::load(&self.store.profile_path(&image.manifest))
+            else {
+                continue;
+            };
+            for file in profile.files.iter().filter(|f| f.layer == layer.digest) {
+                if let Some(&i) = by_path.get(&file.path) {
+                    if !first.contains(&i) {
+                        first.push(i);
+                    }
+                }
+            }
+        }
+        first
+    }
+
+    /// Fills the profile's files first (not held back by the rate cap: a workload is about to
+    /// need them), then every file of the layer in stream order; then verifies and detaches it.
+    async fn populate_in_background(self: Arc<Self>, managed: Arc<Managed>, first: Vec<usize>) {
         let layer = managed.layer.clone();
+        for i in first {
+            match layer.populate(i).await {
+                Ok(()) => self.frontend.populated(&layer, i),
+                Err(e) => tracing::warn!("layer {}: prefetching a profile file: {e}", layer.digest),
+            }
+        }
         let started = Instant::now();
         let mut backoff = Duration::from_millis(500);
         let mut prefetched = 0usize;
@@ -342,6 +388,7 @@ impl Daemon {
         DaemonStatus {
             pid: std::process::id(),
             marked_files: self.frontend.marked(),
+            demanded_files: self.frontend.demanded_since(0).1,
             layers,
         }
     }
@@ -351,6 +398,7 @@ impl Daemon {
             ok: true,
             error: None,
             status,
+            demanded: None,
         };
         match request {
             Request::Refresh => match self.refresh().await {
@@ -358,10 +406,26 @@ impl Daemon {
                 Err(e) => Response {
                     ok: false,
                     error: Some(e),
-                    status: None,
+                    ..Response::default()
                 },
             },
             Request::Status => ok(Some(self.status())),
+            Request::Demanded { since } => {
+                let (files, _) = self.frontend.demanded_since(since);
+                let managed = self.layers.lock().expect("layers").clone();
+                let files = files
+                    .into_iter()
+                    .filter_map(|(layer, entry)| {
+                        let path = managed.get(&layer)?.layer.index.entries[entry].display_path();
+                        Some(lazylayer_store::ProfileEntry { layer, path })
+                    })
+                    .collect();
+                Response {
+                    ok: true,
+                    demanded: Some(files),
+                    ..Response::default()
+                }
+            }
             Request::Detach { layers, wait } => {
                 loop {
                     let notified = self.changed.notified();
@@ -405,7 +469,7 @@ impl Daemon {
                 Err(e) => Response {
                     ok: false,
                     error: Some(format!("bad request: {e}")),
-                    status: None,
+                    ..Response::default()
                 },
             };
             let mut text = serde_json::to_string(&response).expect("response serialises");

@@ -28,6 +28,9 @@ pub struct Frontend {
     targets: RwLock<HashMap<(u64, u64), Target>>,
     deadline: Duration,
     own_pid: i32,
+    /// Files a reader waited for, in the order they were first asked for: what a workload
+    /// needed that was not local (`run --record` saves it as a prefetch profile).
+    demanded: std::sync::Mutex<Vec<(lazylayer_source::Digest, usize)>>,
 }
 
 impl Frontend {
@@ -38,6 +41,7 @@ impl Frontend {
             targets: RwLock::new(HashMap::new()),
             deadline,
             own_pid: std::process::id() as i32,
+            demanded: std::sync::Mutex::new(Vec::new()),
         }))
     }
 
@@ -109,6 +113,15 @@ impl Frontend {
         }
     }
 
+    /// The files readers waited for since the `since`-th, and how many there have been.
+    pub fn demanded_since(&self, since: usize) -> (Vec<(lazylayer_source::Digest, usize)>, usize) {
+        let demanded = self.demanded.lock().expect("demand log");
+        (
+            demanded.iter().skip(since).cloned().collect(),
+            demanded.len(),
+        )
+    }
+
     /// How many files are marked.
     pub fn marked(&self) -> usize {
         self.targets.read().expect("targets").len()
@@ -139,6 +152,13 @@ impl Frontend {
         };
         if target.layer.is_populated(target.entry) {
             return self.answer(&event, Answer::Allow);
+        }
+        {
+            let mut demanded = self.demanded.lock().expect("demand log");
+            let key = (target.layer.digest.clone(), target.entry);
+            if !demanded.contains(&key) {
+                demanded.push(key);
+            }
         }
         let frontend = self.clone();
         runtime.spawn(async move {

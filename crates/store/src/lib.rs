@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod layer;
+pub mod profile;
 pub mod state;
 pub mod store;
 pub mod tree;
@@ -15,6 +16,7 @@ pub mod verify;
 
 pub use error::{Error, Result};
 pub use layer::Layer;
+pub use profile::{Profile, ProfileEntry};
 pub use state::Phase;
 pub use store::{ImageRecord, Store};
 pub use tree::LayerTree;

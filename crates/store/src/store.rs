@@ -82,6 +82,13 @@ impl Store {
         self.root.join("lazylayer.sock")
     }
 
+    /// Where the prefetch profile of an image (by manifest digest) is kept.
+    pub fn profile_path(&self, manifest: &Digest) -> PathBuf {
+        self.root
+            .join("profiles")
+            .join(format!("{}.json", manifest.hex()))
+    }
+
     /// Where mounts keep their writable layers.
     pub fn mounts_dir(&self) -> PathBuf {
         self.root.join("mounts")

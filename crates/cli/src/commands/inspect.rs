@@ -43,6 +43,15 @@ struct InspectOutput<'a> {
     platform: &'a lazylayer_source::Platform,
     config: &'a BlobDescriptor,
     layers: Vec<LayerOutput<'a>>,
+    /// The prefetch profile recorded for the image under --root, if any.
+    profile: Option<ProfileOutput>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ProfileOutput {
+    path: String,
+    files: usize,
 }
 
 #[derive(serde::Serialize)]
@@ -119,10 +128,25 @@ pub async fn run(global: &GlobalArgs, args: InspectArgs) -> anyhow::Result<()> {
             args.image
         );
     }
+    let profile_path =
+        lazylayer_store::Store::new(&global.root).profile_path(&image.manifest.digest);
+    let profile = lazylayer_store::Profile::load(&profile_path)?.map(|p| ProfileOutput {
+        path: profile_path.display().to_string(),
+        files: p.files.len(),
+    });
     let text = if args.json {
-        serde_json::to_string_pretty(&to_output(&image, &indexes, args.files))? + "\n"
+        let mut output = to_output(&image, &indexes, args.files);
+        output.profile = profile;
+        serde_json::to_string_pretty(&output)? + "\n"
     } else {
-        render_text(&image, &indexes, args.files)
+        let mut text = render_text(&image, &indexes, args.files);
+        if let Some(profile) = profile {
+            text.push_str(&format!(
+                "Profile:   {} files to prefetch ({})\n",
+                profile.files, profile.path
+            ));
+        }
+        text
     };
     crate::output::print(&text)
 }
@@ -212,6 +236,7 @@ fn to_output<'a>(
                 index: indexes[i].as_ref().map(|found| index_output(found, files)),
             })
             .collect(),
+        profile: None,
     }
 }
 

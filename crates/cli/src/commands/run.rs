@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use lazylayer_container::{ContainerSpec, ImageRuntimeConfig};
-use lazylayer_store::Store;
+use lazylayer_store::{Profile, ProfileEntry, Store};
 
 use crate::commands::pull::{Mode, pull_image};
 use crate::options::GlobalArgs;
@@ -36,6 +36,11 @@ pub struct RunArgs {
     /// Host name inside the container.
     #[arg(long, default_value = "lazylayer")]
     pub hostname: String,
+
+    /// Record the files the workload waited for, in order, as the image's prefetch profile
+    /// (--root/profiles/<manifest>.json): later pulls fill them first. Record on a cold image.
+    #[arg(long)]
+    pub record: bool,
 }
 
 /// A run's directory under the root: the writable layer and the mount point.
@@ -114,6 +119,14 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
         user: config.user.clone().unwrap_or_default(),
         hostname: args.hostname.clone(),
     };
+    let demanded_before = if args.record {
+        let response =
+            lazylayer_daemon::client::request(&store.socket(), &lazylayer_daemon::Request::Status)
+                .await?;
+        response.status.map_or(0, |s| s.demanded_files)
+    } else {
+        0
+    };
     let spec_path = dir.path.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
     // The container runs in a fresh single-threaded helper process (this one has threads).
@@ -159,7 +172,35 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
             dir.path.join("upper").display()
         );
     }
+    if args.record {
+        let files: Vec<ProfileEntry> = demanded(&store, demanded_before)
+            .await?
+            .into_iter()
+            .filter(|f| image.layers.iter().any(|l| l.digest == f.layer))
+            .collect();
+        let path = store.profile_path(&image.manifest);
+        let count = files.len();
+        Profile {
+            manifest: Some(image.manifest.clone()),
+            files,
+        }
+        .save(&path)?;
+        eprintln!(
+            "recorded {count} files the workload waited for in {}",
+            path.display()
+        );
+    }
     Ok(code)
+}
+
+/// The files readers have waited for since the `since`-th (from the daemon).
+async fn demanded(store: &Store, since: usize) -> anyhow::Result<Vec<ProfileEntry>> {
+    let response = lazylayer_daemon::client::request(
+        &store.socket(),
+        &lazylayer_daemon::Request::Demanded { since },
+    )
+    .await?;
+    Ok(response.demanded.unwrap_or_default())
 }
 
 /// The hidden first argument that makes `lazylayer` the container helper.

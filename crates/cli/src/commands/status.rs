@@ -99,6 +99,7 @@ fn offline_status(store: &Store) -> anyhow::Result<DaemonStatus> {
     Ok(DaemonStatus {
         pid: 0,
         marked_files: 0,
+        demanded_files: 0,
         layers,
     })
 }
