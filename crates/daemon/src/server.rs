@@ -228,10 +228,10 @@ impl Daemon {
                 continue;
             };
             for file in profile.files.iter().filter(|f| f.layer == layer.digest) {
-                if let Some(&i) = by_path.get(&file.path) {
-                    if !first.contains(&i) {
-                        first.push(i);
-                    }
+                if let Some(&i) = by_path.get(&file.path)
+                    && !first.contains(&i)
+                {
+                    first.push(i);
                 }
             }
         }
