@@ -281,6 +281,10 @@ impl Daemon {
                 Ok(()) => {
                     self.frontend.populated(&layer, i);
                     queue.next();
+                    if backoff > Duration::from_millis(500) {
+                        // Recovered: the last error no longer describes the layer.
+                        *managed.error.lock().expect("error") = None;
+                    }
                     backoff = Duration::from_millis(500);
                     since_persist += 1;
                 }

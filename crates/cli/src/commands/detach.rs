@@ -34,13 +34,16 @@ pub async fn run(global: &GlobalArgs, args: DetachArgs) -> anyhow::Result<()> {
         let response = client::request(
             &store.socket(),
             &Request::Detach {
-                layers: lazy,
-                wait: args.wait,
+                layers: lazy.clone(),
+                wait: false,
             },
         )
         .await?;
         if !response.ok {
             anyhow::bail!("detach failed: {}", response.error.unwrap_or_default());
+        }
+        if args.wait {
+            wait_until_detached(&store, &lazy).await?;
         }
     }
     let still: Vec<_> = image
@@ -58,4 +61,47 @@ pub async fn run(global: &GlobalArgs, args: DetachArgs) -> anyhow::Result<()> {
         )
     };
     crate::output::print(&text)
+}
+
+/// Polls the daemon until every layer of `layers` is detached, showing progress.
+async fn wait_until_detached(
+    store: &Store,
+    layers: &[lazylayer_source::Digest],
+) -> anyhow::Result<()> {
+    let labels: Vec<String> = layers
+        .iter()
+        .map(|d| format!("{:.19}", d.to_string()))
+        .collect();
+    let bars = crate::progress::LayerBars::new(&labels);
+    loop {
+        if layers
+            .iter()
+            .all(|d| store.phase(d).ok().flatten() == Some(Phase::Detached))
+        {
+            break;
+        }
+        let response = client::request(&store.socket(), &Request::Status).await;
+        let Ok(response) = response else {
+            anyhow::bail!(
+                "the daemon went away before the layers were detached (see serve.log under the root)"
+            );
+        };
+        if let Some(status) = response.status {
+            for (i, digest) in layers.iter().enumerate() {
+                if let Some(layer) = status.layers.iter().find(|l| &l.digest == digest) {
+                    if let Some(error) = &layer.error
+                        && layer.files_populated == layer.files
+                        && layer.phase != Phase::Detached
+                    {
+                        bars.finish();
+                        anyhow::bail!("layer {digest} cannot be detached: {error}");
+                    }
+                    bars.update(i, layer);
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    bars.finish();
+    Ok(())
 }

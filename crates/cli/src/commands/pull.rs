@@ -114,14 +114,20 @@ pub async fn pull_image(
                     human_size(layer.size)
                 );
                 let diff_id = image.config_summary.rootfs.diff_ids.get(i);
+                let bar = crate::progress::bytes(
+                    layer.size,
+                    &format!("layer {}/{}", i + 1, image.layers.len()),
+                );
                 let index = build_and_cache(
                     &source,
                     layer,
                     diff_id,
                     BuildOptions::default(),
                     &store.span_dir(),
+                    &|n| bar.set_position(n),
                 )
                 .await?;
+                bar.finish_and_clear();
                 store.indexes().put(layer, &index)?;
                 built_here += 1;
                 index

@@ -45,18 +45,19 @@ pub async fn build(
     diff_id: Option<&Digest>,
     options: BuildOptions,
 ) -> Result<LayerIndex> {
-    build_teeing(source, layer, diff_id, options, None).await
+    build_teeing(source, layer, diff_id, options, None, &|_| {}).await
 }
 
 /// Builds the index while keeping the blob's bytes in the span cache under `span_dir`, so a
 /// layer that had no index is fetched once: afterwards every span is local (and verified, since
-/// the whole blob matched its digest).
+/// the whole blob matched its digest). `progress` hears the bytes fetched so far.
 pub async fn build_and_cache(
     source: &ImageSource,
     layer: &BlobDescriptor,
     diff_id: Option<&Digest>,
     options: BuildOptions,
     span_dir: &std::path::Path,
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<LayerIndex> {
     std::fs::create_dir_all(span_dir)
         .map_err(|e| Error::io(format!("creating {}", span_dir.display()), e))?;
@@ -67,7 +68,7 @@ pub async fn build_and_cache(
         .truncate(false)
         .open(&data)
         .map_err(|e| Error::io(format!("opening {}", data.display()), e))?;
-    let index = build_teeing(source, layer, diff_id, options, Some(&file)).await?;
+    let index = build_teeing(source, layer, diff_id, options, Some(&file), progress).await?;
     crate::read::cache::SpanCache::open(span_dir, &index)?.mark_all_present()?;
     Ok(index)
 }
@@ -78,6 +79,7 @@ async fn build_teeing(
     diff_id: Option<&Digest>,
     options: BuildOptions,
     tee: Option<&std::fs::File>,
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<LayerIndex> {
     use std::os::unix::fs::FileExt;
     let mut stream = source.open_blob(layer).await?;
@@ -93,10 +95,13 @@ async fn build_teeing(
         build_from_reader(reader, &layer_owned, diff_id.as_ref(), options)
     });
     while let Some(chunk) = stream.next().await {
-        if let (Some(file), Ok(bytes)) = (tee, &chunk) {
-            file.write_all_at(bytes, offset)
-                .map_err(|e| Error::io("writing the span cache", e))?;
+        if let Ok(bytes) = &chunk {
+            if let Some(file) = tee {
+                file.write_all_at(bytes, offset)
+                    .map_err(|e| Error::io("writing the span cache", e))?;
+            }
             offset += bytes.len() as u64;
+            progress(offset);
         }
         let item = chunk.map_err(|e| io::Error::other(e.to_string()));
         let failed = item.is_err();
