@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::commands::demo::DemoArgs;
 use crate::commands::detach::DetachArgs;
 use crate::commands::index::IndexArgs;
 use crate::commands::inspect::InspectArgs;
@@ -72,6 +73,18 @@ pub struct GlobalArgs {
 /// The commands. Only commands that work are listed.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// See it work: a workload run lazily and the usual way, side by side, on this machine alone.
+    #[command(
+        long_about = "Build (once, cached under --root/demo) a sample image from files already on \
+        this machine, serve it from a registry embedded in this process behind a shaped link (100 Mbit/s \
+        and 20 ms unless told otherwise), and run one workload twice, measured in the same run: pulling \
+        the whole image, extracting it and running the workload, as is done today; and with lazylayer, \
+        which runs it at once and fetches only what it reads. Then the layers are populated in the \
+        background until they detach, and a last check shows nothing lazy is left. Needs root; no \
+        internet, no registry."
+    )]
+    Demo(DemoArgs),
+
     /// Show an image's manifest, platform, config and layers.
     #[command(
         long_about = "Resolve IMAGE to one platform's manifest and print its digest, the index it \

@@ -375,3 +375,35 @@ fn a_recorded_profile_is_fetched_first_by_later_pulls() {
     daemon.kill().unwrap();
     daemon.wait().unwrap();
 }
+
+#[test]
+fn the_demo_runs_on_this_machine_alone() {
+    if !require_root("the_demo_runs_on_this_machine_alone") {
+        return;
+    }
+    let root = Root::new();
+    let output = lazylayer(
+        root.path(),
+        &["demo", "--mbit", "1000", "--latency-ms", "1"],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for line in [
+        "full pull + extract + run",
+        "lazylayer run ",
+        "lazylayer run, profiled",
+        "nothing lazy left: yes",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing: {stdout}");
+    }
+    assert_eq!(
+        stdout.matches("from a lazily loaded image").count(),
+        3,
+        "three runs, one output each: {stdout}"
+    );
+    assert_eq!(overlay_mounts_under(root.path()), 0);
+}

@@ -17,6 +17,9 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::protocol::{DaemonStatus, LayerStatus, Request, Response};
 
+/// How long no reader must have waited before the background fetches (demand first).
+const DEMAND_QUIET: Duration = Duration::from_millis(1500);
+
 /// How the daemon runs.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -242,6 +245,21 @@ impl Daemon {
     /// need them), then every file of the layer in stream order; then verifies and detaches it.
     async fn populate_in_background(self: Arc<Self>, managed: Arc<Managed>, first: Vec<usize>) {
         let layer = managed.layer.clone();
+        // The spans of every profile file in a few ranged requests, then the files.
+        let mut spans = std::collections::BTreeSet::new();
+        for &i in &first {
+            let entry = &layer.index.entries[i];
+            let stored = entry.stored_size();
+            if stored > 0 {
+                spans.extend(
+                    layer.index.span_at(entry.data_offset)
+                        ..=layer.index.span_at(entry.data_offset + stored - 1),
+                );
+            }
+        }
+        if let Err(e) = layer.reader().ensure_set(spans).await {
+            tracing::warn!("layer {}: prefetching profile spans: {e}", layer.digest);
+        }
         for i in first {
             match layer.populate(i).await {
                 Ok(()) => self.frontend.populated(&layer, i),
@@ -258,6 +276,12 @@ impl Daemon {
         while let Some(&i) = queue.peek() {
             let entry = &layer.index.entries[i];
             let urgent = managed.urgent.load(std::sync::atomic::Ordering::Relaxed);
+            // Demand first: while a workload is reading (and for a moment after), the
+            // background stays off the network so that its fetches do not queue behind ours.
+            if !urgent && self.frontend.quiet_for() < DEMAND_QUIET {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             if let Some(rate) = self.options.background_rate.filter(|_| !urgent) {
                 // Keep the background under the cap; fills for waiting readers are not held back
                 // (they count as fetched, which only slows the background further).

@@ -31,6 +31,10 @@ pub struct Frontend {
     /// Files a reader waited for, in the order they were first asked for: what a workload
     /// needed that was not local (`run --record` saves it as a prefetch profile).
     demanded: std::sync::Mutex<Vec<(lazylayer_source::Digest, usize)>>,
+    /// When a reader last waited, and how many wait right now: the background keeps off the
+    /// network while a workload is busy reading.
+    last_demand: std::sync::Mutex<std::time::Instant>,
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Frontend {
@@ -42,6 +46,8 @@ impl Frontend {
             deadline,
             own_pid: std::process::id() as i32,
             demanded: std::sync::Mutex::new(Vec::new()),
+            last_demand: std::sync::Mutex::new(std::time::Instant::now()),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -113,6 +119,14 @@ impl Frontend {
         }
     }
 
+    /// How long no reader has waited (zero while one waits).
+    pub fn quiet_for(&self) -> Duration {
+        if self.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        self.last_demand.lock().expect("last demand").elapsed()
+    }
+
     /// The files readers waited for since the `since`-th, and how many there have been.
     pub fn demanded_since(&self, since: usize) -> (Vec<(lazylayer_source::Digest, usize)>, usize) {
         let demanded = self.demanded.lock().expect("demand log");
@@ -160,6 +174,9 @@ impl Frontend {
                 demanded.push(key);
             }
         }
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *self.last_demand.lock().expect("last demand") = std::time::Instant::now();
         let frontend = self.clone();
         runtime.spawn(async move {
             let result =
@@ -194,6 +211,10 @@ impl Frontend {
                 }
             };
             frontend.answer(&event, answer);
+            *frontend.last_demand.lock().expect("last demand") = std::time::Instant::now();
+            frontend
+                .waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
 

@@ -40,7 +40,73 @@ pub struct RemoteIndexes {
     pub by_layer: HashMap<Digest, BlobDescriptor>,
 }
 
-fn referrers_tag(subject: &Digest) -> String {
+/// The OCI empty config's content.
+pub const EMPTY_CONFIG: &[u8] = b"{}";
+
+/// The descriptor of the empty config.
+pub fn empty_config() -> BlobDescriptor {
+    BlobDescriptor {
+        digest: Digest::sha256(EMPTY_CONFIG),
+        media_type: EMPTY_CONFIG_TYPE.to_string(),
+        size: EMPTY_CONFIG.len() as u64,
+    }
+}
+
+fn index_blob(upload: &IndexUpload) -> BlobDescriptor {
+    BlobDescriptor {
+        digest: upload.digest.clone(),
+        media_type: INDEX_MEDIA_TYPE.to_string(),
+        size: upload.size,
+    }
+}
+
+/// The artifact manifest attaching `indexes` to the image manifest `subject`.
+pub fn artifact_manifest(subject: &BlobDescriptor, indexes: &[IndexUpload]) -> Bytes {
+    let layers: Vec<serde_json::Value> = indexes
+        .iter()
+        .map(|upload| {
+            let blob = index_blob(upload);
+            json!({
+                "mediaType": blob.media_type,
+                "digest": blob.digest,
+                "size": blob.size,
+                "annotations": { LAYER_ANNOTATION: upload.layer.digest },
+            })
+        })
+        .collect();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": media_type::OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": empty_config(),
+        "layers": layers,
+        "subject": {
+            "mediaType": subject.media_type,
+            "digest": subject.digest,
+            "size": subject.size,
+        },
+    });
+    Bytes::from(serde_json::to_vec(&manifest).expect("JSON"))
+}
+
+/// The referrers-tag index: `entries` (other referrers) plus the artifact `digest`.
+pub fn referrers_list(mut entries: Vec<serde_json::Value>, digest: &Digest, size: u64) -> Bytes {
+    entries.push(json!({
+        "mediaType": media_type::OCI_MANIFEST,
+        "digest": digest,
+        "size": size,
+        "artifactType": ARTIFACT_TYPE,
+    }));
+    let list = json!({
+        "schemaVersion": 2,
+        "mediaType": media_type::OCI_INDEX,
+        "manifests": entries,
+    });
+    Bytes::from(serde_json::to_vec(&list).expect("JSON"))
+}
+
+/// The tag under which registries without the referrers API list a manifest's referrers.
+pub fn referrers_tag(subject: &Digest) -> String {
     format!("{}-{}", subject.algorithm().name(), subject.hex())
 }
 
@@ -63,41 +129,18 @@ pub async fn push_indexes(
     image: &ResolvedImage,
     indexes: &[IndexUpload],
 ) -> Result<Digest> {
-    let empty = Bytes::from_static(b"{}");
-    let config = BlobDescriptor {
-        digest: Digest::sha256(&empty),
-        media_type: EMPTY_CONFIG_TYPE.to_string(),
-        size: 2,
-    };
-    repository.push_blob(&config, Body::Bytes(empty)).await?;
-    let mut layers = Vec::new();
+    repository
+        .push_blob(
+            &empty_config(),
+            Body::Bytes(Bytes::from_static(EMPTY_CONFIG)),
+        )
+        .await?;
     for upload in indexes {
-        let blob = BlobDescriptor {
-            digest: upload.digest.clone(),
-            media_type: INDEX_MEDIA_TYPE.to_string(),
-            size: upload.size,
-        };
-        repository.push_blob(&blob, upload.body.clone()).await?;
-        layers.push(json!({
-            "mediaType": blob.media_type,
-            "digest": blob.digest,
-            "size": blob.size,
-            "annotations": { LAYER_ANNOTATION: upload.layer.digest },
-        }));
+        repository
+            .push_blob(&index_blob(upload), upload.body.clone())
+            .await?;
     }
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": media_type::OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": config,
-        "layers": layers,
-        "subject": {
-            "mediaType": image.manifest.media_type,
-            "digest": image.manifest.digest,
-            "size": image.manifest.size,
-        },
-    });
-    let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("JSON"));
+    let bytes = artifact_manifest(&image.manifest, indexes);
     let digest = Digest::sha256(&bytes);
     repository
         .put_manifest(&digest.to_string(), media_type::OCI_MANIFEST, bytes.clone())
@@ -120,23 +163,9 @@ pub async fn push_indexes(
         Err(e) => return Err(e.into()),
     };
     entries.retain(|e| e["artifactType"] != ARTIFACT_TYPE);
-    entries.push(json!({
-        "mediaType": media_type::OCI_MANIFEST,
-        "digest": digest,
-        "size": bytes.len(),
-        "artifactType": ARTIFACT_TYPE,
-    }));
-    let list = json!({
-        "schemaVersion": 2,
-        "mediaType": media_type::OCI_INDEX,
-        "manifests": entries,
-    });
+    let list = referrers_list(entries, &digest, bytes.len() as u64);
     repository
-        .put_manifest(
-            &tag,
-            media_type::OCI_INDEX,
-            Bytes::from(serde_json::to_vec(&list).expect("JSON")),
-        )
+        .put_manifest(&tag, media_type::OCI_INDEX, list)
         .await?;
     Ok(digest)
 }

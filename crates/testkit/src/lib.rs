@@ -14,6 +14,7 @@
 mod background;
 pub mod fixtures;
 mod http_wire;
+pub mod layout_registry;
 pub mod proxy;
 pub mod registry;
 pub mod token_issuer;

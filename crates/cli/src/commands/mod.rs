@@ -1,5 +1,6 @@
 //! One module per command.
 
+pub mod demo;
 pub mod detach;
 mod images;
 pub mod index;
@@ -27,6 +28,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 async fn run_other(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(_) => unreachable!("handled above"),
+        Command::Demo(args) => demo::run(&cli.global, args).await,
         Command::Inspect(args) => inspect::run(&cli.global, args).await,
         Command::Index(args) => index::run(&cli.global, args).await,
         Command::Pull(args) => pull::run(&cli.global, args).await,

@@ -239,6 +239,12 @@ impl LayerReader {
     /// Fetches the spans of `spans` that are not local: one ranged GET per run of missing
     /// spans, several in flight, each span verified before it is stored.
     pub async fn ensure(&self, spans: RangeInclusive<usize>) -> Result<()> {
+        self.ensure_set(spans).await
+    }
+
+    /// Like [`ensure`](Self::ensure) for any set of spans (in ascending order): adjacent
+    /// missing spans are fetched together, the runs concurrently.
+    pub async fn ensure_set(&self, spans: impl IntoIterator<Item = usize>) -> Result<()> {
         let mut runs: Vec<RangeInclusive<usize>> = Vec::new();
         for i in spans {
             if self.cache.has(i) {

@@ -1,0 +1,344 @@
+//! `lazylayer demo`: the whole story in one command, with nothing but this machine. A sample
+//! image is built once from files already here, served by a registry embedded in this process
+//! behind a link shaped like a real one (100 Mbit/s, 20 ms by default), and one workload runs
+//! twice, measured in the same run: the way it is done today (pull the whole image, extract,
+//! run) and lazily with lazylayer. Then background population finishes and the layers detach,
+//! and a last check confirms that nothing lazy is left.
+
+mod image;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures_util::StreamExt;
+use lazylayer_container::ContainerSpec;
+use lazylayer_source::{
+    ClientOptions, ImageReference, ImageSource, PlatformChoice, RegistryClient,
+};
+use lazylayer_testkit::layout_registry::LayoutRegistry;
+use lazylayer_testkit::proxy::{FaultProxy, Shaping};
+use tokio::io::AsyncReadExt;
+
+use crate::commands::inspect::human_size;
+use crate::commands::run::CONTAINER_HELPER;
+use crate::options::GlobalArgs;
+
+/// Options of `demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Bandwidth of the simulated link to the registry, in Mbit/s.
+    #[arg(long, default_value_t = 100)]
+    pub mbit: u64,
+    /// Added round-trip latency of the simulated link, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    pub latency_ms: u64,
+}
+
+/// When a run printed its first output and when it ended.
+struct Timing {
+    first_output: Option<Duration>,
+    exit: Duration,
+    code: i32,
+    output: String,
+}
+
+/// Runs `command` and times it from `started`.
+async fn timed(mut command: tokio::process::Command, started: Instant) -> anyhow::Result<Timing> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let errors = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+    let mut output = Vec::new();
+    let mut first_output = None;
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = stdout.read(&mut buffer).await?;
+        if n == 0 {
+            break;
+        }
+        first_output.get_or_insert_with(|| started.elapsed());
+        output.extend_from_slice(&buffer[..n]);
+    }
+    let status = child.wait().await?;
+    let exit = started.elapsed();
+    let code = status.code().unwrap_or(1);
+    let errors = errors.await.unwrap_or_default();
+    anyhow::ensure!(code == 0, "the workload failed ({code}): {errors}");
+    Ok(Timing {
+        first_output,
+        exit,
+        code,
+        output: String::from_utf8_lossy(&output).into_owned(),
+    })
+}
+
+fn exe() -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?)
+}
+
+fn lazylayer(root: &Path, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(exe().expect("own executable"));
+    command.arg("--root").arg(root).args(args);
+    command
+}
+
+async fn status(root: &Path) -> anyhow::Result<serde_json::Value> {
+    let output = lazylayer(root, &["status", "--json"]).output().await?;
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// Today's way: fetch the whole image, extract it, run the workload on the extraction.
+async fn pull_extract_run(
+    image: &str,
+    command: &[String],
+    work: &Path,
+) -> anyhow::Result<(Timing, u64)> {
+    let started = Instant::now();
+    let client = RegistryClient::new(ClientOptions::default())?;
+    let reference: ImageReference = image.parse()?;
+    let source = ImageSource::open(&reference, &client)?;
+    let resolved = source.resolve(&PlatformChoice::host()).await?;
+    let rootfs = work.join("rootfs");
+    std::fs::create_dir_all(&rootfs)?;
+    let mut fetched = 0;
+    for layer in &resolved.layers {
+        let path = work.join("layer");
+        let mut file = tokio::fs::File::create(&path).await?;
+        let mut stream = source.open_blob(layer).await?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            fetched += chunk.len() as u64;
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await?;
+        }
+        let status = tokio::process::Command::new("tar")
+            .args(["--numeric-owner", "-xpf"])
+            .arg(&path)
+            .arg("-C")
+            .arg(&rootfs)
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "extracting the image");
+        std::fs::remove_file(&path)?;
+    }
+    let spec = ContainerSpec {
+        lowers: vec![rootfs],
+        upper: work.join("upper"),
+        work: work.join("work"),
+        rootfs: work.join("mnt"),
+        args: command.to_vec(),
+        env: vec![
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            "HOME=/root".into(),
+        ],
+        cwd: "/".into(),
+        user: String::new(),
+        hostname: "lazylayer".into(),
+    };
+    for dir in [&spec.upper, &spec.work, &spec.rootfs] {
+        std::fs::create_dir_all(dir)?;
+    }
+    let spec_path = work.join("spec.json");
+    std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
+    let mut helper = tokio::process::Command::new(exe()?);
+    helper.arg(CONTAINER_HELPER).arg(&spec_path);
+    Ok((timed(helper, started).await?, fetched))
+}
+
+fn seconds(duration: Option<Duration>) -> String {
+    duration.map_or("-".into(), |d| format!("{:.2} s", d.as_secs_f64()))
+}
+
+/// Runs `demo`.
+pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        rustix::process::geteuid().is_root(),
+        "the demo mounts filesystems and uses fanotify: run it as root (sudo lazylayer demo)"
+    );
+    std::fs::create_dir_all(&global.root)?;
+    let sample = image::ensure(&global.root.join("demo"))?;
+    let registry = LayoutRegistry::start(&sample.layout)?;
+    let shaping = Shaping::link(args.mbit, args.latency_ms);
+    let proxy = FaultProxy::start(registry.addr(), shaping)?;
+    let image = format!("{}/demo/sample:latest", proxy.host());
+    let size: u64 = {
+        let client = RegistryClient::new(ClientOptions::default())?;
+        let source = ImageSource::open(&image.parse()?, &client)?;
+        source
+            .resolve(&PlatformChoice::host())
+            .await?
+            .layers
+            .iter()
+            .map(|l| l.size)
+            .sum()
+    };
+    let work = tempfile::Builder::new()
+        .prefix("lazylayer-demo.")
+        .tempdir_in("/var/tmp")?;
+    let lazy_root = work.path().join("store");
+    std::fs::create_dir_all(&lazy_root)?;
+    println!("lazylayer demo");
+    println!("  workload: {}", sample.description);
+    println!(
+        "  image:    {} compressed, served by a registry in this process over a {} Mbit/s link with {} ms latency",
+        human_size(size),
+        args.mbit,
+        args.latency_ms
+    );
+    println!();
+
+    println!("1. today: pull the whole image, extract it, run the workload");
+    let (baseline, baseline_fetched) =
+        pull_extract_run(&image, &sample.command, &work.path().join("baseline")).await?;
+    println!("   output: {}", baseline.output.trim());
+    println!("2. lazylayer: run the workload at once, fetching what it reads");
+    let started = Instant::now();
+    let pulled = lazylayer(&lazy_root, &["pull", &image]).output().await?;
+    anyhow::ensure!(
+        pulled.status.success(),
+        "pull failed: {}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    let pull_time = started.elapsed();
+    let mut command = lazylayer(&lazy_root, &["run", "--record", &image, "--"]);
+    command.args(&sample.command);
+    let lazy = timed(command, started).await?;
+    println!("   output: {}", lazy.output.trim());
+    let after_run = status(&lazy_root).await?;
+    println!(
+        "   the image was usable after {:.2} s; the workload then waited for {} files",
+        pull_time.as_secs_f64(),
+        after_run["demanded_files"].as_u64().unwrap_or(0)
+    );
+    let lazy_fetched: u64 = after_run["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| l["bytes_fetched"].as_u64().unwrap_or(0))
+        .sum();
+    println!("3. lazylayer again, on a fresh store that has the profile recorded by run 2");
+    let profiled_root = work.path().join("profiled");
+    std::fs::create_dir_all(profiled_root.join("profiles"))?;
+    for profile in std::fs::read_dir(lazy_root.join("profiles"))? {
+        let profile = profile?.path();
+        std::fs::copy(
+            &profile,
+            profiled_root
+                .join("profiles")
+                .join(profile.file_name().unwrap_or_default()),
+        )?;
+    }
+    let started = Instant::now();
+    let mut command = lazylayer(&profiled_root, &["run", &image, "--"]);
+    command.args(&sample.command);
+    let profiled = timed(command, started).await?;
+    println!("   output: {}", profiled.output.trim());
+    let profiled_status = status(&profiled_root).await?;
+    let profiled_fetched: u64 = profiled_status["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| l["bytes_fetched"].as_u64().unwrap_or(0))
+        .sum();
+    stop_daemon(&profiled_status);
+    println!();
+    println!(
+        "{:<28} {:>14} {:>10} {:>22}",
+        "", "first output", "exit", "fetched"
+    );
+    println!(
+        "{:<28} {:>14} {:>10} {:>22}",
+        "full pull + extract + run",
+        seconds(baseline.first_output),
+        seconds(Some(baseline.exit)),
+        format!("{} (100%)", human_size(baseline_fetched))
+    );
+    println!(
+        "{:<28} {:>14} {:>10} {:>22}",
+        "lazylayer run",
+        seconds(lazy.first_output),
+        seconds(Some(lazy.exit)),
+        format!(
+            "{} ({:.0}%)",
+            human_size(lazy_fetched),
+            lazy_fetched as f64 * 100.0 / size.max(1) as f64
+        )
+    );
+    println!(
+        "{:<28} {:>14} {:>10} {:>22}",
+        "lazylayer run, profiled",
+        seconds(profiled.first_output),
+        seconds(Some(profiled.exit)),
+        format!(
+            "{} ({:.0}%)",
+            human_size(profiled_fetched),
+            profiled_fetched as f64 * 100.0 / size.max(1) as f64
+        )
+    );
+    println!(
+        "lazily, the workload finished {:.1}x sooner ({:.1}x with the profile); its exit code was {}",
+        baseline.exit.as_secs_f64() / lazy.exit.as_secs_f64(),
+        baseline.exit.as_secs_f64() / profiled.exit.as_secs_f64(),
+        lazy.code
+    );
+    println!();
+    println!("4. background population until the layers detach");
+    let started = Instant::now();
+    let output = lazylayer(&lazy_root, &["detach", "--wait", &image])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "detach failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let final_status = status(&lazy_root).await?;
+    let layers = final_status["layers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let detached = layers.iter().all(|l| l["phase"] == "detached");
+    let marks = if final_status["daemon_running"] == true {
+        final_status["marked_files"].as_u64().unwrap_or(0)
+    } else {
+        0
+    };
+    println!(
+        "   every layer detached after {:.2} s more",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "5. nothing lazy left: {} ({} layer(s) detached, {} fanotify marks, daemon {})",
+        if detached && marks == 0 { "yes" } else { "NO" },
+        layers.iter().filter(|l| l["phase"] == "detached").count(),
+        marks,
+        if final_status["daemon_running"] == true {
+            "still running"
+        } else {
+            "exited"
+        }
+    );
+    stop_daemon(&final_status);
+    anyhow::ensure!(detached && marks == 0, "something lazy was left");
+    Ok(())
+}
+
+/// Stops a daemon the demo started (from its status).
+fn stop_daemon(status: &serde_json::Value) {
+    if status["daemon_running"] == true
+        && let Some(pid) = status["pid"].as_i64()
+    {
+        // SAFETY: signalling the demo's own daemon.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+}
