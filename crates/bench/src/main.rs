@@ -4,9 +4,11 @@
 //!
 //!   cargo run --release -p lazylayer-bench -- index [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench lazy [--runs N]
+//!   cargo build --release && sudo target/release/lazylayer-bench startup [--runs N]
 
 mod index;
 mod lazy;
+mod startup;
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,9 @@ enum Command {
     /// Lazy layers (as root): pull to a usable mount, bytes fetched to run a command, and
     /// reads after detach against an overlay over a plain extraction.
     Lazy(lazy::Args),
+    /// Container start (as root): full pull + extract + run against lazylayer, plain and with a
+    /// recorded profile, for minbase /bin/true, python3 and perl at two network shapings.
+    Startup(startup::Args),
 }
 
 #[tokio::main]
@@ -34,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Index(args) => index::run(args).await,
         Command::Lazy(args) => lazy::run(args).await,
+        Command::Startup(args) => startup::run(args).await,
     }
 }
 

@@ -204,7 +204,7 @@ async fn demanded(store: &Store, since: usize) -> anyhow::Result<Vec<ProfileEntr
 }
 
 /// The hidden first argument that makes `lazylayer` the container helper.
-pub const CONTAINER_HELPER: &str = "__container";
+pub const CONTAINER_HELPER: &str = lazylayer_container::HELPER_ARGUMENT;
 
 /// Entry point of the helper process: `lazylayer __container SPEC.json`.
 pub fn container_helper(spec_path: &str) -> i32 {

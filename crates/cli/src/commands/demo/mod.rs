@@ -1,28 +1,22 @@
 //! `lazylayer demo`: the whole story in one command, with nothing but this machine. A sample
 //! image is built once from files already here, served by a registry embedded in this process
 //! behind a link shaped like a real one (100 Mbit/s, 20 ms by default), and one workload runs
-//! twice, measured in the same run: the way it is done today (pull the whole image, extract,
-//! run) and lazily with lazylayer. Then background population finishes and the layers detach,
+//! three times, measured in the same run: the way it is done today (pull the whole image,
+//! extract, run), lazily with lazylayer, and lazily with the profile the second run recorded. Then background population finishes and the layers detach,
 //! and a last check confirms that nothing lazy is left.
 
 mod image;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use futures_util::StreamExt;
-use lazylayer_container::ContainerSpec;
-use lazylayer_source::{
-    ClientOptions, ImageReference, ImageSource, PlatformChoice, RegistryClient,
-};
+use lazylayer_container::baseline::{pull_extract_run, timed};
+use lazylayer_source::{ClientOptions, ImageSource, PlatformChoice, RegistryClient};
 use lazylayer_testkit::layout_registry::LayoutRegistry;
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
-use tokio::io::AsyncReadExt;
 
 use crate::commands::inspect::human_size;
-use crate::commands::run::CONTAINER_HELPER;
 use crate::options::GlobalArgs;
 
 /// Options of `demo`.
@@ -34,51 +28,6 @@ pub struct DemoArgs {
     /// Added round-trip latency of the simulated link, in milliseconds.
     #[arg(long, default_value_t = 20)]
     pub latency_ms: u64,
-}
-
-/// When a run printed its first output and when it ended.
-struct Timing {
-    first_output: Option<Duration>,
-    exit: Duration,
-    code: i32,
-    output: String,
-}
-
-/// Runs `command` and times it from `started`.
-async fn timed(mut command: tokio::process::Command, started: Instant) -> anyhow::Result<Timing> {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let errors = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text).await;
-        text
-    });
-    let mut output = Vec::new();
-    let mut first_output = None;
-    let mut buffer = [0u8; 4096];
-    loop {
-        let n = stdout.read(&mut buffer).await?;
-        if n == 0 {
-            break;
-        }
-        first_output.get_or_insert_with(|| started.elapsed());
-        output.extend_from_slice(&buffer[..n]);
-    }
-    let status = child.wait().await?;
-    let exit = started.elapsed();
-    let code = status.code().unwrap_or(1);
-    let errors = errors.await.unwrap_or_default();
-    anyhow::ensure!(code == 0, "the workload failed ({code}): {errors}");
-    Ok(Timing {
-        first_output,
-        exit,
-        code,
-        output: String::from_utf8_lossy(&output).into_owned(),
-    })
 }
 
 fn exe() -> anyhow::Result<PathBuf> {
@@ -94,63 +43,6 @@ fn lazylayer(root: &Path, args: &[&str]) -> tokio::process::Command {
 async fn status(root: &Path) -> anyhow::Result<serde_json::Value> {
     let output = lazylayer(root, &["status", "--json"]).output().await?;
     Ok(serde_json::from_slice(&output.stdout)?)
-}
-
-/// Today's way: fetch the whole image, extract it, run the workload on the extraction.
-async fn pull_extract_run(
-    image: &str,
-    command: &[String],
-    work: &Path,
-) -> anyhow::Result<(Timing, u64)> {
-    let started = Instant::now();
-    let client = RegistryClient::new(ClientOptions::default())?;
-    let reference: ImageReference = image.parse()?;
-    let source = ImageSource::open(&reference, &client)?;
-    let resolved = source.resolve(&PlatformChoice::host()).await?;
-    let rootfs = work.join("rootfs");
-    std::fs::create_dir_all(&rootfs)?;
-    let mut fetched = 0;
-    for layer in &resolved.layers {
-        let path = work.join("layer");
-        let mut file = tokio::fs::File::create(&path).await?;
-        let mut stream = source.open_blob(layer).await?;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            fetched += chunk.len() as u64;
-            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await?;
-        }
-        let status = tokio::process::Command::new("tar")
-            .args(["--numeric-owner", "-xpf"])
-            .arg(&path)
-            .arg("-C")
-            .arg(&rootfs)
-            .status()
-            .await?;
-        anyhow::ensure!(status.success(), "extracting the image");
-        std::fs::remove_file(&path)?;
-    }
-    let spec = ContainerSpec {
-        lowers: vec![rootfs],
-        upper: work.join("upper"),
-        work: work.join("work"),
-        rootfs: work.join("mnt"),
-        args: command.to_vec(),
-        env: vec![
-            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-            "HOME=/root".into(),
-        ],
-        cwd: "/".into(),
-        user: String::new(),
-        hostname: "lazylayer".into(),
-    };
-    for dir in [&spec.upper, &spec.work, &spec.rootfs] {
-        std::fs::create_dir_all(dir)?;
-    }
-    let spec_path = work.join("spec.json");
-    std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
-    let mut helper = tokio::process::Command::new(exe()?);
-    helper.arg(CONTAINER_HELPER).arg(&spec_path);
-    Ok((timed(helper, started).await?, fetched))
 }
 
 fn seconds(duration: Option<Duration>) -> String {
@@ -196,8 +88,14 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<()> {
     println!();
 
     println!("1. today: pull the whole image, extract it, run the workload");
-    let (baseline, baseline_fetched) =
-        pull_extract_run(&image, &sample.command, &work.path().join("baseline")).await?;
+    let (baseline, baseline_fetched) = pull_extract_run(
+        &image,
+        &sample.command,
+        &work.path().join("baseline"),
+        &exe()?,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     println!("   output: {}", baseline.output.trim());
     println!("2. lazylayer: run the workload at once, fetching what it reads");
     let started = Instant::now();
@@ -210,7 +108,7 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<()> {
     let pull_time = started.elapsed();
     let mut command = lazylayer(&lazy_root, &["run", "--record", &image, "--"]);
     command.args(&sample.command);
-    let lazy = timed(command, started).await?;
+    let lazy = timed(command, started).await.map_err(anyhow::Error::msg)?;
     println!("   output: {}", lazy.output.trim());
     let after_run = status(&lazy_root).await?;
     println!(
@@ -239,7 +137,7 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut command = lazylayer(&profiled_root, &["run", &image, "--"]);
     command.args(&sample.command);
-    let profiled = timed(command, started).await?;
+    let profiled = timed(command, started).await.map_err(anyhow::Error::msg)?;
     println!("   output: {}", profiled.output.trim());
     let profiled_status = status(&profiled_root).await?;
     let profiled_fetched: u64 = profiled_status["layers"]

@@ -1,0 +1,213 @@
+//! The startup benchmark (HelloBench-style): real images built from Debian packages, each
+//! workload measured at two network shapings in one run: (a) full pull + extract + run (the
+//! baseline, same registry, same shaping), (b) lazylayer (fanotify), (c) lazylayer FUSE (not
+//! built yet), (d) lazylayer with a profile recorded by (b). Printed as a table with ratios to
+//! the baseline and bytes fetched; results and the command are kept in docs/benchmarks.md.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lazylayer_container::baseline::{Timing, pull_extract_run, timed};
+use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
+use lazylayer_testkit::proxy::{FaultProxy, Shaping};
+use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
+
+/// Options of the startup benchmark.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+fn lazylayer() -> PathBuf {
+    std::env::current_exe()
+        .expect("exe")
+        .with_file_name("lazylayer")
+}
+
+fn ll(root: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(lazylayer());
+    command.arg("--root").arg(root);
+    command
+}
+
+async fn fetched(root: &Path) -> u64 {
+    let Ok(output) = ll(root).args(["status", "--json"]).output().await else {
+        return 0;
+    };
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    if status["daemon_running"] == true {
+        let _ = Command::new("kill").arg(status["pid"].to_string()).status();
+    }
+    status["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| l["bytes_fetched"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+struct Workload {
+    name: &'static str,
+    image: &'static str,
+    command: Vec<String>,
+}
+
+fn median(mut values: Vec<(Duration, u64)>) -> (Duration, u64) {
+    values.sort();
+    values[values.len() / 2]
+}
+
+/// One lazylayer run on a fresh store (with the profiles of `profile_from` copied in, if
+/// given), recording a profile if asked; returns the store's directory for a later run.
+async fn lazy_run(
+    image: &str,
+    workload: &Workload,
+    profile_from: Option<&Path>,
+    record: bool,
+) -> anyhow::Result<(Timing, u64, tempfile::TempDir)> {
+    let dir = tempfile::Builder::new()
+        .prefix("lazylayer-startup.")
+        .tempdir_in("/var/tmp")?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("profiles"))?;
+    if let Some(profiles) = profile_from {
+        for profile in std::fs::read_dir(profiles)? {
+            let profile = profile?.path();
+            std::fs::copy(
+                &profile,
+                root.join("profiles")
+                    .join(profile.file_name().unwrap_or_default()),
+            )?;
+        }
+    }
+    let started = Instant::now();
+    let mut command = ll(&root);
+    command.arg("run");
+    if record {
+        command.arg("--record");
+    }
+    command.arg(image).arg("--").args(&workload.command);
+    let timing = timed(command, started).await.map_err(anyhow::Error::msg)?;
+    let bytes = fetched(&root).await;
+    Ok((timing, bytes, dir))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        rustix::process::geteuid().is_root(),
+        "the startup benchmark needs root (mounts, fanotify)"
+    );
+    let registry = TestRegistry::start(RegistryAuth::Anonymous)?;
+    let scratch = tempfile::tempdir()?;
+    let mut sizes = std::collections::HashMap::new();
+    for (tag, name) in [
+        ("bookworm", "bench/debian:bookworm"),
+        ("bookworm-python", "bench/python:bookworm"),
+    ] {
+        skopeo_copy(
+            &format!("oci:{}:{tag}", layout_dir().display()),
+            &format!("docker://{}/{name}", registry.host()),
+            &[],
+        );
+        let image = format!("{}/{name}", registry.host());
+        let status = ll(scratch.path())
+            .args(["index", "--push", &image])
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "indexing {image}");
+        let inspect = ll(scratch.path())
+            .args(["inspect", "--json", &image])
+            .output()
+            .await?;
+        let value: serde_json::Value = serde_json::from_slice(&inspect.stdout)?;
+        sizes.insert(
+            name,
+            value["layers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|l| l["size"].as_u64().unwrap_or(0))
+                .sum::<u64>(),
+        );
+    }
+    let workloads = [
+        Workload {
+            name: "minbase: /bin/true",
+            image: "bench/debian:bookworm",
+            command: vec!["/bin/true".into()],
+        },
+        Workload {
+            name: "python3: import json, http.server",
+            image: "bench/python:bookworm",
+            command: vec![
+                "python3".into(),
+                "-c".into(),
+                "import json, http.server".into(),
+            ],
+        },
+        Workload {
+            name: "perl: one-liner",
+            image: "bench/debian:bookworm",
+            command: vec![
+                "perl".into(),
+                "-e".into(),
+                "print join(q(,), map { $_ * $_ } 1..5), qq(\\n)".into(),
+            ],
+        },
+    ];
+    println!(
+        "startup: time until the workload exits, median of {} runs; ratio = baseline / contender",
+        args.runs
+    );
+    println!(
+        "{:<36} {:<20} {:>10} {:>16} {:>16} {:>10} {:>16}",
+        "workload", "link", "baseline", "lazylayer", "profiled", "FUSE", "fetched (lazy)"
+    );
+    for (shaping, label) in [
+        (Shaping::link(100, 20), "100 Mbit/s + 20 ms"),
+        (Shaping::link(1000, 1), "1 Gbit/s + 1 ms"),
+    ] {
+        let proxy = FaultProxy::start(registry.addr(), shaping)?;
+        for workload in &workloads {
+            let image = format!("{}/{}", proxy.host(), workload.image);
+            let (mut base, mut lazy, mut profiled) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..args.runs {
+                let work = tempfile::Builder::new()
+                    .prefix("lazylayer-baseline.")
+                    .tempdir_in("/var/tmp")?;
+                let (timing, bytes) =
+                    pull_extract_run(&image, &workload.command, work.path(), &lazylayer())
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                base.push((timing.exit, bytes));
+                let (timing, bytes, recorded) = lazy_run(&image, workload, None, true).await?;
+                lazy.push((timing.exit, bytes));
+                let profiles = recorded.path().join("root/profiles");
+                let (timing, bytes, _) = lazy_run(&image, workload, Some(&profiles), false).await?;
+                profiled.push((timing.exit, bytes));
+            }
+            let (base, _) = median(base);
+            let (lazy, lazy_bytes) = median(lazy);
+            let (profiled, _) = median(profiled);
+            let size = sizes[workload.image];
+            println!(
+                "{:<36} {:<20} {:>9.2}s {:>9.2}s {:>5.2}x {:>9.2}s {:>5.2}x {:>10} {:>9.1}M {:>4.0}%",
+                workload.name,
+                label,
+                base.as_secs_f64(),
+                lazy.as_secs_f64(),
+                base.as_secs_f64() / lazy.as_secs_f64(),
+                profiled.as_secs_f64(),
+                base.as_secs_f64() / profiled.as_secs_f64(),
+                "n/a",
+                lazy_bytes as f64 / 1048576.0,
+                lazy_bytes as f64 * 100.0 / size.max(1) as f64,
+            );
+        }
+    }
+    println!("(FUSE: the FUSE frontend is not built yet)");
+    Ok(())
+}
