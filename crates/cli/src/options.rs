@@ -163,10 +163,16 @@ pub enum Command {
 
     /// Run the daemon in the foreground (other commands start it when needed).
     #[command(
-        long_about = "The daemon behind lazy layers: holds the fanotify group, fills files when they \
-        are opened or read and in the background, and detaches each layer once complete and verified \
-        against its blob digest. Commands talk to it over --root/lazylayer.sock and start it on demand \
-        (with --exit-when-idle)."
+        long_about = "The daemon behind lazy layers: fills files when they are opened or read and in \
+        the background, and detaches each layer once complete and verified against its blob digest. \
+        Commands talk to it over --root/lazylayer.sock and start it on demand (with \
+        --exit-when-idle).\n\n\
+        It is two processes. This one, the holder, keeps the fanotify group and relays its events; \
+        it starts a worker (shown as worker_pid in `status --json`) that fetches and fills. If the \
+        worker crashes or is killed, readers of files not yet local keep waiting (never zeros) while \
+        the holder starts a new worker, which takes over the unanswered events and resumes from the \
+        persisted population state. SIGTERM or SIGINT stops both: do that only when no lazy layer \
+        is mounted."
     )]
     Serve(ServeArgs),
 }

@@ -39,14 +39,8 @@ impl Root {
 impl Drop for Root {
     fn drop(&mut self) {
         let status = lazylayer(self.path(), &["status", "--json"]);
-        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&status.stdout)
-            && value["daemon_running"] == true
-            && let Some(pid) = value["pid"].as_i64()
-        {
-            // SAFETY: sending a signal has no memory-safety preconditions.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&status.stdout) {
+            lazylayer_testkit::daemon::kill_from_status(&value);
         }
     }
 }
@@ -172,7 +166,8 @@ fn commands_run_and_their_exit_codes_come_back() {
 }
 
 fn wait_for_process(name: &str) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Generous: the first run also fetches the whole (unindexed) layer once, beside other tests.
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let comm = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
@@ -324,8 +319,7 @@ fn a_recorded_profile_is_fetched_first_by_later_pulls() {
         .map(|f| f["path"].as_str().unwrap().to_string())
         .collect();
     assert!(recorded.iter().any(|p| p == "usr/bin/perl"), "{recorded:?}");
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    lazylayer_testkit::daemon::stop(&mut daemon);
 
     // A store with the profile fills those files at once, background or not.
     let with_profile = Root::new();
@@ -354,8 +348,7 @@ fn a_recorded_profile_is_fetched_first_by_later_pulls() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    lazylayer_testkit::daemon::stop(&mut daemon);
 
     // Without it, the held-back background fills (almost) nothing in the same time.
     let without = Root::new();
@@ -372,8 +365,7 @@ fn a_recorded_profile_is_fetched_first_by_later_pulls() {
         "{populated}: {}",
         String::from_utf8_lossy(&lazylayer(without.path(), &["status", "--json"]).stdout)
     );
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    lazylayer_testkit::daemon::stop(&mut daemon);
 }
 
 #[test]

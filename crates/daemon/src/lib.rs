@@ -1,12 +1,16 @@
 //! # lazylayer-daemon: `lazylayer serve`
 //!
-//! The process behind lazy layers: [`server`] holds the fanotify group, fills files on access
-//! and in the background, and detaches complete layers; [`client`] is how commands reach it
-//! (starting it on demand) over the [`protocol`] on `ROOT/lazylayer.sock`.
+//! The processes behind lazy layers. The [`holder`] keeps the fanotify group (which fails open
+//! when its last fd closes) and supervises the [`worker`], which fills files on access and in
+//! the background, detaches complete layers, and answers commands; the worker can crash or be
+//! killed without a reader seeing zeros. [`client`] is how commands reach the daemon (starting
+//! it on demand) over the [`protocol`] on `ROOT/lazylayer.sock`.
 
 pub mod client;
+pub mod holder;
 pub mod protocol;
-pub mod server;
+pub mod worker;
 
+pub use holder::{ServeError, ServeOptions, WORKER_CANNOT_START, serve};
 pub use protocol::{DaemonStatus, LayerStatus, Request, Response};
-pub use server::{ServeError, ServeOptions, serve};
+pub use worker::{WorkerFds, work};

@@ -40,8 +40,10 @@ pub struct Response {
 /// The daemon and its layers.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DaemonStatus {
-    /// The daemon's process id.
+    /// The daemon's process id (the holder: stopping it stops the daemon).
     pub pid: u32,
+    /// The worker's process id (it fetches and fills; when it dies, the holder starts another).
+    pub worker_pid: u32,
     /// Files marked for pre-content events right now.
     pub marked_files: usize,
     /// How many files readers have waited for since the daemon started.

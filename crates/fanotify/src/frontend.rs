@@ -14,6 +14,7 @@ use lazylayer_store::{Layer, LayerTree};
 use tokio::runtime::Handle;
 
 use crate::group::{Answer, Event, Group};
+use crate::relay::{RelayedAnswer, RelayedEvent};
 
 /// Which file an inode is.
 #[derive(Clone)]
@@ -38,17 +39,18 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    /// A frontend whose fills must finish within `deadline` (else EIO).
-    pub fn new(deadline: Duration) -> std::io::Result<Arc<Frontend>> {
-        Ok(Arc::new(Frontend {
-            group: Arc::new(Group::new()?),
+    /// A frontend marking files in `group` (its own, or the one a holder shares with it),
+    /// whose fills must finish within `deadline` (else EIO).
+    pub fn new(group: Group, deadline: Duration) -> Arc<Frontend> {
+        Arc::new(Frontend {
+            group: Arc::new(group),
             targets: RwLock::new(HashMap::new()),
             deadline,
             own_pid: std::process::id() as i32,
             demanded: std::sync::Mutex::new(Vec::new()),
             last_demand: std::sync::Mutex::new(std::time::Instant::now()),
             waiting: std::sync::atomic::AtomicUsize::new(0),
-        }))
+        })
     }
 
     /// The group (for inspection).
@@ -141,31 +143,76 @@ impl Frontend {
         self.targets.read().expect("targets").len()
     }
 
-    /// Reads events forever on the calling thread, answering them; fills run on `runtime`.
+    /// Reads the group's events forever on the calling thread, answering them; fills run on
+    /// `runtime`.
     pub fn run(self: Arc<Self>, runtime: Handle) -> std::io::Result<()> {
         loop {
             for event in self.group.read_events()? {
-                self.dispatch(event, &runtime);
+                let inode = rustix::fs::fstat(&event.fd)
+                    .ok()
+                    .map(|stat| (stat.st_dev, stat.st_ino));
+                self.dispatch(inode, event.pid, Reply::Direct(event), &runtime);
             }
         }
     }
 
-    fn dispatch(self: &Arc<Self>, event: Event, runtime: &Handle) {
+    /// Answers the events a holder relays on `stream` until the holder is gone; then takes
+    /// over: answers what the holder had relayed straight to the group, and reads the group
+    /// itself from then on (see [`crate::holder`]).
+    pub fn serve_relay(
+        self: Arc<Self>,
+        stream: std::os::unix::net::UnixStream,
+        runtime: Handle,
+    ) -> std::io::Result<()> {
+        let link = Arc::new(RelayLink::new(&stream)?);
+        let mut reader = stream;
+        loop {
+            match RelayedEvent::receive(&mut reader) {
+                Ok(Some(record)) => {
+                    link.received(&record);
+                    let reply = Reply::Relayed {
+                        record,
+                        link: link.clone(),
+                    };
+                    self.dispatch(Some(record.inode), record.pid, reply, &runtime);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("reading relayed events: {e}");
+                    break;
+                }
+            }
+        }
+        tracing::error!(
+            "the holder process is gone: this worker now holds the fanotify group alone and reads it \
+             itself; lazy layers keep working, but a crash of this process would now fail open \
+             (restart lazylayer serve once no container uses a lazy layer)"
+        );
+        link.take_over(&self.group);
+        self.run(runtime)
+    }
+
+    fn dispatch(
+        self: &Arc<Self>,
+        inode: Option<(u64, u64)>,
+        pid: i32,
+        reply: Reply,
+        runtime: &Handle,
+    ) {
         // Our own writes into placeholders raise events too: answer them at once, here, so the
         // writer (another thread) is never waiting on itself.
-        if event.pid == self.own_pid {
-            return self.answer(&event, Answer::Allow);
+        if pid == self.own_pid {
+            return self.answer(reply, Answer::Allow);
         }
-        let inode = match rustix::fs::fstat(&event.fd) {
-            Ok(stat) => (stat.st_dev, stat.st_ino),
-            Err(_) => return self.answer(&event, Answer::Deny(libc::EIO)),
+        let Some(inode) = inode else {
+            return self.answer(reply, Answer::Deny(libc::EIO));
         };
         let target = self.targets.read().expect("targets").get(&inode).cloned();
         let Some(target) = target else {
-            return self.answer(&event, Answer::Allow);
+            return self.answer(reply, Answer::Allow);
         };
         if target.layer.is_populated(target.entry) {
-            return self.answer(&event, Answer::Allow);
+            return self.answer(reply, Answer::Allow);
         }
         {
             let mut demanded = self.demanded.lock().expect("demand log");
@@ -210,7 +257,7 @@ impl Frontend {
                     Answer::Deny(libc::EIO)
                 }
             };
-            frontend.answer(&event, answer);
+            frontend.answer(reply, answer);
             *frontend.last_demand.lock().expect("last demand") = std::time::Instant::now();
             frontend
                 .waiting
@@ -218,9 +265,126 @@ impl Frontend {
         });
     }
 
-    fn answer(&self, event: &Event, answer: Answer) {
-        if let Err(e) = self.group.answer(event, answer) {
+    fn answer(&self, reply: Reply, answer: Answer) {
+        let result = match reply {
+            Reply::Direct(event) => self.group.answer(&event, answer),
+            Reply::Relayed { record, link } => link.answer(&self.group, &record, answer),
+        };
+        if let Err(e) = result {
             tracing::error!("answering a fanotify event: {e}");
         }
     }
+}
+
+/// Where an event came from, and so how it is answered.
+enum Reply {
+    /// Read from the group by this process.
+    Direct(Event),
+    /// Relayed by the holder.
+    Relayed {
+        record: RelayedEvent,
+        link: Arc<RelayLink>,
+    },
+}
+
+/// The worker's end of the relay from the holder.
+struct RelayLink {
+    writer: std::sync::Mutex<std::os::unix::net::UnixStream>,
+    state: std::sync::Mutex<RelayState>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    /// Set once the holder's end has closed (the holder died).
+    holder_gone: bool,
+    /// Relayed events not answered yet.
+    outstanding: HashMap<u64, Outstanding>,
+}
+
+/// A relayed event not answered yet.
+struct Outstanding {
+    /// The holder's fd number of the event (answers are matched by it).
+    fd: i32,
+    /// After a takeover: a descriptor of ours occupying that number, so that no event read
+    /// here gets the same number before this one is answered.
+    reservation: Option<std::os::fd::OwnedFd>,
+    /// An answer the dying holder could not take: given at the takeover.
+    deferred: Option<Answer>,
+}
+
+impl RelayLink {
+    fn new(stream: &std::os::unix::net::UnixStream) -> std::io::Result<RelayLink> {
+        let writer = stream.try_clone()?;
+        writer.set_write_timeout(Some(Duration::from_secs(10)))?;
+        Ok(RelayLink {
+            writer: std::sync::Mutex::new(writer),
+            state: std::sync::Mutex::new(RelayState::default()),
+        })
+    }
+
+    fn received(&self, record: &RelayedEvent) {
+        self.state.lock().expect("relay state").outstanding.insert(
+            record.id,
+            Outstanding {
+                fd: record.fd,
+                reservation: None,
+                deferred: None,
+            },
+        );
+    }
+
+    /// The holder is gone: answer what it could not take, and reserve the fd numbers of the
+    /// events still being filled, before this process reads the group itself.
+    fn take_over(&self, group: &Group) {
+        let mut state = self.state.lock().expect("relay state");
+        state.holder_gone = true;
+        state.outstanding.retain(|_, event| match event.deferred {
+            Some(answer) => {
+                if let Err(e) = group.answer_fd(event.fd, answer) {
+                    tracing::error!("answering a fanotify event: {e}");
+                }
+                false
+            }
+            None => {
+                event.reservation = reserve_fd_number(event.fd);
+                true
+            }
+        });
+    }
+
+    /// Answers through the holder while it lives, straight to the group once it is gone.
+    fn answer(&self, group: &Group, record: &RelayedEvent, answer: Answer) -> std::io::Result<()> {
+        let mut state = self.state.lock().expect("relay state");
+        if state.holder_gone {
+            // Dropping the entry releases the number's reservation, after the answer.
+            let result = group.answer_fd(record.fd, answer);
+            state.outstanding.remove(&record.id);
+            return result;
+        }
+        let reply = RelayedAnswer {
+            id: record.id,
+            answer,
+        };
+        match reply.send(&mut *self.writer.lock().expect("relay writer")) {
+            Ok(()) => {
+                state.outstanding.remove(&record.id);
+            }
+            // The holder is going away; the event stays pending in the group and is answered
+            // at the takeover.
+            Err(_) => {
+                if let Some(event) = state.outstanding.get_mut(&record.id) {
+                    event.deferred = Some(answer);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Occupies fd number `fd` in this process with a descriptor of /dev/null if it is free (if it
+/// is taken, whatever holds it keeps it from new events just as well).
+fn reserve_fd_number(fd: i32) -> Option<std::os::fd::OwnedFd> {
+    let null = std::fs::File::open("/dev/null").ok()?;
+    let copy = rustix::io::fcntl_dupfd_cloexec(&null, fd).ok()?;
+    (std::os::fd::AsRawFd::as_raw_fd(&copy) == fd).then_some(copy)
 }

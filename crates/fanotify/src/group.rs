@@ -64,6 +64,16 @@ impl Group {
         })
     }
 
+    /// The group whose fd a parent process handed down (the holder's shared group).
+    pub fn from_fd(fd: OwnedFd) -> Group {
+        Group { fd }
+    }
+
+    /// The group's fd, to hand to a worker process.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.fd)
+    }
+
     fn mark(&self, flags: u32, dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> std::io::Result<()> {
         let name = CString::new(name.as_bytes())
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -99,7 +109,18 @@ impl Group {
 
     /// Waits for events and returns them (blocking).
     pub fn read_events(&self) -> std::io::Result<Vec<Event>> {
-        let mut buffer = vec![0u8; 64 << 10];
+        self.read_events_up_to(64 << 10)
+    }
+
+    /// Waits for events and returns one or two (blocking): what a relaying reader uses, so
+    /// that few events are ever read and not yet passed on.
+    pub fn read_few_events(&self) -> std::io::Result<Vec<Event>> {
+        // Room for one event with a range record (48 bytes), or two without.
+        self.read_events_up_to(64)
+    }
+
+    fn read_events_up_to(&self, bytes: usize) -> std::io::Result<Vec<Event>> {
+        let mut buffer = vec![0u8; bytes];
         let n = loop {
             // SAFETY: the buffer is valid for writes of its length.
             let n = unsafe {
@@ -122,8 +143,14 @@ impl Group {
 
     /// Answers a permission event; the event's fd is closed when `event` is dropped.
     pub fn answer(&self, event: &Event, answer: Answer) -> std::io::Result<()> {
+        self.answer_fd(event.fd.as_raw_fd(), answer)
+    }
+
+    /// Answers the pending event that was read with fd number `fd` (the kernel matches answers
+    /// by that number, in whichever process it was installed).
+    pub fn answer_fd(&self, fd: RawFd, answer: Answer) -> std::io::Result<()> {
         let response = libc::fanotify_response {
-            fd: event.fd.as_raw_fd(),
+            fd,
             response: match answer {
                 Answer::Allow => libc::FAN_ALLOW,
                 Answer::Deny(errno) => deny_with(errno),
@@ -150,20 +177,36 @@ impl Group {
     }
 }
 
-/// Splits a read buffer into events; records that do not fit are dropped.
-fn parse_events(mut bytes: &[u8]) -> Vec<Event> {
+/// One event record as the kernel wrote it, before its fd is owned by anyone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Event bits.
+    pub mask: u64,
+    /// The fd the kernel installed for the event (negative for overflow records).
+    pub fd: i32,
+    /// The process that caused the event.
+    pub pid: i32,
+    /// For pre-access events: offset and length of the access.
+    pub range: Option<(u64, u64)>,
+}
+
+/// Splits a buffer read from a group into event records; a record that does not fit, or whose
+/// lengths contradict each other, ends the list.
+pub fn decode_events(mut bytes: &[u8]) -> Vec<EventRecord> {
     let header = std::mem::size_of::<libc::fanotify_event_metadata>();
     let mut events = Vec::new();
     while bytes.len() >= header {
-        // SAFETY: at least `header` bytes are available; read_unaligned copes with alignment.
+        // SAFETY: at least `header` bytes are available; read_unaligned copes with alignment,
+        // and every bit pattern is a valid fanotify_event_metadata (plain integers).
         let metadata: libc::fanotify_event_metadata =
             unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         let len = metadata.event_len as usize;
-        if len < header || len > bytes.len() {
+        let metadata_len = metadata.metadata_len as usize;
+        if len < header || len > bytes.len() || metadata_len < header || metadata_len > len {
             break;
         }
         let mut range = None;
-        let mut info = &bytes[metadata.metadata_len as usize..len];
+        let mut info = &bytes[metadata_len..len];
         while info.len() >= 4 {
             let (info_type, info_len) = (info[0], u16::from_ne_bytes([info[2], info[3]]) as usize);
             if info_len < 4 || info_len > info.len() {
@@ -176,18 +219,31 @@ fn parse_events(mut bytes: &[u8]) -> Vec<Event> {
             }
             info = &info[info_len..];
         }
-        if metadata.fd >= 0 {
-            events.push(Event {
-                mask: metadata.mask,
-                // SAFETY: the kernel opened this fd for us with the event; we own it from here.
-                fd: unsafe { OwnedFd::from_raw_fd(metadata.fd) },
-                pid: metadata.pid,
-                range,
-            });
-        }
+        events.push(EventRecord {
+            mask: metadata.mask,
+            fd: metadata.fd,
+            pid: metadata.pid,
+            range,
+        });
         bytes = &bytes[len..];
     }
     events
+}
+
+/// The events of a buffer the kernel just filled, each owning the fd installed for it.
+fn parse_events(bytes: &[u8]) -> Vec<Event> {
+    decode_events(bytes)
+        .into_iter()
+        .filter(|record| record.fd >= 0)
+        .map(|record| Event {
+            mask: record.mask,
+            // SAFETY: the kernel installed this fd for us with the event, in the buffer we
+            // just read; nothing else owns it, so it is owned exactly once from here.
+            fd: unsafe { OwnedFd::from_raw_fd(record.fd) },
+            pid: record.pid,
+            range: record.range,
+        })
+        .collect()
 }
 
 /// Whether the filesystem holding `dir` takes pre-content marks (ext4, xfs, btrfs do; tmpfs

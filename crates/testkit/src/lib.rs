@@ -7,11 +7,13 @@
 //! - [`proxy`]: a TCP proxy that shapes bandwidth and latency and injects faults (resets,
 //!   stalls, truncated or corrupted bodies, HTTP 500/503/429);
 //! - [`fixtures`]: images built by tools lazylayer did not write (`scripts/build-fixtures`),
-//!   cached, and pushed into a registry with skopeo.
+//!   cached, and pushed into a registry with skopeo;
+//! - [`daemon`]: stopping the lazylayer daemons (holder and worker) a test started.
 //!
 //! Nothing here reaches the internet; the fixture script needs Debian's package mirror once.
 
 mod background;
+pub mod daemon;
 pub mod fixtures;
 mod http_wire;
 pub mod layout_registry;

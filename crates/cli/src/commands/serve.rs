@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use lazylayer_daemon::{ServeOptions, serve};
+use lazylayer_daemon::{ServeOptions, WORKER_CANNOT_START, WorkerFds, serve, work};
 
 use crate::options::GlobalArgs;
 
@@ -26,17 +26,29 @@ pub struct ServeArgs {
     /// Exit once no layer is lazy (how other commands start it).
     #[arg(long)]
     pub exit_when_idle: bool,
+
+    /// For lazylayer's own use: run as the worker of a holder, on the descriptors it handed down.
+    #[arg(long, hide = true, value_name = "GROUP,RELAY,LISTENER")]
+    pub worker_fds: Option<String>,
 }
 
 /// Runs `serve`.
 pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
-    serve(ServeOptions {
+    let options = ServeOptions {
         root: global.root.clone(),
         deadline: Duration::from_secs(args.fetch_deadline.max(1)),
         background_rate: args.background_rate,
         exit_when_idle: args.exit_when_idle,
         insecure_registries: global.insecure_registries.clone(),
-    })
-    .await?;
+    };
+    match args.worker_fds {
+        Some(fds) => {
+            if let Err(e) = work(options, WorkerFds::from_arg(&fds)?).await {
+                eprintln!("error: {e}");
+                std::process::exit(WORKER_CANNOT_START);
+            }
+        }
+        None => serve(options).await?,
+    }
     Ok(())
 }

@@ -45,8 +45,8 @@ pub async fn run(global: &GlobalArgs, args: StatusArgs) -> anyhow::Result<()> {
     }
     let mut text = if running {
         format!(
-            "daemon: pid {}, {} files marked\n",
-            status.pid, status.marked_files
+            "daemon: pid {} (worker {}), {} files marked\n",
+            status.pid, status.worker_pid, status.marked_files
         )
     } else {
         "daemon: not running\n".to_string()
@@ -98,6 +98,7 @@ fn offline_status(store: &Store) -> anyhow::Result<DaemonStatus> {
     }
     Ok(DaemonStatus {
         pid: 0,
+        worker_pid: 0,
         marked_files: 0,
         demanded_files: 0,
         layers,

@@ -1,55 +1,28 @@
-//! `lazylayer serve`: the process that holds the fanotify group. It takes up every lazy layer
-//! of the store (marks its unfilled files), answers events by filling files, fills every layer
-//! in the background in stream order (demand fills run beside it and do not queue behind it),
-//! and detaches each layer once it is complete and its blob digest verified end to end.
+//! The worker of `lazylayer serve`: the process that fetches and fills. It takes up every lazy
+//! layer of the store (marks its unfilled files in the group the holder shares with it),
+//! answers the events the holder relays by filling files, fills every layer in the background
+//! in stream order (demand fills run beside it and do not queue behind it), detaches each layer
+//! once it is complete and its blob digest verified end to end, and answers commands on the
+//! control socket. It may die at any moment: the holder keeps the group and starts another.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lazylayer_fanotify::{Frontend, supports_pre_content};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use lazylayer_fanotify::{Frontend, Group};
 use lazylayer_index::EntryKind;
 use lazylayer_source::{ClientOptions, Digest, ImageReference, ImageSource, RegistryClient};
 use lazylayer_store::{Layer, Phase, Store};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+pub use crate::holder::{ServeError, ServeOptions};
 use crate::protocol::{DaemonStatus, LayerStatus, Request, Response};
 
 /// How long no reader must have waited before the background fetches (demand first).
 const DEMAND_QUIET: Duration = Duration::from_millis(1500);
-
-/// How the daemon runs.
-#[derive(Clone, Debug)]
-pub struct ServeOptions {
-    /// The store root.
-    pub root: PathBuf,
-    /// How long a reader may wait for its file before it gets EIO.
-    pub deadline: Duration,
-    /// Cap on background fetching, bytes per second (demand fetches are not capped).
-    pub background_rate: Option<u64>,
-    /// Exit once no lazy layer is left.
-    pub exit_when_idle: bool,
-    /// Registries to reach over plain HTTP.
-    pub insecure_registries: Vec<String>,
-}
-
-/// Errors that stop the daemon.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The store's filesystem cannot take pre-content marks.
-    #[error(
-        "the store {0} is on a filesystem without fanotify pre-content support (ext4, xfs and btrfs have it; tmpfs and overlayfs do not); put --root on one of those (the FUSE mode will cover the rest)"
-    )]
-    NoPreContent(String),
-    /// Another daemon answers on the socket.
-    #[error("a lazylayer daemon already serves {0}")]
-    AlreadyRunning(String),
-    /// Anything else.
-    #[error("{0}")]
-    Other(String),
-}
 
 struct Managed {
     layer: Arc<Layer>,
@@ -64,40 +37,76 @@ struct Daemon {
     options: ServeOptions,
     layers: Mutex<HashMap<Digest, Arc<Managed>>>,
     changed: tokio::sync::Notify,
+    /// The holder's pid (the daemon's pid as commands see it).
+    holder_pid: u32,
 }
 
-fn other(e: impl std::fmt::Display) -> ServeError {
-    ServeError::Other(e.to_string())
+use crate::holder::other;
+
+/// The descriptors the holder hands its worker: the shared fanotify group, the worker's end
+/// of the relay, and the listening control socket (so that commands queue while a worker
+/// restarts).
+pub struct WorkerFds {
+    /// The shared fanotify group.
+    pub group: OwnedFd,
+    /// The worker's end of the relay socket pair.
+    pub relay: OwnedFd,
+    /// The bound, listening control socket.
+    pub listener: OwnedFd,
 }
 
-/// Runs the daemon until shut down (or idle, with `exit_when_idle`).
-pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&options.root).map_err(other)?;
+impl WorkerFds {
+    /// The `--worker-fds` value naming these descriptors.
+    pub fn to_arg(group: RawFd, relay: RawFd, listener: RawFd) -> String {
+        format!("{group},{relay},{listener}")
+    }
+
+    /// Takes ownership of the descriptors named by a `--worker-fds` value.
+    pub fn from_arg(arg: &str) -> Result<WorkerFds, ServeError> {
+        let numbers: Vec<RawFd> = arg
+            .split(',')
+            .map(|n| n.parse::<RawFd>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| other(format!("--worker-fds {arg}: expected three fd numbers")))?;
+        let [group, relay, listener] = numbers[..] else {
+            return Err(other(format!(
+                "--worker-fds {arg}: expected three fd numbers"
+            )));
+        };
+        let mut owned = Vec::new();
+        for fd in [group, relay, listener] {
+            // SAFETY: fcntl(F_GETFD) only queries the descriptor table; it fails for a number
+            // that is not open.
+            if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 || owned.contains(&fd) {
+                return Err(other(format!(
+                    "--worker-fds {arg}: fd {fd} is not a descriptor the holder handed down (this option is for lazylayer serve's own use)"
+                )));
+            }
+            owned.push(fd);
+        }
+        // SAFETY: the holder opened these descriptors, left them open across exec for us and
+        // named them on our command line; nothing else in this process owns them (checked open
+        // and distinct above), so each is owned exactly once from here.
+        let take = |fd: RawFd| unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(WorkerFds {
+            group: take(group),
+            relay: take(relay),
+            listener: take(listener),
+        })
+    }
+}
+
+/// Runs the worker until shut down (or idle, with `exit_when_idle`): exit status 0 tells the
+/// holder to stop too.
+pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeError> {
     let store = Store::new(&options.root);
     let socket = store.socket();
-    // One daemon per store: an exclusive lock held for the daemon's life.
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(options.root.join("serve.lock"))
-        .map_err(other)?;
-    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-        return Err(ServeError::AlreadyRunning(
-            options.root.display().to_string(),
-        ));
-    }
-    if !supports_pre_content(&options.root).map_err(other)? {
-        return Err(ServeError::NoPreContent(options.root.display().to_string()));
-    }
-    let frontend =
-        Frontend::new(options.deadline).map_err(|e| other(format!("fanotify_init: {e}")))?;
+    let frontend = Frontend::new(Group::from_fd(fds.group), options.deadline);
     let client = RegistryClient::new(ClientOptions {
         insecure_registries: options.insecure_registries.clone(),
         ..ClientOptions::default()
     })
     .map_err(other)?;
-    let _lock = lock;
     let daemon = Arc::new(Daemon {
         store,
         frontend: frontend.clone(),
@@ -105,25 +114,30 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
         options: options.clone(),
         layers: Mutex::new(HashMap::new()),
         changed: tokio::sync::Notify::new(),
+        holder_pid: std::os::unix::process::parent_id(),
     });
+    let listener = std::os::unix::net::UnixListener::from(fds.listener);
+    listener.set_nonblocking(true).map_err(other)?;
+    let listener = UnixListener::from_std(listener).map_err(other)?;
+    // Every lazy layer is taken up (its files known and marked) before any relayed event is
+    // answered: an event for a file not known as unfilled is allowed.
+    daemon.refresh().await.map_err(other)?;
+    let relay = std::os::unix::net::UnixStream::from(fds.relay);
     let handle = tokio::runtime::Handle::current();
     std::thread::Builder::new()
-        .name("fanotify-events".into())
+        .name("fanotify-relay".into())
         .spawn(move || {
-            if let Err(e) = frontend.run(handle) {
+            if let Err(e) = frontend.serve_relay(relay, handle) {
                 tracing::error!("reading fanotify events failed: {e}");
                 std::process::exit(1);
             }
         })
         .map_err(other)?;
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)
-        .map_err(|e| other(format!("binding {}: {e}", socket.display())))?;
-    daemon.refresh().await.map_err(other)?;
     tracing::info!(
-        "serving {} (pid {})",
+        "worker {} serving {} for holder {}",
+        std::process::id(),
         options.root.display(),
-        std::process::id()
+        daemon.holder_pid
     );
     loop {
         let idle_check = tokio::time::sleep(Duration::from_secs(1));
@@ -414,7 +428,8 @@ impl Daemon {
             }
         }
         DaemonStatus {
-            pid: std::process::id(),
+            pid: self.holder_pid,
+            worker_pid: std::process::id(),
             marked_files: self.frontend.marked(),
             demanded_files: self.frontend.demanded_since(0).1,
             layers,

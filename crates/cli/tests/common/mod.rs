@@ -1,0 +1,291 @@
+//! What the end-to-end tests of lazy layers share: the lazylayer binary, ext4/XFS loop
+//! filesystems for stores, a store with its daemon and mounts (cleaned up on drop), registries
+//! with pushed indexes, and reference extractions of the fixture images.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use lazylayer_testkit::fixtures::{layout_dir, shared_registry, skopeo_copy};
+use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
+use lazylayer_testkit::tree_diff::extract_layer;
+
+pub const EXE: &str = env!("CARGO_BIN_EXE_lazylayer");
+
+pub fn run(args: &[&str]) -> Output {
+    Command::new(EXE)
+        .args(args)
+        .env_remove("LAZYLAYER_LOG")
+        .output()
+        .expect("run lazylayer")
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let output = run(args);
+    assert!(
+        output.status.success(),
+        "lazylayer {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn sh(command: &str) {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .status()
+        .expect("sh");
+    assert!(status.success(), "{command}");
+}
+
+/// A filesystem image (ext4 or xfs) loop-mounted for a store.
+pub struct LoopFs {
+    pub dir: tempfile::TempDir,
+}
+
+impl LoopFs {
+    pub fn new(kind: &str) -> LoopFs {
+        let dir = tempfile::Builder::new()
+            .prefix("lazylayer-fs.")
+            .tempdir()
+            .unwrap();
+        let image = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        sh(&format!("truncate -s 3G {}", image.display()));
+        match kind {
+            "xfs" => sh(&format!("mkfs.xfs -q -f {}", image.display())),
+            _ => sh(&format!("mkfs.ext4 -q -F {}", image.display())),
+        }
+        sh(&format!(
+            "mount -o loop {} {}",
+            image.display(),
+            mnt.display()
+        ));
+        LoopFs { dir }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+    }
+}
+
+/// A store on a loop filesystem, its daemon and its mounts; all cleaned up on drop.
+pub struct Lazy {
+    pub fs: LoopFs,
+    pub serve: Option<Child>,
+    pub mounts: Vec<PathBuf>,
+}
+
+impl Lazy {
+    pub fn new(kind: &str) -> Lazy {
+        Lazy {
+            fs: LoopFs::new(kind),
+            serve: None,
+            mounts: Vec::new(),
+        }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.fs.path().join("root")
+    }
+
+    pub fn root_arg(&self) -> String {
+        self.root().display().to_string()
+    }
+
+    /// Starts the daemon with these extra options (before any pull starts one on demand).
+    pub fn serve(&mut self, extra: &[&str]) {
+        std::fs::create_dir_all(self.root()).unwrap();
+        let child = Command::new(EXE)
+            .args(["--root", &self.root_arg(), "serve"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.serve = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.root().join("lazylayer.sock").exists() {
+            assert!(Instant::now() < deadline, "serve did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn ll(&self, args: &[&str]) -> String {
+        let root = self.root_arg();
+        let mut all = vec!["--root", root.as_str()];
+        all.extend_from_slice(args);
+        ok(&all)
+    }
+
+    pub fn pull_and_mount(&mut self, image: &str, name: &str) -> PathBuf {
+        self.ll(&["pull", image]);
+        let target = self.fs.path().join(format!("mnt-{name}"));
+        std::fs::create_dir_all(&target).unwrap();
+        self.ll(&["mount", image, target.to_str().unwrap()]);
+        self.mounts.push(target.clone());
+        target
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ll(&["status", "--json"])).unwrap()
+    }
+}
+
+impl Drop for Lazy {
+    fn drop(&mut self) {
+        for target in &self.mounts {
+            let _ = Command::new("umount").arg("-l").arg(target).status();
+        }
+        if let Some(mut child) = self.serve.take() {
+            lazylayer_testkit::daemon::stop(&mut child);
+        }
+        // A daemon started on demand, or a worker that outlived its holder.
+        if let Ok(status) = serde_json::from_str::<serde_json::Value>(&String::from_utf8_lossy(
+            &run(&["--root", &self.root_arg(), "status", "--json"]).stdout,
+        )) {
+            lazylayer_testkit::daemon::kill_from_status(&status);
+        }
+    }
+}
+
+/// The shared registry, with lazy indexes pushed for the Debian and multi-layer images.
+pub fn indexed_registry() -> String {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let host = shared_registry().host();
+        let scratch = tempfile::tempdir().unwrap();
+        for image in ["test/debian:bookworm", "test/layers:latest"] {
+            ok(&[
+                "--root",
+                scratch.path().to_str().unwrap(),
+                "index",
+                "--push",
+                &format!("{host}/{image}"),
+            ]);
+        }
+        host
+    })
+    .clone()
+}
+
+/// The layer blobs of a fixture image, bottom first.
+pub fn layer_blobs(tag: &str) -> Vec<PathBuf> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout_dir().join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(layout_dir().join("blobs/sha256").join(manifest_digest)).unwrap(),
+    )
+    .unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            layout_dir()
+                .join("blobs/sha256")
+                .join(l["digest"].as_str().unwrap().trim_start_matches("sha256:"))
+        })
+        .collect()
+}
+
+/// The reference view of an image: an overlay (mounted by util-linux mount) over GNU tar
+/// extractions of its layers. Unmounted on drop.
+pub struct Reference {
+    pub dir: tempfile::TempDir,
+}
+
+impl Reference {
+    pub fn new(tag: &str) -> Reference {
+        let dir = tempfile::Builder::new()
+            .prefix("lazylayer-ref.")
+            .tempdir()
+            .unwrap();
+        let mut lowers = Vec::new();
+        for (i, blob) in layer_blobs(tag).iter().enumerate() {
+            let layer = dir.path().join(format!("layer{i}"));
+            extract_layer(blob, &layer);
+            lowers.push(layer.display().to_string());
+        }
+        lowers.reverse();
+        let mnt = dir.path().join("mnt");
+        if lowers.len() == 1 {
+            // overlayfs needs two lowers without an upper; one layer is its own view.
+            std::os::unix::fs::symlink(&lowers[0], &mnt).unwrap();
+        } else {
+            std::fs::create_dir(&mnt).unwrap();
+            sh(&format!(
+                "mount -t overlay overlay -o lowerdir={} {}",
+                lowers.join(":"),
+                mnt.display()
+            ));
+        }
+        Reference { dir }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        let mnt = self.dir.path().join("mnt");
+        std::fs::read_link(&mnt).unwrap_or(mnt)
+    }
+
+    pub fn layer(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("layer{i}"))
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+    }
+}
+
+/// A registry of its own (to stop it), holding the Debian image and its pushed index.
+pub fn own_registry() -> TestRegistry {
+    let registry = TestRegistry::start(RegistryAuth::Anonymous).unwrap();
+    skopeo_copy(
+        &format!("oci:{}:bookworm", layout_dir().display()),
+        &format!("docker://{}/test/debian:bookworm", registry.host()),
+        &[],
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    ok(&[
+        "--root",
+        scratch.path().to_str().unwrap(),
+        "index",
+        "--push",
+        &format!("{}/test/debian:bookworm", registry.host()),
+    ]);
+    registry
+}
+
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if std::fs::symlink_metadata(&path).unwrap().is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
+}

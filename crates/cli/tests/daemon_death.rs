@@ -1,0 +1,220 @@
+//! The daemon dies under a workload reading a lazy image. The worker is killed with SIGKILL
+//! five times at random moments: readers wait and get the right bytes (never zeros, never an
+//! error), the holder starts a new worker each time, and population completes and detaches.
+//! The holder is killed: the worker keeps the fanotify group and goes on alone.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Lazy, Reference, indexed_registry, walk};
+use lazylayer_testkit::proxy::{FaultProxy, Shaping};
+use lazylayer_testkit::require_root;
+use lazylayer_testkit::tree_diff::diff_trees;
+
+fn pids(lazy: &Lazy) -> (i32, i32) {
+    let status = lazy.status();
+    (
+        status["pid"].as_i64().unwrap() as i32,
+        status["worker_pid"].as_i64().unwrap() as i32,
+    )
+}
+
+fn kill(pid: i32) {
+    // SAFETY: sending a signal to a process id has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {pid}");
+}
+
+/// The regular files of a tree, relative, in walk order.
+fn regular_files(root: &Path) -> Vec<PathBuf> {
+    walk(root)
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).unwrap().is_file())
+        .map(|p| p.strip_prefix(root).unwrap().to_path_buf())
+        .collect()
+}
+
+/// Reads every file through the mount, comparing each with the reference, until every file
+/// was read once and `keep_going` is false; returns how many reads were made.
+fn read_everything(
+    mnt: &Path,
+    reference: &Path,
+    files: &[PathBuf],
+    keep_going: &AtomicBool,
+) -> usize {
+    let mut reads = 0;
+    let mut round = 0;
+    loop {
+        for file in files {
+            let got = std::fs::read(mnt.join(file))
+                .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+            let want = std::fs::read(reference.join(file)).unwrap();
+            assert!(
+                got == want,
+                "{}: {} bytes differ from the extraction",
+                file.display(),
+                got.iter().zip(&want).filter(|(a, b)| a != b).count()
+                    + got.len().abs_diff(want.len())
+            );
+            reads += 1;
+        }
+        round += 1;
+        if !keep_going.load(Ordering::SeqCst) || round > 50 {
+            return reads;
+        }
+    }
+}
+
+/// Waits until every layer of the store is detached.
+fn wait_detached(lazy: &Lazy) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let status = lazy.status();
+        if status["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["phase"] == "detached")
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never detached: {status}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The Debian image pulled lazily over a shaped link (so that reading it lasts long enough to
+/// be interrupted), mounted, with its reference extraction and its regular files.
+struct Setup {
+    lazy: Lazy,
+    _proxy: FaultProxy,
+    reference: Reference,
+    image: String,
+    mnt: PathBuf,
+    files: Vec<PathBuf>,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let registry = indexed_registry();
+        let proxy = FaultProxy::start(registry.parse().unwrap(), Shaping::link(100, 20)).unwrap();
+        let mut lazy = Lazy::new("ext4");
+        lazy.serve(&["--background-rate", "300000"]);
+        let reference = Reference::new("bookworm");
+        let image = format!("{}/test/debian:bookworm", proxy.host());
+        let mnt = lazy.pull_and_mount(&image, "debian");
+        let files = regular_files(&reference.path());
+        Setup {
+            lazy,
+            _proxy: proxy,
+            reference,
+            image,
+            mnt,
+            files,
+        }
+    }
+}
+
+#[test]
+fn killing_the_worker_five_times_never_shows_a_reader_wrong_data() {
+    if !require_root("killing_the_worker_five_times_never_shows_a_reader_wrong_data") {
+        return;
+    }
+    let Setup {
+        lazy,
+        _proxy,
+        reference,
+        image,
+        mnt,
+        files,
+    } = Setup::new();
+    assert!(files.len() > 1000, "{} files", files.len());
+    let (holder, first_worker) = pids(&lazy);
+    let killing = AtomicBool::new(true);
+    let mut killed = Vec::new();
+    let reads = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| read_everything(&mnt, &reference.path(), &files, &killing));
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut worker = first_worker;
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(rng.u64(100..900)));
+            kill(worker);
+            killed.push(worker);
+            // The holder starts the next worker; commands queue on the socket meanwhile.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let (now_holder, now_worker) = pids(&lazy);
+                assert_eq!(now_holder, holder, "the holder survives its workers");
+                if now_worker != worker {
+                    worker = now_worker;
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no new worker after killing {worker}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                !reader.is_finished(),
+                "the workload finished before kill {}: nothing was interrupted",
+                killed.len()
+            );
+        }
+        killing.store(false, Ordering::SeqCst);
+        reader
+            .join()
+            .expect("the workload saw no error and no wrong byte")
+    });
+    assert_eq!(killed.len(), 5);
+    assert!(reads >= files.len());
+    lazy.ll(&["detach", "--wait", &image]);
+    wait_detached(&lazy);
+    let differences = diff_trees(&reference.path(), &mnt, true);
+    assert!(
+        differences.is_empty(),
+        "{:#?}",
+        &differences[..differences.len().min(20)]
+    );
+    // Every layer checks out against its index and blob digest (non-zero exit otherwise).
+    lazy.ll(&["verify", &image]);
+}
+
+#[test]
+fn killing_the_holder_leaves_the_worker_serving_the_group() {
+    if !require_root("killing_the_holder_leaves_the_worker_serving_the_group") {
+        return;
+    }
+    let Setup {
+        lazy,
+        _proxy,
+        reference,
+        image,
+        mnt,
+        files,
+    } = Setup::new();
+    let (holder, worker) = pids(&lazy);
+    let keep_going = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| read_everything(&mnt, &reference.path(), &files, &keep_going));
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(!reader.is_finished(), "the workload finished too soon");
+        kill(holder);
+        reader
+            .join()
+            .expect("the workload saw no error and no wrong byte");
+    });
+    // The worker answers commands on (with the holder's pid as the daemon's) and completes.
+    let (_, still) = pids(&lazy);
+    assert_eq!(still, worker);
+    lazy.ll(&["detach", "--wait", &image]);
+    wait_detached(&lazy);
+    let differences = diff_trees(&reference.path(), &mnt, true);
+    assert!(
+        differences.is_empty(),
+        "{:#?}",
+        &differences[..differences.len().min(20)]
+    );
+}

@@ -1,0 +1,222 @@
+//! `lazylayer serve`: the holder process. It takes the store's lock, creates the fanotify
+//! group and the control socket, and starts the worker (this same program with
+//! `--worker-fds`), handing it both. It then only relays the group's events to the worker and
+//! the worker's answers back (see `lazylayer_fanotify::holder`), and starts a new worker when
+//! one dies: readers of unfilled files wait meanwhile instead of failing open to zeros, and the
+//! events the dead worker left unanswered go to the next one. The worker keeps a copy of the
+//! group too, so the group outlives the holder as well (the worker then reads it itself).
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lazylayer_fanotify::{Group, Holder, supports_pre_content};
+use lazylayer_store::Store;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::worker::WorkerFds;
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The store root.
+    pub root: PathBuf,
+    /// How long a reader may wait for its file before it gets EIO.
+    pub deadline: Duration,
+    /// Cap on background fetching, bytes per second (demand fetches are not capped).
+    pub background_rate: Option<u64>,
+    /// Exit once no lazy layer is left.
+    pub exit_when_idle: bool,
+    /// Registries to reach over plain HTTP.
+    pub insecure_registries: Vec<String>,
+}
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store's filesystem cannot take pre-content marks.
+    #[error(
+        "the store {0} is on a filesystem without fanotify pre-content support (ext4, xfs and btrfs have it; tmpfs and overlayfs do not); put --root on one of those (the FUSE mode will cover the rest)"
+    )]
+    NoPreContent(String),
+    /// Another daemon answers on the socket.
+    #[error("a lazylayer daemon already serves {0}")]
+    AlreadyRunning(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+pub(crate) fn other(e: impl std::fmt::Display) -> ServeError {
+    ServeError::Other(e.to_string())
+}
+
+/// The exit status of a worker that could not start (bad store state, unreadable index): the
+/// holder gives up if the first worker says so, instead of restarting it forever.
+pub const WORKER_CANNOT_START: i32 = 3;
+
+/// A worker that ran at least this long before dying is restarted at once; one that dies
+/// sooner is restarted after a growing pause (a crash loop does not spin).
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
+
+/// Runs the holder until the worker exits cleanly (shutdown, or idle with `exit_when_idle`) or
+/// a SIGTERM/SIGINT arrives (passed on to the worker).
+pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&options.root).map_err(other)?;
+    let store = Store::new(&options.root);
+    let socket = store.socket();
+    // One daemon per store: an exclusive lock held for the holder's life.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(options.root.join("serve.lock"))
+        .map_err(other)?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Err(ServeError::AlreadyRunning(
+            options.root.display().to_string(),
+        ));
+    }
+    if !supports_pre_content(&options.root).map_err(other)? {
+        return Err(ServeError::NoPreContent(options.root.display().to_string()));
+    }
+    let group = Group::new().map_err(|e| other(format!("fanotify_init: {e}")))?;
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .map_err(|e| other(format!("binding {}: {e}", socket.display())))?;
+    // An event no worker answered within twice the readers' deadline is denied.
+    let holder = Holder::new(group, options.deadline * 2);
+    {
+        let holder = holder.clone();
+        std::thread::Builder::new()
+            .name("fanotify-holder".into())
+            .spawn(move || {
+                if let Err(e) = holder.run() {
+                    tracing::error!("reading fanotify events failed: {e}");
+                    std::process::exit(1);
+                }
+            })
+            .map_err(other)?;
+    }
+    {
+        let holder = holder.clone();
+        std::thread::Builder::new()
+            .name("fanotify-expiry".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    holder.expire();
+                }
+            })
+            .map_err(other)?;
+    }
+    let mut terminate = signal(SignalKind::terminate()).map_err(other)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(other)?;
+    tracing::info!(
+        "holding {} (pid {})",
+        options.root.display(),
+        std::process::id()
+    );
+    let mut pause = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let started = Instant::now();
+        let (mut worker, pid) = spawn_worker(&holder, &listener)?;
+        let status = tokio::select! {
+            status = worker.wait() => status,
+            _ = terminate.recv() => return stop(worker, &socket).await,
+            _ = interrupt.recv() => return stop(worker, &socket).await,
+        };
+        holder.detach_worker();
+        let was_first = std::mem::replace(&mut first, false);
+        match status {
+            Ok(status) if status.success() => {
+                tracing::info!("worker {pid} finished; the daemon stops");
+                drop(lock);
+                return Ok(());
+            }
+            Ok(status) if was_first && status.code() == Some(WORKER_CANNOT_START) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(other(
+                    "the worker could not start (its error is in the lines above)",
+                ));
+            }
+            Ok(status) => tracing::error!(
+                "worker {pid} died ({status}) with {} events pending; starting another",
+                holder.pending()
+            ),
+            Err(e) => tracing::error!("waiting for worker {pid}: {e}; starting another"),
+        }
+        pause = if started.elapsed() >= HEALTHY_RUN {
+            Duration::from_millis(100)
+        } else {
+            (pause * 2).min(Duration::from_secs(5))
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Starts a worker: this program again, with the same arguments plus `--worker-fds`.
+fn spawn_worker(
+    holder: &Arc<Holder>,
+    listener: &std::os::unix::net::UnixListener,
+) -> Result<(tokio::process::Child, i32), ServeError> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(other)?;
+    let fds = [
+        holder.group().as_fd().as_raw_fd(),
+        theirs.as_raw_fd(),
+        listener.as_raw_fd(),
+    ];
+    let exe = std::env::current_exe().map_err(other)?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .args(std::env::args_os().skip(1))
+        .arg("--worker-fds")
+        .arg(WorkerFds::to_arg(fds[0], fds[1], fds[2]))
+        .stdin(std::process::Stdio::null());
+    // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe and only
+    // clears close-on-exec on the three descriptors the worker is to inherit.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .map_err(|e| other(format!("starting the worker: {e}")))?;
+    drop(theirs);
+    let pid = child.id().map_or(-1, |pid| pid as i32);
+    let answers = ours.try_clone().map_err(other)?;
+    holder.attach_worker(pid, ours);
+    let holder = holder.clone();
+    std::thread::Builder::new()
+        .name("worker-answers".into())
+        .spawn(move || holder.take_answers(answers))
+        .map_err(other)?;
+    tracing::info!("worker {pid} started");
+    Ok((child, pid))
+}
+
+/// SIGTERM or SIGINT: the worker is told to stop, then the holder stops. Lazy layers still in
+/// use then read as errors or zeros: stop the daemon only when none is mounted.
+async fn stop(
+    mut worker: tokio::process::Child,
+    socket: &std::path::Path,
+) -> Result<(), ServeError> {
+    if let Some(pid) = worker
+        .id()
+        .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), worker.wait()).await;
+    let _ = std::fs::remove_file(socket);
+    tracing::info!("stopped by a signal");
+    Ok(())
+}

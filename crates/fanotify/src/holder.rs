@@ -1,0 +1,208 @@
+//! The holder's side of the shared fanotify group. The fanotify mechanism fails open: when the
+//! last fd of a group closes, its pending events are allowed and its marks vanish, so readers
+//! of unfilled placeholders would get zeros. The holder is a small process that only keeps the
+//! group open, reads its events and relays them to the worker (which fetches and fills), and
+//! writes the worker's answers back. When the worker dies, the holder still holds the group:
+//! readers keep waiting, and the events the dead worker never answered are handed to the next
+//! worker. An event nobody answers within the holder's budget is denied with EIO.
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::group::{Answer, Event, Group};
+use crate::relay::{RelayedAnswer, RelayedEvent};
+
+/// An event the worker has not answered yet.
+struct Pending {
+    event: Event,
+    record: RelayedEvent,
+    since: Instant,
+}
+
+/// The worker the holder relays to.
+struct Link {
+    pid: i32,
+    stream: UnixStream,
+}
+
+/// The holder of the shared group: pending events and the current worker.
+pub struct Holder {
+    group: Group,
+    pending: Mutex<BTreeMap<u64, Pending>>,
+    next_id: AtomicU64,
+    worker: Mutex<Option<Link>>,
+    give_up_after: Duration,
+}
+
+impl Holder {
+    /// A holder of `group` that denies an event with EIO when no worker answered it within
+    /// `give_up_after`.
+    pub fn new(group: Group, give_up_after: Duration) -> Arc<Holder> {
+        Arc::new(Holder {
+            group,
+            pending: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            worker: Mutex::new(None),
+            give_up_after,
+        })
+    }
+
+    /// The shared group (its fd is handed to each worker, which places and removes marks).
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// Reads the group's events forever on the calling thread, relaying them.
+    pub fn run(&self) -> std::io::Result<()> {
+        loop {
+            for event in self.group.read_few_events()? {
+                self.take(event);
+            }
+        }
+    }
+
+    fn take(&self, event: Event) {
+        let mut worker = self.worker.lock().expect("worker link");
+        // The worker's own writes into placeholders: allowed at once, or it would wait on itself.
+        if worker.as_ref().is_some_and(|link| link.pid == event.pid) {
+            return self.answer(&event, Answer::Allow);
+        }
+        let inode = match rustix::fs::fstat(&event.fd) {
+            Ok(stat) => (stat.st_dev, stat.st_ino),
+            Err(e) => {
+                tracing::warn!("a fanotify event's file cannot be examined: {e}; denied");
+                return self.answer(&event, Answer::Deny(libc::EIO));
+            }
+        };
+        let record = RelayedEvent {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            mask: event.mask,
+            pid: event.pid,
+            fd: std::os::fd::AsRawFd::as_raw_fd(&event.fd),
+            inode,
+            range: event.range,
+        };
+        self.pending.lock().expect("pending events").insert(
+            record.id,
+            Pending {
+                event,
+                record,
+                since: Instant::now(),
+            },
+        );
+        if let Some(link) = worker.as_mut()
+            && let Err(e) = record.send(&mut link.stream)
+        {
+            tracing::warn!("relaying to worker {}: {e}", link.pid);
+            Self::replace(&mut worker);
+        }
+    }
+
+    /// A worker that cannot take events is killed; the supervisor starts the next one, which
+    /// is handed every pending event.
+    fn replace(worker: &mut Option<Link>) {
+        if let Some(pid) = worker
+            .take()
+            .and_then(|link| rustix::process::Pid::from_raw(link.pid))
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+
+    /// Relays to the worker `pid` from now on, starting with every event still pending.
+    pub fn attach_worker(&self, pid: i32, stream: UnixStream) {
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+        let mut worker = self.worker.lock().expect("worker link");
+        *worker = Some(Link { pid, stream });
+        let records: Vec<RelayedEvent> = self
+            .pending
+            .lock()
+            .expect("pending events")
+            .values()
+            .map(|p| p.record)
+            .collect();
+        if !records.is_empty() {
+            tracing::info!("handing {} pending events to worker {pid}", records.len());
+        }
+        for record in records {
+            let Some(link) = worker.as_mut() else { break };
+            if let Err(e) = record.send(&mut link.stream) {
+                tracing::warn!("relaying to worker {pid}: {e}");
+                Self::replace(&mut worker);
+            }
+        }
+    }
+
+    /// The worker is gone: events wait for the next one.
+    pub fn detach_worker(&self) {
+        *self.worker.lock().expect("worker link") = None;
+    }
+
+    /// The current worker's pid.
+    pub fn worker_pid(&self) -> Option<i32> {
+        self.worker
+            .lock()
+            .expect("worker link")
+            .as_ref()
+            .map(|l| l.pid)
+    }
+
+    /// Reads a worker's answers until its end of the socket closes, answering the events.
+    pub fn take_answers(&self, mut stream: UnixStream) {
+        loop {
+            match RelayedAnswer::receive(&mut stream) {
+                Ok(Some(reply)) => {
+                    let pending = self
+                        .pending
+                        .lock()
+                        .expect("pending events")
+                        .remove(&reply.id);
+                    // An unknown id was answered already (twice asked, or expired).
+                    if let Some(pending) = pending {
+                        self.answer(&pending.event, reply.answer);
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("reading the worker's answers: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Denies, with EIO, every event older than the budget (no worker managed to answer it).
+    pub fn expire(&self) {
+        let expired: Vec<Pending> = {
+            let mut pending = self.pending.lock().expect("pending events");
+            let old: Vec<u64> = pending
+                .iter()
+                .filter(|(_, p)| p.since.elapsed() > self.give_up_after)
+                .map(|(id, _)| *id)
+                .collect();
+            old.iter().filter_map(|id| pending.remove(id)).collect()
+        };
+        for pending in expired {
+            tracing::warn!(
+                "an access by pid {} waited {:?} without an answer from a worker; it gets EIO",
+                pending.event.pid,
+                self.give_up_after
+            );
+            self.answer(&pending.event, Answer::Deny(libc::EIO));
+        }
+    }
+
+    /// How many events wait for an answer.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().expect("pending events").len()
+    }
+
+    fn answer(&self, event: &Event, answer: Answer) {
+        if let Err(e) = self.group.answer(event, answer) {
+            tracing::error!("answering a fanotify event: {e}");
+        }
+    }
+}
