@@ -19,6 +19,13 @@ pub struct Args {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Index the images with this checkpoint spacing (compressed bytes; the product default if
+    /// not given), to see what span size costs and saves.
+    #[arg(long)]
+    spacing: Option<u64>,
+    /// Only the workloads whose name contains this.
+    #[arg(long)]
+    workload: Option<String>,
 }
 
 fn lazylayer() -> PathBuf {
@@ -113,10 +120,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             &[],
         );
         let image = format!("{}/{name}", registry.host());
-        let status = ll(scratch.path())
-            .args(["index", "--push", &image])
-            .status()
-            .await?;
+        let mut index = ll(scratch.path());
+        index.args(["index", "--push", &image]);
+        if let Some(spacing) = args.spacing {
+            index.args(["--spacing", &spacing.to_string()]);
+        }
+        let status = index.status().await?;
         anyhow::ensure!(status.success(), "indexing {image}");
         let inspect = ll(scratch.path())
             .args(["inspect", "--json", &image])
@@ -158,9 +167,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ],
         },
     ];
+    let workloads: Vec<Workload> = workloads
+        .into_iter()
+        .filter(|w| {
+            args.workload
+                .as_ref()
+                .is_none_or(|only| w.name.contains(only.as_str()))
+        })
+        .collect();
     println!(
-        "startup: time until the workload exits, median of {} runs; ratio = baseline / contender",
-        args.runs
+        "startup: time until the workload exits, median of {} runs; ratio = baseline / contender; spans of {} KiB",
+        args.runs,
+        args.spacing.unwrap_or(lazylayer_index::DEFAULT_SPACING) >> 10
     );
     println!(
         "{:<36} {:<20} {:>10} {:>16} {:>16} {:>10} {:>16}",

@@ -19,6 +19,9 @@ use tokio::time::Instant;
 use crate::background::{self, Background};
 use crate::http_wire::{Conn, Framing, Head, chunk_size};
 
+/// How long a link must have been idle before its schedule restarts from now (shorter gaps are
+/// timer slack, not idleness).
+const IDLE_LINK: Duration = Duration::from_millis(5);
 /// Bandwidth and latency of the simulated link.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Shaping {
@@ -259,13 +262,23 @@ impl Shared {
         let Some(rate) = self.shaping().bytes_per_second else {
             return;
         };
+        let now = Instant::now();
         let done_at = {
             let mut free_at = self.link_free_at.lock().expect("link");
-            let start = (*free_at).max(Instant::now());
+            // A link idle for more than a moment starts afresh; otherwise the schedule goes on
+            // from where it was, so that timer wake-ups (1 ms granularity, often late) do not
+            // add up into a slower link than configured.
+            let start = if *free_at + IDLE_LINK < now {
+                now
+            } else {
+                *free_at
+            };
             *free_at = start + Duration::from_secs_f64(n as f64 / rate as f64);
             *free_at
         };
-        tokio::time::sleep_until(done_at).await;
+        if done_at > now + Duration::from_millis(1) {
+            tokio::time::sleep_until(done_at).await;
+        }
     }
 }
 

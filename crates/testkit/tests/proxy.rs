@@ -96,6 +96,22 @@ fn bandwidth_and_latency_are_applied() {
 }
 
 #[test]
+fn a_fast_link_is_not_slowed_by_timer_granularity() {
+    // 400 Mbit/s = 50 MB/s: 16 MB takes 0.32 s. Sleeping after every 16 KiB piece with
+    // millisecond timers would cap the link near 16 MB/s (1 s or more).
+    let body = vec![7u8; 16_000_000];
+    let proxy = FaultProxy::start(serve(body.clone()), Shaping::link(400, 0)).unwrap();
+    let started = Instant::now();
+    let bodies = get(proxy.addr(), 1).unwrap();
+    let elapsed = started.elapsed();
+    assert!(bodies[0] == body);
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_millis(700),
+        "16 MB at 400 Mbit/s took {elapsed:?}"
+    );
+}
+
+#[test]
 fn faults_hit_the_requests_they_name() {
     let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let proxy = FaultProxy::start(serve(body.clone()), Shaping::default()).unwrap();
