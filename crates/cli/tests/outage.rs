@@ -1,0 +1,96 @@
+//! The registry goes away for a long while in the middle of population: readers of files not
+//! yet local get EIO after the deadline (never zeros), the daemon keeps retrying by itself, and
+//! when the registry is back, population resumes and the layers detach, equal to the extraction.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Lazy, Reference, indexed_registry, walk};
+use lazylayer_testkit::proxy::{FaultProxy, Shaping};
+use lazylayer_testkit::require_root;
+use lazylayer_testkit::tree_diff::diff_trees;
+
+#[test]
+fn population_resumes_by_itself_after_an_outage() {
+    if !require_root("population_resumes_by_itself_after_an_outage") {
+        return;
+    }
+    let registry = indexed_registry();
+    let proxy = FaultProxy::start(registry.parse().unwrap(), Shaping::default()).unwrap();
+    let mut lazy = Lazy::new("ext4");
+    lazy.serve(&["--fetch-deadline", "3"]);
+    let reference = Reference::new("bookworm");
+    let image = format!("{}/test/debian:bookworm", proxy.host());
+    lazy.ll(&["pull", &image]);
+    proxy.set_down(true);
+    let mnt = lazy.fs.path().join("mnt-debian");
+    std::fs::create_dir_all(&mnt).unwrap();
+    lazy.ll(&["mount", &image, mnt.to_str().unwrap()]);
+    lazy.mounts.push(mnt.clone());
+
+    // Files late in the layer are not local yet: the first such read waits, then gets EIO.
+    // Whatever reads succeed must be right.
+    let mut files: Vec<_> = walk(&reference.path())
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).unwrap().len() > 0)
+        .filter(|p| std::fs::symlink_metadata(p).unwrap().is_file())
+        .map(|p| p.strip_prefix(reference.path()).unwrap().to_path_buf())
+        .collect();
+    files.reverse();
+    let mut denied = None;
+    for file in files.iter().take(200) {
+        let started = Instant::now();
+        match std::fs::read(mnt.join(file)) {
+            Ok(data) => assert!(
+                data == std::fs::read(reference.path().join(file)).unwrap(),
+                "{} read wrong bytes during the outage",
+                file.display()
+            ),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{}: {e}", file.display());
+                assert!(started.elapsed() < Duration::from_secs(30));
+                denied = Some(file.clone());
+                break;
+            }
+        }
+    }
+    let file = denied.expect("some file late in the layer was not local during the outage");
+
+    // The outage lasts; the daemon reports it and does not give up.
+    std::thread::sleep(Duration::from_secs(40));
+    let status = lazy.status();
+    let layer = &status["layers"][0];
+    assert_eq!(layer["phase"], "lazy", "{status}");
+    assert!(
+        layer["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "the outage shows in status: {status}"
+    );
+
+    proxy.set_down(false);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let status = lazy.status();
+        if status["layers"][0]["phase"] == "detached" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "population did not resume: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(lazy.status()["layers"][0]["error"].is_null());
+    assert!(
+        std::fs::read(mnt.join(&file)).unwrap()
+            == std::fs::read(reference.path().join(&file)).unwrap(),
+        "{} after the outage",
+        file.display()
+    );
+    let differences = diff_trees(&reference.path(), &mnt, true);
+    assert!(
+        differences.is_empty(),
+        "{:#?}",
+        &differences[..differences.len().min(20)]
+    );
+}
