@@ -126,6 +126,34 @@ impl Layer {
             let mut position = stream_offset;
             while position < end {
                 let span = self.index.span_at(position);
+                if self.reader.is_large_span(span) {
+                    // Too large to hold whole: streamed into the file chunk by chunk.
+                    let chunk_end = end.min(self.index.span_uncompressed_end(span));
+                    let mut chunks = self.reader.stream_span(span, position..chunk_end).await?;
+                    while let Some(chunk) = chunks.recv().await {
+                        let (at, bytes) = chunk?;
+                        if at != position {
+                            return Err(lazylayer_index::Error::BadRead(format!(
+                                "span {span} streamed bytes at {at}, expected {position}"
+                            ))
+                            .into());
+                        }
+                        self.tree.write_at(
+                            &file,
+                            entry,
+                            file_offset + (position - stream_offset),
+                            &bytes,
+                        )?;
+                        position += bytes.len() as u64;
+                    }
+                    if position != chunk_end {
+                        return Err(lazylayer_index::Error::BadRead(format!(
+                            "span {span} ended at {position}, before {chunk_end}"
+                        ))
+                        .into());
+                    }
+                    continue;
+                }
                 let output = self.reader.span_output(span).await?;
                 let span_start = self.index.spans[span].uncompressed_start;
                 let chunk_end = end.min(self.index.span_uncompressed_end(span));

@@ -8,6 +8,7 @@
 //!   stalls, truncated or corrupted bodies, HTTP 500/503/429);
 //! - [`fixtures`]: images built by tools lazylayer did not write (`scripts/build-fixtures`),
 //!   cached, and pushed into a registry with skopeo;
+//! - [`hostile`]: a corpus of malicious layers, as an OCI layout;
 //! - [`daemon`]: stopping the lazylayer daemons (holder and worker) a test started.
 //!
 //! Nothing here reaches the internet; the fixture script needs Debian's package mirror once.
@@ -15,6 +16,7 @@
 mod background;
 pub mod daemon;
 pub mod fixtures;
+pub mod hostile;
 mod http_wire;
 pub mod layout_registry;
 pub mod proxy;

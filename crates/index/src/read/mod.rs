@@ -25,6 +25,15 @@ use crate::{Error, Result};
 const MAX_IN_FLIGHT: usize = 4;
 /// Decompressed spans kept in memory, so reads of neighbouring files inflate a span once.
 const RECENT_SPANS: usize = 8;
+/// ... and at most this many bytes of them.
+const RECENT_BYTES: usize = 512 << 20;
+/// A span whose output is larger than this is never held in memory whole (a decompression
+/// bomb): its bytes are streamed instead, from its checkpoint for each read. Below it, a large
+/// span (a single-frame zstd layer) is decompressed once and kept, so that filling its files
+/// one by one does not decompress it again and again.
+pub const LARGE_SPAN_OUTPUT: u64 = 256 << 20;
+/// Chunks of a streamed span in flight between the decompressor and the consumer.
+const STREAM_CHUNKS: usize = 4;
 
 /// Counters of what a reader fetched.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,6 +55,8 @@ pub struct LayerReader {
     requests: AtomicU64,
     spans_fetched: AtomicU64,
     recent: Mutex<VecDeque<(usize, Arc<Vec<u8>>)>>,
+    /// Spans whose output is larger are streamed (see [`LARGE_SPAN_OUTPUT`]).
+    large_span_output: AtomicU64,
     /// One lock per span being fetched, so that concurrent reads needing the same span fetch
     /// it once (taken in ascending order: overlapping runs cannot deadlock).
     fetching: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
@@ -63,6 +74,7 @@ impl LayerReader {
             requests: AtomicU64::new(0),
             spans_fetched: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
+            large_span_output: AtomicU64::new(LARGE_SPAN_OUTPUT),
             fetching: Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -161,11 +173,87 @@ impl LayerReader {
         let (_, output) = self.decompress(i..=i).await?;
         let output = Arc::new(output);
         let mut recent = self.recent.lock().expect("recent spans");
-        if recent.len() == RECENT_SPANS {
+        recent.push_back((i, output.clone()));
+        while recent.len() > RECENT_SPANS
+            || (recent.len() > 1
+                && recent.iter().map(|(_, o)| o.len()).sum::<usize>() > RECENT_BYTES)
+        {
             recent.pop_front();
         }
-        recent.push_back((i, output.clone()));
         Ok(output)
+    }
+
+    /// Whether span `i`'s output is too large to hold in memory whole (see
+    /// [`LARGE_SPAN_OUTPUT`]): read it with [`LayerReader::stream_span`].
+    pub fn is_large_span(&self, i: usize) -> bool {
+        self.index.span_uncompressed_end(i) - self.index.spans[i].uncompressed_start
+            > self.large_span_output.load(Ordering::Relaxed)
+    }
+
+    /// Changes the size above which spans are streamed (tests make it small, to exercise
+    /// streaming on small layers).
+    pub fn set_large_span_output(&self, bytes: u64) {
+        self.large_span_output.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Decompresses span `i` from its checkpoint and delivers the bytes of `range` (offsets in
+    /// the uncompressed stream, inside the span) in order, as (offset, bytes) chunks, with only
+    /// a few chunks in memory at a time. An error ends the stream.
+    pub async fn stream_span(
+        &self,
+        i: usize,
+        range: Range<u64>,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<(u64, Vec<u8>)>>> {
+        let index = &self.index;
+        let span = index
+            .spans
+            .get(i)
+            .ok_or_else(|| Error::BadRead(format!("no span {i}")))?;
+        let span_start = span.uncompressed_start;
+        if range.start < span_start || range.end > index.span_uncompressed_end(i) {
+            return Err(Error::BadRead(format!(
+                "bytes {}..{} are not inside span {i}",
+                range.start, range.end
+            )));
+        }
+        self.ensure(i..=i).await?;
+        let compressed = self.load_verified(i, i, span.compressed_start, span.compressed_end)?;
+        let window = index.window(span)?;
+        let (compression, begin) = (index.compression, span.start.clone());
+        let layer = index.blob_digest.to_string();
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
+        tokio::task::spawn_blocking(move || {
+            let mut position = span_start;
+            let result = codec::resume(
+                compression,
+                &begin,
+                &window,
+                &compressed,
+                range.end - span_start,
+                &mut |chunk| {
+                    let chunk_start = position;
+                    position += chunk.len() as u64;
+                    let from = range.start.max(chunk_start);
+                    let to = range.end.min(position);
+                    if from < to {
+                        let bytes = chunk
+                            [(from - chunk_start) as usize..(to - chunk_start) as usize]
+                            .to_vec();
+                        sender
+                            .blocking_send(Ok((from, bytes)))
+                            .map_err(|_| std::io::Error::other("the reader went away"))?;
+                    }
+                    Ok(())
+                },
+            );
+            if let Err(e) = result {
+                let _ = sender.blocking_send(Err(Error::BadLayer {
+                    layer,
+                    reason: format!("span {i} does not decompress: {e}"),
+                }));
+            }
+        });
+        Ok(receiver)
     }
 
     /// Decompresses a run of spans; returns the uncompressed offset of the output and the
