@@ -401,24 +401,20 @@ impl Daemon {
                         layer_status(&m.layer, phase, m.error.lock().expect("error").clone())
                     }
                     None => {
-                        let index = self.store.indexes().get(blob).ok().flatten();
-                        let (files, bytes) = index.as_ref().map_or((0, 0), |i| {
-                            let files: Vec<_> = i
-                                .entries
-                                .iter()
-                                .filter(|e| e.kind == EntryKind::File && e.stored_size() > 0)
-                                .collect();
-                            (files.len(), files.iter().map(|e| e.stored_size()).sum())
-                        });
-                        let done = phase == Phase::Detached;
+                        let progress = self
+                            .store
+                            .persisted_progress(blob)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_default();
                         LayerStatus {
                             digest: blob.digest.clone(),
                             phase,
                             mode: "fanotify".into(),
-                            files,
-                            files_populated: if done { files } else { 0 },
-                            bytes,
-                            bytes_populated: if done { bytes } else { 0 },
+                            files: progress.files,
+                            files_populated: progress.files_populated,
+                            bytes: progress.bytes,
+                            bytes_populated: progress.bytes_populated,
                             bytes_fetched: 0,
                             error: None,
                         }

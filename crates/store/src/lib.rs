@@ -18,5 +18,5 @@ pub use error::{Error, Result};
 pub use layer::Layer;
 pub use profile::{Profile, ProfileEntry};
 pub use state::Phase;
-pub use store::{ImageRecord, Store};
+pub use store::{ImageRecord, Progress, Store};
 pub use tree::LayerTree;

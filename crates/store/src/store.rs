@@ -23,6 +23,19 @@ use crate::state::{LayerRecord, Phase};
 use crate::tree::LayerTree;
 use crate::{Error, Result};
 
+/// A layer's population: regular files with data, and bytes of it, in all and in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Regular files with data.
+    pub files: usize,
+    /// Of those, how many hold their data.
+    pub files_populated: usize,
+    /// Bytes of file data.
+    pub bytes: u64,
+    /// Of those, how many are in place.
+    pub bytes_populated: u64,
+}
+
 /// What the store remembers about a pulled image.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImageRecord {
@@ -151,6 +164,32 @@ impl Store {
             source,
             &self.span_dir(),
         )
+    }
+
+    /// How far a layer's population got, as persisted on disk (what survives the daemon: files
+    /// filled since its last persist are not counted). `None` for a layer without an index.
+    pub fn persisted_progress(&self, blob: &BlobDescriptor) -> Result<Option<Progress>> {
+        let Some(index) = self.indexes().get(blob)? else {
+            return Ok(None);
+        };
+        let detached = self.phase(&blob.digest)? == Some(Phase::Detached);
+        let populated = std::fs::read(self.layer_dir(&blob.digest).join("populated"))
+            .ok()
+            .filter(|bytes| bytes.len() == index.entries.len())
+            .unwrap_or_default();
+        let mut progress = Progress::default();
+        for (i, entry) in index.entries.iter().enumerate() {
+            if entry.kind != lazylayer_index::EntryKind::File || entry.stored_size() == 0 {
+                continue;
+            }
+            progress.files += 1;
+            progress.bytes += entry.stored_size();
+            if detached || populated.get(i) == Some(&1) {
+                progress.files_populated += 1;
+                progress.bytes_populated += entry.stored_size();
+            }
+        }
+        Ok(Some(progress))
     }
 
     /// Removes a layer's span cache (after detach: the data is in the layer directory).

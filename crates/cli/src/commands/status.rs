@@ -83,14 +83,16 @@ fn offline_status(store: &Store) -> anyhow::Result<DaemonStatus> {
             let phase = store
                 .phase(&blob.digest)?
                 .unwrap_or(lazylayer_store::Phase::Creating);
+            // Without the daemon: what the store has persisted.
+            let progress = store.persisted_progress(&blob)?.unwrap_or_default();
             layers.push(lazylayer_daemon::LayerStatus {
                 digest: blob.digest,
                 phase,
                 mode: "fanotify".into(),
-                files: 0,
-                files_populated: 0,
-                bytes: 0,
-                bytes_populated: 0,
+                files: progress.files,
+                files_populated: progress.files_populated,
+                bytes: progress.bytes,
+                bytes_populated: progress.bytes_populated,
                 bytes_fetched: 0,
                 error: None,
             });

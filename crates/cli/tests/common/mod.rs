@@ -48,6 +48,11 @@ pub struct LoopFs {
 
 impl LoopFs {
     pub fn new(kind: &str) -> LoopFs {
+        LoopFs::with_size(kind, "3G")
+    }
+
+    /// A loop filesystem of `size` (as `truncate -s` takes it).
+    pub fn with_size(kind: &str, size: &str) -> LoopFs {
         let dir = tempfile::Builder::new()
             .prefix("lazylayer-fs.")
             .tempdir()
@@ -55,7 +60,7 @@ impl LoopFs {
         let image = dir.path().join("fs.img");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        sh(&format!("truncate -s 3G {}", image.display()));
+        sh(&format!("truncate -s {size} {}", image.display()));
         match kind {
             "xfs" => sh(&format!("mkfs.xfs -q -f {}", image.display())),
             _ => sh(&format!("mkfs.ext4 -q -F {}", image.display())),
@@ -88,8 +93,13 @@ pub struct Lazy {
 
 impl Lazy {
     pub fn new(kind: &str) -> Lazy {
+        Lazy::on(LoopFs::new(kind))
+    }
+
+    /// A store on the given filesystem.
+    pub fn on(fs: LoopFs) -> Lazy {
         Lazy {
-            fs: LoopFs::new(kind),
+            fs,
             serve: None,
             mounts: Vec::new(),
         }
