@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Lazy, Reference, indexed_registry, walk};
+use common::{
+    Lazy, Reference, all_detached, assert_same_tree, indexed_registry, wait_for_status, walk,
+};
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 use lazylayer_testkit::require_root;
-use lazylayer_testkit::tree_diff::diff_trees;
 
 fn pids(lazy: &Lazy) -> (i32, i32) {
     let status = lazy.status();
@@ -64,24 +65,6 @@ fn read_everything(
         if !keep_going.load(Ordering::SeqCst) || round > 50 {
             return reads;
         }
-    }
-}
-
-/// Waits until every layer of the store is detached.
-fn wait_detached(lazy: &Lazy) {
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let status = lazy.status();
-        if status["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|l| l["phase"] == "detached")
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never detached: {status}");
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -171,13 +154,8 @@ fn killing_the_worker_five_times_never_shows_a_reader_wrong_data() {
     assert_eq!(killed.len(), 5);
     assert!(reads >= files.len());
     lazy.ll(&["detach", "--wait", &image]);
-    wait_detached(&lazy);
-    let differences = diff_trees(&reference.path(), &mnt, true);
-    assert!(
-        differences.is_empty(),
-        "{:#?}",
-        &differences[..differences.len().min(20)]
-    );
+    wait_for_status(&lazy, "never detached", all_detached);
+    assert_same_tree(&reference.path(), &mnt);
     // Every layer checks out against its index and blob digest (non-zero exit otherwise).
     lazy.ll(&["verify", &image]);
 }
@@ -210,11 +188,6 @@ fn killing_the_holder_leaves_the_worker_serving_the_group() {
     let (_, still) = pids(&lazy);
     assert_eq!(still, worker);
     lazy.ll(&["detach", "--wait", &image]);
-    wait_detached(&lazy);
-    let differences = diff_trees(&reference.path(), &mnt, true);
-    assert!(
-        differences.is_empty(),
-        "{:#?}",
-        &differences[..differences.len().min(20)]
-    );
+    wait_for_status(&lazy, "never detached", all_detached);
+    assert_same_tree(&reference.path(), &mnt);
 }

@@ -6,10 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Lazy, Reference, indexed_registry, walk};
+use common::{
+    Lazy, Reference, all_detached, assert_same_tree, indexed_registry, wait_for_status, walk,
+};
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 use lazylayer_testkit::require_root;
-use lazylayer_testkit::tree_diff::diff_trees;
 
 #[test]
 fn population_resumes_by_itself_after_an_outage() {
@@ -68,18 +69,7 @@ fn population_resumes_by_itself_after_an_outage() {
     );
 
     proxy.set_down(false);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let status = lazy.status();
-        if status["layers"][0]["phase"] == "detached" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "population did not resume: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_for_status(&lazy, "population did not resume", all_detached);
     assert!(lazy.status()["layers"][0]["error"].is_null());
     assert!(
         std::fs::read(mnt.join(&file)).unwrap()
@@ -87,10 +77,5 @@ fn population_resumes_by_itself_after_an_outage() {
         "{} after the outage",
         file.display()
     );
-    let differences = diff_trees(&reference.path(), &mnt, true);
-    assert!(
-        differences.is_empty(),
-        "{:#?}",
-        &differences[..differences.len().min(20)]
-    );
+    assert_same_tree(&reference.path(), &mnt);
 }

@@ -7,9 +7,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Lazy, LoopFs, Reference, indexed_registry, run, sh, walk};
+use common::{
+    Lazy, LoopFs, Reference, all_detached, assert_same_tree, indexed_registry, run, sh,
+    wait_for_status, walk,
+};
 use lazylayer_testkit::require_root;
-use lazylayer_testkit::tree_diff::diff_trees;
 
 fn files_by_size(root: &Path) -> Vec<PathBuf> {
     let mut files: Vec<(u64, PathBuf)> = walk(root)
@@ -23,26 +25,6 @@ fn files_by_size(root: &Path) -> Vec<PathBuf> {
     files.sort();
     files.reverse();
     files.into_iter().map(|(_, p)| p).collect()
-}
-
-fn wait_for(lazy: &Lazy, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let status = lazy.status();
-        if done(&status) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: {status}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn detached(status: &serde_json::Value) -> bool {
-    status["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|l| l["phase"] == "detached")
 }
 
 #[test]
@@ -69,7 +51,7 @@ fn a_full_disk_during_population_gives_errors_never_zeros_and_resumes_when_freed
         ballast.display()
     ));
 
-    wait_for(&lazy, "population never hit the full disk", |status| {
+    wait_for_status(&lazy, "population never hit the full disk", |status| {
         status["layers"][0]["error"]
             .as_str()
             .is_some_and(|e| e.contains("No space left"))
@@ -93,17 +75,12 @@ fn a_full_disk_during_population_gives_errors_never_zeros_and_resumes_when_freed
     assert!(denied > 0, "no read was refused on a full disk");
 
     std::fs::remove_file(&ballast).unwrap();
-    wait_for(
+    wait_for_status(
         &lazy,
         "population did not resume after space was freed",
-        detached,
+        all_detached,
     );
-    let differences = diff_trees(&reference.path(), &mnt, true);
-    assert!(
-        differences.is_empty(),
-        "{:#?}",
-        &differences[..differences.len().min(20)]
-    );
+    assert_same_tree(&reference.path(), &mnt);
     lazy.ll(&["verify", &image]);
 }
 
@@ -162,12 +139,7 @@ fn after_a_simulated_reboot_the_next_pull_reuses_the_store() {
         "population persisted before the reboot was kept"
     );
     lazy.ll(&["detach", "--wait", &image]);
-    wait_for(&lazy, "never detached after the reboot", detached);
-    let differences = diff_trees(&reference.path(), &mnt, true);
-    assert!(
-        differences.is_empty(),
-        "{:#?}",
-        &differences[..differences.len().min(20)]
-    );
+    wait_for_status(&lazy, "never detached after the reboot", all_detached);
+    assert_same_tree(&reference.path(), &mnt);
     lazy.ll(&["verify", &image]);
 }

@@ -75,3 +75,20 @@ pub struct LayerStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+impl LayerStatus {
+    /// A layer no worker is serving, as far as the store has persisted its population.
+    pub fn persisted(digest: Digest, phase: Phase, progress: lazylayer_store::Progress) -> Self {
+        LayerStatus {
+            digest,
+            phase,
+            mode: "fanotify".into(),
+            files: progress.files,
+            files_populated: progress.files_populated,
+            bytes: progress.bytes,
+            bytes_populated: progress.bytes_populated,
+            bytes_fetched: 0,
+            error: None,
+        }
+    }
+}

@@ -407,17 +407,7 @@ impl Daemon {
                             .ok()
                             .flatten()
                             .unwrap_or_default();
-                        LayerStatus {
-                            digest: blob.digest.clone(),
-                            phase,
-                            mode: "fanotify".into(),
-                            files: progress.files,
-                            files_populated: progress.files_populated,
-                            bytes: progress.bytes,
-                            bytes_populated: progress.bytes_populated,
-                            bytes_fetched: 0,
-                            error: None,
-                        }
+                        LayerStatus::persisted(blob.digest.clone(), phase, progress)
                     }
                 };
                 layers.push(status);

@@ -85,17 +85,11 @@ fn offline_status(store: &Store) -> anyhow::Result<DaemonStatus> {
                 .unwrap_or(lazylayer_store::Phase::Creating);
             // Without the daemon: what the store has persisted.
             let progress = store.persisted_progress(&blob)?.unwrap_or_default();
-            layers.push(lazylayer_daemon::LayerStatus {
-                digest: blob.digest,
+            layers.push(lazylayer_daemon::LayerStatus::persisted(
+                blob.digest,
                 phase,
-                mode: "fanotify".into(),
-                files: progress.files,
-                files_populated: progress.files_populated,
-                bytes: progress.bytes,
-                bytes_populated: progress.bytes_populated,
-                bytes_fetched: 0,
-                error: None,
-            });
+                progress,
+            ));
         }
     }
     Ok(DaemonStatus {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use lazylayer_testkit::fixtures::{layout_dir, shared_registry, skopeo_copy};
 use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
-use lazylayer_testkit::tree_diff::extract_layer;
+use lazylayer_testkit::tree_diff::{diff_trees, extract_layer};
 
 pub const EXE: &str = env!("CARGO_BIN_EXE_lazylayer");
 
@@ -298,4 +298,37 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
         out.push(path);
     }
     out
+}
+
+/// Polls `lazylayer status --json` until `done` holds (four minutes at most; then fails,
+/// saying `what`).
+pub fn wait_for_status(lazy: &Lazy, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let status = lazy.status();
+        if done(&status) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {status}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Whether every layer in a `status --json` is detached.
+pub fn all_detached(status: &serde_json::Value) -> bool {
+    status["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["phase"] == "detached")
+}
+
+/// Asserts that `tree` equals `reference`, content and metadata, showing the first differences.
+pub fn assert_same_tree(reference: &Path, tree: &Path) {
+    let differences = diff_trees(reference, tree, true);
+    assert!(
+        differences.is_empty(),
+        "{:#?}",
+        &differences[..differences.len().min(20)]
+    );
 }
