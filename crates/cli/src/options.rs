@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::commands::demo::DemoArgs;
 use crate::commands::detach::DetachArgs;
+use crate::commands::gc::{GcArgs, RmiArgs};
 use crate::commands::index::IndexArgs;
 use crate::commands::inspect::InspectArgs;
 use crate::commands::mount::{MountArgs, UmountArgs};
@@ -160,6 +161,33 @@ pub enum Command {
 
     /// Check pulled layers against their indexes and content digests (non-zero exit on a difference).
     Verify(VerifyArgs),
+
+    /// Forget pulled images, then remove the layers nothing else uses (see gc).
+    #[command(
+        long_about = "Forget each IMAGE (its record and prefetch profile), then collect garbage \
+            as `lazylayer gc` does: layers that another image shares, or that a mount still uses, \
+            stay. Every IMAGE is looked up first, so a name that matches nothing forgets nothing.",
+        after_help = "Examples:\n  \
+            lazylayer rmi registry.example.com/app:1.0\n  \
+            lazylayer rmi --no-gc sha256:3f2a"
+    )]
+    Rmi(RmiArgs),
+
+    /// Remove layers, indexes, span caches and writable layers that nothing references.
+    #[command(
+        long_about = "Remove from --root what no pulled image and no mount references: layer \
+            directories (moved aside, then deleted, so an interrupted collection never leaves a \
+            half-removed layer that looks whole), their lazy indexes and span caches, the span \
+            caches of layers already detached, prefetch profiles of forgotten images, and the \
+            writable layers of mounts and runs that are gone (after a reboot, say). A layer that \
+            an overlay still uses, in any mount namespace, is kept even when its image was \
+            forgotten; so is a layer the daemon is still filling. Pulls wait while a collection \
+            runs, and a collection waits for running pulls.",
+        after_help = "Examples:\n  \
+            lazylayer gc --dry-run\n  \
+            lazylayer rmi app:1.0 && lazylayer gc"
+    )]
+    Gc(GcArgs),
 
     /// Run the daemon in the foreground (other commands start it when needed).
     #[command(

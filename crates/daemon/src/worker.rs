@@ -413,6 +413,13 @@ impl Daemon {
                 layers.push(status);
             }
         }
+        // Layers still being filled for images forgotten since (garbage collection keeps them).
+        for (digest, m) in &managed {
+            if seen.insert(digest.clone()) {
+                let error = m.error.lock().expect("error").clone();
+                layers.push(layer_status(&m.layer, Phase::Lazy, error));
+            }
+        }
         DaemonStatus {
             pid: self.holder_pid,
             worker_pid: std::process::id(),

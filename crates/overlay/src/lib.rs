@@ -12,6 +12,10 @@
 //! different filesystems. All layers of a store share one filesystem, where overlay reports the
 //! real lower inode numbers, which is what keeps `st_ino` unchanged across population and detach.
 
+mod in_use;
+
+pub use in_use::MountTables;
+
 use std::path::{Path, PathBuf};
 
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};

@@ -7,6 +7,7 @@
 //! lives under `--root` is in [`store`].
 
 pub mod error;
+pub mod gc;
 pub mod layer;
 pub mod profile;
 pub mod state;
@@ -15,6 +16,7 @@ pub mod tree;
 pub mod verify;
 
 pub use error::{Error, Result};
+pub use gc::{GcReport, InUse, StoreLock};
 pub use layer::Layer;
 pub use profile::{Profile, ProfileEntry};
 pub use state::Phase;

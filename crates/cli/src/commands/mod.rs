@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod detach;
+pub mod gc;
 mod images;
 pub mod index;
 pub mod inspect;
@@ -38,6 +39,8 @@ async fn run_other(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status::run(&cli.global, args).await,
         Command::Detach(args) => detach::run(&cli.global, args).await,
         Command::Verify(args) => verify::run(&cli.global, args).await,
+        Command::Rmi(args) => gc::run_rmi(&cli.global, args).await,
+        Command::Gc(args) => gc::run(&cli.global, args).await,
     }
 }
 

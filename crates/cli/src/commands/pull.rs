@@ -70,6 +70,8 @@ pub async fn pull_image(
     let image = source.resolve(&choice).await?;
     std::fs::create_dir_all(&global.root)?;
     let store = Store::new(&global.root);
+    // Held until the image record names every layer: `gc` must not remove one meanwhile.
+    let _lock = store.lock_for_pull()?;
     if !lazylayer_fanotify::supports_pre_content(&global.root)? {
         anyhow::bail!(
             "the store {} is on a filesystem without fanotify pre-content support (ext4, xfs and \

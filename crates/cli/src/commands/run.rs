@@ -58,7 +58,7 @@ impl Drop for RunDir {
 }
 
 /// Removes what runs left behind when they were killed (their process is gone).
-fn clean_stale_runs(runs: &Path) {
+pub fn clean_stale_runs(runs: &Path) {
     let Ok(listing) = std::fs::read_dir(runs) else {
         return;
     };
