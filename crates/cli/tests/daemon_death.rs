@@ -191,3 +191,62 @@ fn killing_the_holder_leaves_the_worker_serving_the_group() {
     wait_for_status(&lazy, "never detached", all_detached);
     assert_same_tree(&reference.path(), &mnt);
 }
+
+fn signal(pid: i32, signal: i32) {
+    // SAFETY: sending a signal to a process id has no memory-safety preconditions.
+    assert_eq!(
+        unsafe { libc::kill(pid, signal) },
+        0,
+        "kill -{signal} {pid}"
+    );
+}
+
+#[test]
+fn an_event_no_worker_answers_is_denied_by_the_holder_after_twice_the_deadline() {
+    if !require_root("an_event_no_worker_answers_is_denied_by_the_holder_after_twice_the_deadline")
+    {
+        return;
+    }
+    let registry = indexed_registry();
+    let mut lazy = Lazy::new("ext4");
+    // The background barely moves: the files read below are not local yet.
+    lazy.serve(&["--fetch-deadline", "2", "--background-rate", "1"]);
+    let reference = Reference::new("bookworm");
+    let mnt = lazy.pull_and_mount(&format!("{registry}/test/debian:bookworm"), "debian");
+    let (_, worker) = pids(&lazy);
+    let mut files: Vec<(u64, PathBuf)> = regular_files(&reference.path())
+        .into_iter()
+        .map(|f| {
+            (
+                std::fs::metadata(reference.path().join(&f)).unwrap().len(),
+                f,
+            )
+        })
+        .collect();
+    files.sort();
+    let (_, big) = files.pop().unwrap();
+    let (_, next) = files.pop().unwrap();
+
+    // A worker that hangs (stopped, not dead: the holder does not replace it).
+    signal(worker, libc::SIGSTOP);
+    let started = Instant::now();
+    let denied = std::fs::read(mnt.join(&big));
+    let waited = started.elapsed();
+    signal(worker, libc::SIGCONT);
+    let e = denied.expect_err("a read nobody answered returned data");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{}: {e}", big.display());
+    assert!(
+        waited >= Duration::from_millis(3500) && waited < Duration::from_secs(30),
+        "denied after {waited:?}, not after twice the 2 s deadline"
+    );
+
+    // The worker is back: its late answer to the expired event is dropped, and reads work.
+    for file in [&big, &next] {
+        assert!(
+            std::fs::read(mnt.join(file)).unwrap()
+                == std::fs::read(reference.path().join(file)).unwrap(),
+            "{} differs from the extraction",
+            file.display()
+        );
+    }
+}
