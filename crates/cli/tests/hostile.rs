@@ -127,6 +127,7 @@ fn hostile_layers_are_refused_or_contained() {
         );
     }
     assert_eq!(contained, ["absolute", "duplicates", "bomb"]);
+
     // What the contained layers created is inside their layer directories.
     let layer_dirs: Vec<PathBuf> = std::fs::read_dir(lazy.root().join("layers/sha256"))
         .unwrap()
@@ -139,4 +140,46 @@ fn hostile_layers_are_refused_or_contained() {
     );
     assert!(has("twice"), "the duplicate, inside");
     assert!(has("zeros"), "the bomb's file, inside");
+}
+
+#[test]
+fn a_million_empty_files_in_one_layer_pull_and_detach_in_bounded_memory() {
+    if !require_root("a_million_empty_files_in_one_layer_pull_and_detach_in_bounded_memory") {
+        return;
+    }
+    const FILES: usize = 1_000_000;
+    let scratch = tempfile::tempdir().unwrap();
+    let layout = scratch.path().join("layout");
+    let mut layer = hostile::many_empty_files(FILES);
+    hostile::write_layout(&layout, std::slice::from_ref(&layer)).unwrap();
+    layer.tar = Vec::new();
+    // XFS: its inodes are allocated as needed (an ext4 of this size has too few).
+    let mut lazy = Lazy::on(common::LoopFs::with_size("xfs", "4G"));
+    let image = format!("oci:{}:{}", layout.display(), layer.name);
+    let started = std::time::Instant::now();
+    let (success, stderr, rss_kib) = pull(&lazy, &image);
+    eprintln!(
+        "{FILES} empty files: pull {} in {:?}, peak {rss_kib} KiB",
+        if success { "succeeded" } else { "failed" },
+        started.elapsed()
+    );
+    assert!(success, "{stderr}");
+    assert!(
+        rss_kib < 448 * 1024,
+        "pull of {FILES} empty files peaked at {rss_kib} KiB"
+    );
+    let mnt = lazy.fs.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    lazy.ll(&["mount", &image, mnt.to_str().unwrap()]);
+    lazy.mounts.push(mnt.clone());
+    let mut files = 0;
+    for dir in std::fs::read_dir(&mnt).unwrap() {
+        for file in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            let meta = file.unwrap().metadata().unwrap();
+            assert!(meta.is_file() && meta.len() == 0);
+            files += 1;
+        }
+    }
+    assert_eq!(files, FILES);
+    common::wait_for_status(&lazy, "the layer never detached", common::all_detached);
 }

@@ -145,7 +145,12 @@ impl Tar {
 
 /// Zeros written as a tar file entry of `size` bytes, streamed (the decompression bomb).
 fn zeros_entry(name: &[u8], size: u64) -> Vec<u8> {
-    let mut out = header(name, b'0', b"", size, 0o644).to_vec();
+    zeros_of_kind(b'0', name, size)
+}
+
+/// A tar entry of type `kind` whose `size` bytes of data are zeros.
+fn zeros_of_kind(kind: u8, name: &[u8], size: u64) -> Vec<u8> {
+    let mut out = header(name, kind, b"", size, 0o644).to_vec();
     out.resize(out.len() + size.div_ceil(512) as usize * 512, 0);
     out.extend_from_slice(&[0u8; 1024]);
     out
@@ -247,6 +252,18 @@ pub fn corpus(bomb_bytes: u64) -> Vec<HostileLayer> {
             expect: Expect::Contained,
         },
         HostileLayer {
+            name: "pax-bomb",
+            attack: "a PAX extended header of compressed zeros, which tar readers hold whole",
+            tar: zeros_of_kind(b'x', b"././@PaxHeader", bomb_bytes),
+            expect: Expect::Refused("accepts up to"),
+        },
+        HostileLayer {
+            name: "long-name-bomb",
+            attack: "a GNU long name of compressed zeros, which tar readers hold whole",
+            tar: zeros_of_kind(b'L', b"././@LongLink", bomb_bytes),
+            expect: Expect::Refused("accepts up to"),
+        },
+        HostileLayer {
             name: "long-name",
             attack: "a path component longer than NAME_MAX",
             tar: Tar::default()
@@ -340,4 +357,20 @@ pub fn write_layout(dir: &Path, corpus: &[HostileLayer]) -> std::io::Result<()> 
     }
     let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests}).to_string();
     std::fs::write(dir.join("index.json"), index)
+}
+
+/// A layer of `count` empty files, a thousand per directory (directories implied by the paths).
+pub fn many_empty_files(count: usize) -> HostileLayer {
+    let mut tar = Vec::with_capacity(count * 512 + 1024);
+    for i in 0..count {
+        let name = format!("d{:04}/f{:04}", i / 1000, i % 1000);
+        tar.extend_from_slice(&header(name.as_bytes(), b'0', b"", 0, 0o644));
+    }
+    tar.extend_from_slice(&[0u8; 1024]);
+    HostileLayer {
+        name: "many-empty-files",
+        attack: "a huge number of empty files in one layer",
+        tar,
+        expect: Expect::Contained,
+    }
 }

@@ -2,6 +2,7 @@
 //! spans and hashing them), the uncompressed stream is hashed (diff_id) and walked as a tar
 //! (the file table). Nothing of the blob is kept; memory stays bounded by the buffers.
 
+pub mod header_guard;
 pub mod table;
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use futures_util::StreamExt;
 use lazylayer_source::{BlobDescriptor, Digest, DigestAlgorithm, DigestHasher, ImageSource};
 use tokio::sync::mpsc;
 
+use self::header_guard::HeaderGuard;
 use self::table::{Table, parse_sparse_map_01, read_sparse_map};
 use crate::codec;
 use crate::entry::{Entry, EntryKind};
@@ -176,7 +178,7 @@ pub fn build_from_reader<R: Read + Send + 'static>(
         inner: indexer,
         hasher: DigestHasher::new(DigestAlgorithm::Sha256),
     };
-    let entries = walk_tar(&name, &mut uncompressed)?;
+    let entries = walk_tar(&name, &mut HeaderGuard::new(&mut uncompressed))?;
     // The tar's end marker may be followed by padding: it is part of the diff_id.
     io::copy(&mut uncompressed, &mut io::sink()).map_err(|e| bad(e.to_string()))?;
     let uncompressed_size = uncompressed.hasher.len();

@@ -15,19 +15,31 @@ const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// The opaque-directory marker.
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 
+/// The most tar entries (duplicates included) a layer may have. Indexing holds about 350
+/// bytes per entry (a million empty files peak at 345 MiB), so this bounds a hostile layer of
+/// tiny entries; real layers stay far below it.
+pub const MAX_ENTRIES: usize = 2_000_000;
+
 /// Collects entries in archive order with last-wins replacement.
 pub struct Table {
     layer: String,
     slots: Vec<Option<Entry>>,
     by_path: HashMap<Vec<u8>, usize>,
+    max_entries: usize,
 }
 
 impl Table {
     pub fn new(layer: &str) -> Self {
+        Table::with_limit(layer, MAX_ENTRIES)
+    }
+
+    /// A table that refuses a layer of more than `max_entries` entries.
+    pub fn with_limit(layer: &str, max_entries: usize) -> Self {
         Table {
             layer: layer.to_string(),
             slots: Vec::new(),
             by_path: HashMap::new(),
+            max_entries,
         }
     }
 
@@ -103,6 +115,15 @@ impl Table {
 
     /// Adds an entry whose raw tar name is `raw_path`.
     pub fn add(&mut self, raw_path: &[u8], mut entry: Entry) -> Result<()> {
+        if self.slots.len() >= self.max_entries {
+            return Err(self.bad(
+                raw_path,
+                format!(
+                    "is past lazylayer's limit of {} entries in one layer",
+                    self.max_entries
+                ),
+            ));
+        }
         let path = normalise(raw_path)
             .ok_or_else(|| self.bad(raw_path, "has a `..` component or a NUL byte"))?;
         let (parent, name) = match path.iter().rposition(|b| *b == b'/') {
@@ -206,7 +227,13 @@ impl Table {
 
     /// The entries in archive order.
     pub fn finish(self) -> Vec<Entry> {
-        self.slots.into_iter().flatten().collect()
+        let Table {
+            mut slots, by_path, ..
+        } = self;
+        drop(by_path);
+        // In place: a layer of a million entries must not need its table twice over.
+        slots.retain(Option::is_some);
+        slots.into_iter().map(|slot| slot.expect("kept")).collect()
     }
 }
 
@@ -350,6 +377,17 @@ mod tests {
             opaque: false,
             implied: false,
         }
+    }
+
+    #[test]
+    fn a_layer_past_the_entry_limit_is_refused() {
+        let mut table = Table::with_limit("l", 3);
+        for name in ["a", "b", "a"] {
+            table.add(name.as_bytes(), file(name)).unwrap();
+        }
+        // Duplicates count: each takes memory while indexing.
+        let error = table.add(b"c", file("c")).unwrap_err().to_string();
+        assert!(error.contains("limit of 3 entries"), "{error}");
     }
 
     fn dir(path: &str) -> Entry {
