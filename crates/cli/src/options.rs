@@ -199,8 +199,10 @@ pub enum Command {
         it starts a worker (shown as worker_pid in `status --json`) that fetches and fills. If the \
         worker crashes or is killed, readers of files not yet local keep waiting (never zeros) while \
         the holder starts a new worker, which takes over the unanswered events and resumes from the \
-        persisted population state. SIGTERM or SIGINT stops both: do that only when no lazy layer \
-        is mounted."
+        persisted population state.\n\n\
+        SIGTERM or SIGINT stops both. If a lazy layer is still mounted (in any mount namespace), \
+        the daemon first fills the mounted lazy layers until they detach, since without it their \
+        data not yet local would read as zeros; a second signal stops it at once anyway."
     )]
     Serve(ServeArgs),
 }

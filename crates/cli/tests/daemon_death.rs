@@ -250,3 +250,51 @@ fn an_event_no_worker_answers_is_denied_by_the_holder_after_twice_the_deadline()
         );
     }
 }
+
+#[test]
+fn stopping_the_daemon_with_lazy_layers_mounted_fills_them_first() {
+    if !require_root("stopping_the_daemon_with_lazy_layers_mounted_fills_them_first") {
+        return;
+    }
+    let registry = indexed_registry();
+    let mut lazy = Lazy::new("ext4");
+    // The background barely moves: the layer is lazy when the daemon is told to stop.
+    lazy.serve(&["--background-rate", "1"]);
+    let reference = Reference::new("bookworm");
+    let mnt = lazy.pull_and_mount(&format!("{registry}/test/debian:bookworm"), "debian");
+    assert_eq!(lazy.status()["layers"][0]["phase"], "lazy");
+    let mut holder = lazy.serve.take().unwrap();
+    signal(holder.id() as i32, libc::SIGTERM);
+    // It fills the mounted layer (uncapped) and only then stops.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let code = loop {
+        if let Some(status) = holder.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "the daemon never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, Some(0));
+    let status = lazy.status();
+    assert_eq!(status["daemon_running"], false, "{status}");
+    assert!(all_detached(&status), "stopped before detaching: {status}");
+    // Nothing serves the mount now, and nothing needs to.
+    assert_same_tree(&reference.path(), &mnt);
+
+    // Told twice, it stops at once (the second layer stays lazy).
+    lazy.serve(&["--background-rate", "1"]);
+    let layers = format!("{registry}/test/layers:latest");
+    lazy.pull_and_mount(&layers, "layers");
+    let mut holder = lazy.serve.take().unwrap();
+    signal(holder.id() as i32, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(500));
+    signal(holder.id() as i32, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holder.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "a second SIGTERM did not stop the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -120,13 +120,42 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     );
     let mut pause = Duration::from_millis(100);
     let mut first = true;
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let mut draining = false;
     loop {
         let started = Instant::now();
         let (mut worker, pid) = spawn_worker(&holder, &listener)?;
-        let status = tokio::select! {
-            status = worker.wait() => status,
-            _ = terminate.recv() => return stop(worker, &socket).await,
-            _ = interrupt.recv() => return stop(worker, &socket).await,
+        let status = loop {
+            tokio::select! {
+                status = worker.wait() => break status,
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+                _ = drained.notified(), if draining => {
+                    tracing::info!("every mounted lazy layer is detached; stopping");
+                    return stop(worker, &socket).await;
+                }
+            }
+            // A signal to stop. Without this process and its worker, mounted lazy layers
+            // would read zeros where data is not local yet: fill them first, unless told twice.
+            let busy = mounted_lazy_layers(&store);
+            if busy.is_empty() {
+                return stop(worker, &socket).await;
+            }
+            if draining {
+                tracing::warn!(
+                    "stopping now, as told twice: {} mounted lazy layer(s) will read zeros where \
+                     data is not local",
+                    busy.len()
+                );
+                return stop(worker, &socket).await;
+            }
+            tracing::warn!(
+                "{} lazy layer(s) are mounted: filling them before stopping (signal again to \
+                 stop now, and have those mounts read zeros where data is not local)",
+                busy.len()
+            );
+            draining = true;
+            tokio::spawn(drain(socket.clone(), busy, drained.clone()));
         };
         holder.detach_worker();
         let was_first = std::mem::replace(&mut first, false);
@@ -155,6 +184,51 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
         };
         tokio::time::sleep(pause).await;
     }
+}
+
+/// The lazy layers of the store that an overlay mount uses, in any mount namespace.
+fn mounted_lazy_layers(store: &Store) -> Vec<lazylayer_source::Digest> {
+    let Ok(tables) = lazylayer_overlay::MountTables::scan() else {
+        // Unknown: assume every lazy layer is in use.
+        return lazy_layers(store);
+    };
+    lazy_layers(store)
+        .into_iter()
+        .filter(|digest| tables.uses(&store.layer_fs(digest)))
+        .collect()
+}
+
+fn lazy_layers(store: &Store) -> Vec<lazylayer_source::Digest> {
+    let mut lazy: Vec<lazylayer_source::Digest> = store
+        .layer_digests()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| store.phase(d).ok().flatten() == Some(lazylayer_store::Phase::Lazy))
+        .collect();
+    lazy.dedup();
+    lazy
+}
+
+/// Asks the worker (whichever runs: it may be restarted meanwhile) to fill `layers` now and
+/// answer once they are detached; then says so.
+async fn drain(
+    socket: PathBuf,
+    layers: Vec<lazylayer_source::Digest>,
+    drained: Arc<tokio::sync::Notify>,
+) {
+    let request = crate::Request::Detach { layers, wait: true };
+    loop {
+        match crate::client::request(&socket, &request).await {
+            Ok(response) if response.ok => break,
+            Ok(response) => tracing::warn!(
+                "filling the mounted lazy layers before stopping: {}",
+                response.error.unwrap_or_default()
+            ),
+            Err(e) => tracing::debug!("asking the worker to detach: {e}; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    drained.notify_one();
 }
 
 /// Starts a worker: this program again, with the same arguments plus `--worker-fds`.
@@ -203,8 +277,7 @@ fn spawn_worker(
     Ok((child, pid))
 }
 
-/// SIGTERM or SIGINT: the worker is told to stop, then the holder stops. Lazy layers still in
-/// use then read as errors or zeros: stop the daemon only when none is mounted.
+/// The worker is told to stop, then the holder stops.
 async fn stop(
     mut worker: tokio::process::Child,
     socket: &std::path::Path,
