@@ -35,11 +35,6 @@ pub struct ServeOptions {
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The store's filesystem cannot take pre-content marks.
-    #[error(
-        "the store {0} is on a filesystem without fanotify pre-content support (ext4, xfs and btrfs have it; tmpfs and overlayfs do not); put --root on one of those (the FUSE mode will cover the rest)"
-    )]
-    NoPreContent(String),
     /// Another daemon answers on the socket.
     #[error("a lazylayer daemon already serves {0}")]
     AlreadyRunning(String),
@@ -79,7 +74,10 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
         ));
     }
     if !supports_pre_content(&options.root).map_err(other)? {
-        return Err(ServeError::NoPreContent(options.root.display().to_string()));
+        tracing::info!(
+            "{} cannot take fanotify pre-content marks: its lazy layers are served with FUSE",
+            options.root.display()
+        );
     }
     let group = Group::new().map_err(|e| other(format!("fanotify_init: {e}")))?;
     let _ = std::fs::remove_file(&socket);
@@ -194,7 +192,10 @@ fn mounted_lazy_layers(store: &Store) -> Vec<lazylayer_source::Digest> {
     };
     lazy_layers(store)
         .into_iter()
-        .filter(|digest| tables.uses(&store.layer_fs(digest)))
+        .filter(|digest| {
+            tables.overlay_uses(&store.layer_fs(digest))
+                || tables.overlay_uses(&store.fuse_mountpoint(digest))
+        })
         .collect()
 }
 

@@ -50,6 +50,14 @@ pub struct DaemonStatus {
     pub demanded_files: usize,
     /// The layers the daemon serves or served.
     pub layers: Vec<LayerStatus>,
+    /// Layers whose FUSE mount still serves overlays (made while they were lazy): those
+    /// mounts keep a FUSE hop, and need the daemon, until the overlays go.
+    #[serde(default)]
+    pub fuse_mounts: Vec<Digest>,
+    /// READ requests that reached the daemon through FUSE (opens of filled files are passed
+    /// through to the layer directory, so these stay at zero on kernels with passthrough).
+    #[serde(default)]
+    pub fuse_reads: u64,
 }
 
 /// One layer's population.
@@ -78,11 +86,16 @@ pub struct LayerStatus {
 
 impl LayerStatus {
     /// A layer no worker is serving, as far as the store has persisted its population.
-    pub fn persisted(digest: Digest, phase: Phase, progress: lazylayer_store::Progress) -> Self {
+    pub fn persisted(
+        digest: Digest,
+        phase: Phase,
+        mode: lazylayer_store::FrontendMode,
+        progress: lazylayer_store::Progress,
+    ) -> Self {
         LayerStatus {
             digest,
             phase,
-            mode: "fanotify".into(),
+            mode: mode.name().into(),
             files: progress.files,
             files_populated: progress.files_populated,
             bytes: progress.bytes,

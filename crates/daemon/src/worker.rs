@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use lazylayer_fanotify::{Frontend, Group};
+use lazylayer_fuse::{FuseMount, FuseStats, LayerFs};
 use lazylayer_index::EntryKind;
 use lazylayer_source::{ClientOptions, Digest, ImageReference, ImageSource, RegistryClient};
-use lazylayer_store::{Layer, Phase, Store};
+use lazylayer_store::{FrontendMode, Layer, Phase, Store};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -36,6 +37,8 @@ struct Daemon {
     client: RegistryClient,
     options: ServeOptions,
     layers: Mutex<HashMap<Digest, Arc<Managed>>>,
+    /// FUSE mounts of layers served in FUSE mode (kept after detach while overlays use them).
+    fuse: Mutex<HashMap<Digest, FuseMount>>,
     changed: tokio::sync::Notify,
     /// The holder's pid (the daemon's pid as commands see it).
     holder_pid: u32,
@@ -113,6 +116,7 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
         client,
         options: options.clone(),
         layers: Mutex::new(HashMap::new()),
+        fuse: Mutex::new(HashMap::new()),
         changed: tokio::sync::Notify::new(),
         holder_pid: std::os::unix::process::parent_id(),
     });
@@ -139,8 +143,11 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
         options.root.display(),
         daemon.holder_pid
     );
+    // A timer outside the loop: commands arriving more often than once a second must not
+    // postpone the check for ever.
+    let mut idle_check = tokio::time::interval(Duration::from_secs(1));
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let idle_check = tokio::time::sleep(Duration::from_secs(1));
         tokio::select! {
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
@@ -148,7 +155,8 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
                     tokio::spawn(async move { daemon.converse(stream).await });
                 }
             }
-            _ = idle_check => {
+            _ = idle_check.tick() => {
+                daemon.unmount_unused_fuse();
                 if daemon.options.exit_when_idle && daemon.idle() {
                     tracing::info!("no lazy layer left: exiting");
                     let _ = std::fs::remove_file(&socket);
@@ -162,6 +170,7 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
 impl Daemon {
     fn idle(&self) -> bool {
         self.layers.lock().expect("layers").is_empty()
+            && self.fuse.lock().expect("fuse mounts").is_empty()
             && self
                 .store
                 .images()
@@ -203,11 +212,16 @@ impl Daemon {
                         .open_layer(index, source)
                         .map_err(|e| e.to_string())?,
                 );
-                let marked = self
-                    .frontend
-                    .attach(&layer)
-                    .map_err(|e| format!("marking layer {}: {e}", blob.digest))?;
-                tracing::info!("layer {}: {marked} files marked", blob.digest);
+                match layer.mode().map_err(|e| e.to_string())? {
+                    FrontendMode::Fanotify => {
+                        let marked = self
+                            .frontend
+                            .attach(&layer)
+                            .map_err(|e| format!("marking layer {}: {e}", blob.digest))?;
+                        tracing::info!("layer {}: {marked} files marked", blob.digest);
+                    }
+                    FrontendMode::Fuse => self.mount_fuse(&layer)?,
+                }
                 let managed = Arc::new(Managed {
                     layer,
                     urgent: std::sync::atomic::AtomicBool::new(false),
@@ -223,6 +237,62 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Serves `layer` through a FUSE mount at its mountpoint (the lower of new overlays).
+    fn mount_fuse(&self, layer: &Arc<Layer>) -> Result<(), String> {
+        let digest = layer.digest.clone();
+        if self.fuse.lock().expect("fuse mounts").contains_key(&digest) {
+            return Ok(());
+        }
+        let stats = Arc::new(FuseStats::default());
+        let frontend = self.frontend.clone();
+        let demand_digest = digest.clone();
+        let fs = LayerFs::new(
+            layer.clone(),
+            tokio::runtime::Handle::current(),
+            self.options.deadline,
+            Arc::new(move |i| frontend.note_demand(&demand_digest, i)),
+            stats.clone(),
+        );
+        let mountpoint = self.store.fuse_mountpoint(&digest);
+        let mount = FuseMount::mount(fs, stats, &mountpoint).map_err(|e| {
+            format!(
+                "mounting layer {digest} with FUSE at {}: {e}",
+                mountpoint.display()
+            )
+        })?;
+        tracing::info!(
+            "layer {digest}: served with FUSE at {}",
+            mountpoint.display()
+        );
+        self.fuse.lock().expect("fuse mounts").insert(digest, mount);
+        Ok(())
+    }
+
+    /// Takes down the FUSE mounts of detached layers that no overlay uses any more (new
+    /// overlays use the layer directory itself).
+    fn unmount_unused_fuse(&self) {
+        let detached: Vec<Digest> = {
+            let fuse = self.fuse.lock().expect("fuse mounts");
+            let managed = self.layers.lock().expect("layers");
+            fuse.keys()
+                .filter(|d| !managed.contains_key(*d))
+                .cloned()
+                .collect()
+        };
+        if detached.is_empty() {
+            return;
+        }
+        let Ok(tables) = lazylayer_overlay::MountTables::scan() else {
+            return;
+        };
+        for digest in detached {
+            if !tables.overlay_uses(&self.store.fuse_mountpoint(&digest)) {
+                tracing::info!("layer {digest}: no overlay uses its FUSE mount; unmounting it");
+                self.fuse.lock().expect("fuse mounts").remove(&digest);
+            }
+        }
     }
 
     /// The entries of `layer` that the prefetch profiles of images using it list, in order.
@@ -407,7 +477,8 @@ impl Daemon {
                             .ok()
                             .flatten()
                             .unwrap_or_default();
-                        LayerStatus::persisted(blob.digest.clone(), phase, progress)
+                        let mode = self.store.mode(&blob.digest).unwrap_or_default();
+                        LayerStatus::persisted(blob.digest.clone(), phase, mode, progress)
                     }
                 };
                 layers.push(status);
@@ -420,7 +491,18 @@ impl Daemon {
                 layers.push(layer_status(&m.layer, Phase::Lazy, error));
             }
         }
+        let (fuse_mounts, fuse_reads) = {
+            let fuse = self.fuse.lock().expect("fuse mounts");
+            (
+                fuse.keys().cloned().collect(),
+                fuse.values()
+                    .map(|m| m.stats().reads.load(std::sync::atomic::Ordering::Relaxed))
+                    .sum(),
+            )
+        };
         DaemonStatus {
+            fuse_mounts,
+            fuse_reads,
             pid: self.holder_pid,
             worker_pid: std::process::id(),
             marked_files: self.frontend.marked(),
@@ -536,7 +618,7 @@ fn layer_status(layer: &Layer, phase: Phase, error: Option<String>) -> LayerStat
     LayerStatus {
         digest: layer.digest.clone(),
         phase,
-        mode: "fanotify".into(),
+        mode: layer.mode().unwrap_or_default().name().into(),
         files,
         files_populated,
         bytes,

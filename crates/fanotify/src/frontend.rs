@@ -265,6 +265,19 @@ impl Frontend {
         });
     }
 
+    /// A reader waits for (or just got) file `entry` of layer `digest` through another frontend
+    /// (FUSE): recorded for profiles, and it keeps the background off the network for a moment.
+    pub fn note_demand(&self, digest: &lazylayer_source::Digest, entry: usize) {
+        {
+            let mut demanded = self.demanded.lock().expect("demand log");
+            let key = (digest.clone(), entry);
+            if !demanded.contains(&key) {
+                demanded.push(key);
+            }
+        }
+        *self.last_demand.lock().expect("last demand") = std::time::Instant::now();
+    }
+
     fn answer(&self, reply: Reply, answer: Answer) {
         let result = match reply {
             Reply::Direct(event) => self.group.answer(&event, answer),

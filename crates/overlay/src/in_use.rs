@@ -47,17 +47,30 @@ impl MountTables {
     /// Whether some mount names `path` (as a mount point, source, or in its options such as
     /// an overlay's `lowerdir`/`upperdir`) — exactly that path, not one it is a prefix of.
     pub fn uses(&self, path: &Path) -> bool {
-        let needle = path.to_string_lossy();
-        let mut rest = self.text.as_str();
-        while let Some(at) = rest.find(needle.as_ref()) {
-            let after = rest[at + needle.len()..].chars().next();
-            if matches!(after, None | Some(',' | ':' | ' ' | '\n' | '/')) {
-                return true;
-            }
-            rest = &rest[at + needle.len()..];
-        }
-        false
+        names(&self.text, path)
     }
+
+    /// Whether an overlay mount names `path` (as a layer, or its upper or work directory).
+    pub fn overlay_uses(&self, path: &Path) -> bool {
+        self.text
+            .lines()
+            .filter(|line| line.contains(" - overlay "))
+            .any(|line| names(line, path))
+    }
+}
+
+/// Whether `text` names `path` exactly (not a longer path it is a prefix of).
+fn names(text: &str, path: &Path) -> bool {
+    let needle = path.to_string_lossy();
+    let mut rest = text;
+    while let Some(at) = rest.find(needle.as_ref()) {
+        let after = rest[at + needle.len()..].chars().next();
+        if matches!(after, None | Some(',' | ':' | ' ' | '\n' | '/')) {
+            return true;
+        }
+        rest = &rest[at + needle.len()..];
+    }
+    false
 }
 
 /// Decodes mountinfo's `\ooo` escapes (space, tab, newline, backslash, comma).
@@ -98,5 +111,10 @@ mod tests {
         assert!(!tables.uses(Path::new("/var/lib/my store/layers/sha256/a")));
         assert!(!tables.uses(Path::new("/var/lib/my store/layers/sha256/cd/fs")));
         assert!(tables.uses(Path::new("/u")));
+        assert!(tables.overlay_uses(Path::new("/u")));
+        let fuse =
+            MountTables::from_text("40 25 0:41 / /root/fuse/ab rw - fuse.lazylayer lazylayer rw\n");
+        assert!(fuse.uses(Path::new("/root/fuse/ab")));
+        assert!(!fuse.overlay_uses(Path::new("/root/fuse/ab")));
     }
 }

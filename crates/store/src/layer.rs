@@ -191,7 +191,15 @@ impl Layer {
         LayerRecord {
             phase,
             entries: self.index.entries.len(),
+            mode: self.mode()?,
         }
         .save(&self.record_path)
+    }
+
+    /// How the layer is served while lazy.
+    pub fn mode(&self) -> Result<crate::FrontendMode> {
+        Ok(LayerRecord::load(&self.record_path)?
+            .map(|r| r.mode)
+            .unwrap_or_default())
     }
 }

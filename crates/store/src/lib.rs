@@ -19,6 +19,6 @@ pub use error::{Error, Result};
 pub use gc::{GcReport, InUse, StoreLock};
 pub use layer::Layer;
 pub use profile::{Profile, ProfileEntry};
-pub use state::Phase;
+pub use state::{FrontendMode, Phase};
 pub use store::{ImageRecord, Progress, Store};
 pub use tree::LayerTree;

@@ -24,6 +24,27 @@ pub enum Phase {
     Detached,
 }
 
+/// How a lazy layer is served to the overlay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontendMode {
+    /// Its directory is the lower; fanotify pre-content events fill files on access.
+    #[default]
+    Fanotify,
+    /// A FUSE mount of it is the lower until it detaches.
+    Fuse,
+}
+
+impl FrontendMode {
+    /// The name `status` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendMode::Fanotify => "fanotify",
+            FrontendMode::Fuse => "fuse",
+        }
+    }
+}
+
 /// The small record kept beside each layer directory.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerRecord {
@@ -31,6 +52,9 @@ pub struct LayerRecord {
     pub phase: Phase,
     /// Number of entries of the index the tree was built from.
     pub entries: usize,
+    /// How it is served while lazy (records written before FUSE existed are fanotify).
+    #[serde(default)]
+    pub mode: FrontendMode,
 }
 
 impl LayerRecord {

@@ -19,7 +19,7 @@ use lazylayer_source::{BlobDescriptor, Digest, ImageSource};
 use serde::{Deserialize, Serialize};
 
 use crate::layer::Layer;
-use crate::state::{LayerRecord, Phase};
+use crate::state::{FrontendMode, LayerRecord, Phase};
 use crate::tree::LayerTree;
 use crate::{Error, Result};
 
@@ -107,6 +107,30 @@ impl Store {
         self.root.join("mounts")
     }
 
+    /// Where a layer served through FUSE is mounted while lazy.
+    pub fn fuse_mountpoint(&self, digest: &Digest) -> PathBuf {
+        self.root.join("fuse").join(digest.hex())
+    }
+
+    /// How a layer is served while lazy (fanotify for a layer the store does not have).
+    pub fn mode(&self, digest: &Digest) -> Result<FrontendMode> {
+        Ok(LayerRecord::load(&self.layer_dir(digest).join("record"))?
+            .map(|r| r.mode)
+            .unwrap_or_default())
+    }
+
+    /// The directory a new overlay mount takes as this layer's lower: the FUSE mount of a lazy
+    /// FUSE layer, else the layer directory itself (a detached layer never needs the daemon).
+    pub fn lower_dir(&self, digest: &Digest) -> Result<PathBuf> {
+        let record = LayerRecord::load(&self.layer_dir(digest).join("record"))?;
+        Ok(match record {
+            Some(r) if r.phase == Phase::Lazy && r.mode == FrontendMode::Fuse => {
+                self.fuse_mountpoint(digest)
+            }
+            _ => self.layer_fs(digest),
+        })
+    }
+
     /// The phase of a layer, if the store has it.
     pub fn phase(&self, digest: &Digest) -> Result<Option<Phase>> {
         Ok(LayerRecord::load(&self.layer_dir(digest).join("record"))?.map(|r| r.phase))
@@ -115,7 +139,7 @@ impl Store {
     /// Creates the layer's directory from its index, unless it exists already: placeholders
     /// for every entry, directory times last, then (after a sync) the record says `lazy`. A
     /// tree left half-made by a crash is removed and made again.
-    pub fn prepare_layer(&self, index: &LayerIndex) -> Result<Phase> {
+    pub fn prepare_layer(&self, index: &LayerIndex, mode: FrontendMode) -> Result<Phase> {
         let dir = self.layer_dir(&index.blob_digest);
         let record_path = dir.join("record");
         match LayerRecord::load(&record_path)? {
@@ -139,6 +163,7 @@ impl Store {
         let record = |phase| LayerRecord {
             phase,
             entries: index.entries.len(),
+            mode,
         };
         record(Phase::Creating).save(&record_path)?;
         let tree = LayerTree::open(&dir.join("fs"))?;

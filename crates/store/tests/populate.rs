@@ -40,7 +40,12 @@ async fn populated_layers_equal_tar_extraction() {
                     .await
                     .unwrap(),
             );
-            assert_eq!(store.prepare_layer(&index).unwrap(), Phase::Lazy);
+            assert_eq!(
+                store
+                    .prepare_layer(&index, lazylayer_store::FrontendMode::Fanotify)
+                    .unwrap(),
+                Phase::Lazy
+            );
             let layer = store.open_layer(index.clone(), source.clone()).unwrap();
             if streamed {
                 layer.reader().set_large_span_output(0);
@@ -67,7 +72,12 @@ async fn populated_layers_equal_tar_extraction() {
                 "{tag} layer {i}: state was durable"
             );
             // Preparing again keeps the populated tree.
-            assert_eq!(store.prepare_layer(&index).unwrap(), Phase::Lazy);
+            assert_eq!(
+                store
+                    .prepare_layer(&index, lazylayer_store::FrontendMode::Fanotify)
+                    .unwrap(),
+                Phase::Lazy
+            );
         }
     }
 }

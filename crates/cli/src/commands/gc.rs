@@ -72,7 +72,7 @@ async fn in_use(store: &Store) -> anyhow::Result<InUse> {
         .map_err(|e| anyhow::anyhow!("reading the mount tables under /proc: {e}"))?;
     let mut in_use = InUse::default();
     for digest in store.layer_digests()? {
-        if tables.uses(&store.layer_fs(&digest)) {
+        if tables.uses(&store.layer_fs(&digest)) || tables.uses(&store.fuse_mountpoint(&digest)) {
             in_use
                 .layers
                 .insert(digest, "an overlay mount still uses it".to_string());

@@ -75,8 +75,8 @@ pub async fn run_mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<(
             .layers
             .iter()
             .rev()
-            .map(|l| store.layer_fs(&l.digest))
-            .collect(),
+            .map(|l| store.lower_dir(&l.digest))
+            .collect::<Result<_, _>>()?,
         upper,
         work,
     };

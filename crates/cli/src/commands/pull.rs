@@ -8,7 +8,7 @@ use lazylayer_daemon::{Request, client};
 use lazylayer_index::distribution::{fetch_index, find_indexes};
 use lazylayer_index::{BuildOptions, build_and_cache};
 use lazylayer_source::{ImageReference, ImageSource, PlatformChoice};
-use lazylayer_store::{ImageRecord, Phase, Store};
+use lazylayer_store::{FrontendMode, ImageRecord, Phase, Store};
 
 use crate::commands::inspect::human_size;
 use crate::commands::{images, registry_client};
@@ -17,10 +17,13 @@ use crate::options::GlobalArgs;
 /// How lazy layers are served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
-    /// fanotify where the store's filesystem supports pre-content marks.
+    /// fanotify where the store's filesystem takes pre-content marks, FUSE elsewhere.
     Auto,
     /// fanotify pre-content events (Linux 6.14+, store on ext4, xfs or btrfs).
     Fanotify,
+    /// A FUSE mount per lazy layer, with passthrough once a file is local (any kernel, any
+    /// store filesystem).
+    Fuse,
 }
 
 /// Options of `pull`.
@@ -41,7 +44,8 @@ pub struct PullArgs {
 
 /// Runs `pull`.
 pub async fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<()> {
-    let (image, built_here) = pull_image(global, &args.image, args.platform.as_deref()).await?;
+    let (image, built_here) =
+        pull_image_with(global, &args.image, args.platform.as_deref(), args.mode).await?;
     let mut text = format!(
         "pulled {} ({} layers); mount it with `lazylayer mount`\n",
         image.reference,
@@ -63,6 +67,16 @@ pub async fn pull_image(
     image_ref: &str,
     platform: Option<&str>,
 ) -> anyhow::Result<(ImageRecord, usize)> {
+    pull_image_with(global, image_ref, platform, Mode::Auto).await
+}
+
+/// Pulls `image` lazily, serving new lazy layers in `mode`.
+pub async fn pull_image_with(
+    global: &GlobalArgs,
+    image_ref: &str,
+    platform: Option<&str>,
+    mode: Mode,
+) -> anyhow::Result<(ImageRecord, usize)> {
     let reference: ImageReference = image_ref.parse()?;
     let choice = PlatformChoice::from_flag(platform)?;
     let client = registry_client(global)?;
@@ -72,13 +86,19 @@ pub async fn pull_image(
     let store = Store::new(&global.root);
     // Held until the image record names every layer: `gc` must not remove one meanwhile.
     let _lock = store.lock_for_pull()?;
-    if !lazylayer_fanotify::supports_pre_content(&global.root)? {
-        anyhow::bail!(
+    let pre_content = lazylayer_fanotify::supports_pre_content(&global.root)?;
+    let frontend = match mode {
+        Mode::Fanotify if !pre_content => anyhow::bail!(
             "the store {} is on a filesystem without fanotify pre-content support (ext4, xfs and \
-             btrfs have it; tmpfs and overlayfs do not): use a --root on one of those",
+             btrfs have it on Linux 6.14+; tmpfs and overlayfs do not): use a --root on one of \
+             those, or --mode fuse",
             global.root.display()
-        );
-    }
+        ),
+        Mode::Fanotify => FrontendMode::Fanotify,
+        Mode::Fuse => FrontendMode::Fuse,
+        Mode::Auto if pre_content => FrontendMode::Fanotify,
+        Mode::Auto => FrontendMode::Fuse,
+    };
     let remote = match &source {
         ImageSource::Registry { repository, .. } => {
             Some((repository, find_indexes(repository, &image).await?))
@@ -136,8 +156,12 @@ pub async fn pull_image(
             }
         };
         let index = Arc::new(index);
-        store.prepare_layer(&index)?;
-        eprintln!("{label}: {} entries ready", index.entries.len());
+        store.prepare_layer(&index, frontend)?;
+        eprintln!(
+            "{label}: {} entries ready ({})",
+            index.entries.len(),
+            frontend.name()
+        );
     }
     let config: serde_json::Value = serde_json::from_slice(&image.config_bytes)?;
     let record = ImageRecord {

@@ -104,8 +104,8 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
             .layers
             .iter()
             .rev()
-            .map(|l| store.layer_fs(&l.digest))
-            .collect(),
+            .map(|l| store.lower_dir(&l.digest))
+            .collect::<Result<_, _>>()?,
         upper: dir.path.join("upper"),
         work: dir.path.join("work"),
         rootfs: dir.path.join("rootfs"),

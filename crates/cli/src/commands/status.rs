@@ -85,9 +85,11 @@ fn offline_status(store: &Store) -> anyhow::Result<DaemonStatus> {
                 .unwrap_or(lazylayer_store::Phase::Creating);
             // Without the daemon: what the store has persisted.
             let progress = store.persisted_progress(&blob)?.unwrap_or_default();
+            let mode = store.mode(&blob.digest)?;
             layers.push(lazylayer_daemon::LayerStatus::persisted(
                 blob.digest,
                 phase,
+                mode,
                 progress,
             ));
         }
@@ -98,5 +100,6 @@ fn offline_status(store: &Store) -> anyhow::Result<DaemonStatus> {
         marked_files: 0,
         demanded_files: 0,
         layers,
+        ..DaemonStatus::default()
     })
 }
