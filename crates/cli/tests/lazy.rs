@@ -1,4 +1,5 @@
-//! Lazy layers end to end, as root, on ext4 and XFS loop images: pull from a real registry,
+//! Lazy layers end to end, as root, on ext4 and XFS loop images, served with fanotify and (the
+//! `fuse_` tests, the same checks) with FUSE: pull from a real registry,
 //! mount with overlayfs, read through the mount while layers are still lazy, every access path,
 //! concurrency, a registry that goes away, and detach.
 
@@ -14,9 +15,9 @@ use lazylayer_testkit::fixtures::layout_dir;
 use lazylayer_testkit::require_root;
 use lazylayer_testkit::tree_diff::diff_trees;
 
-fn lazy_reads_equal_the_extraction(kind: &str) {
+fn lazy_reads_equal_the_extraction(kind: &str, mode: &'static str) {
     let registry = indexed_registry();
-    let mut lazy = Lazy::new(kind);
+    let mut lazy = Lazy::with_mode(kind, mode);
     // Background population held back, so reads find the layers lazy.
     lazy.serve(&["--background-rate", "1"]);
     for (tag, image) in [
@@ -53,14 +54,21 @@ fn lazy_reads_equal_the_extraction(kind: &str) {
 #[test]
 fn ext4_lazy_reads_equal_the_extraction() {
     if require_root("ext4_lazy_reads_equal_the_extraction") {
-        lazy_reads_equal_the_extraction("ext4");
+        lazy_reads_equal_the_extraction("ext4", "fanotify");
     }
 }
 
 #[test]
 fn xfs_lazy_reads_equal_the_extraction() {
     if require_root("xfs_lazy_reads_equal_the_extraction") {
-        lazy_reads_equal_the_extraction("xfs");
+        lazy_reads_equal_the_extraction("xfs", "fanotify");
+    }
+}
+
+#[test]
+fn fuse_lazy_reads_equal_the_extraction() {
+    if require_root("fuse_lazy_reads_equal_the_extraction") {
+        lazy_reads_equal_the_extraction("ext4", "fuse");
     }
 }
 
@@ -79,10 +87,10 @@ fn python(script: &str, args: &[&Path]) -> Vec<u8> {
     output.stdout
 }
 
-fn access_paths(kind: &str) {
+fn access_paths(kind: &str, mode: &'static str) {
     use std::os::unix::fs::FileExt;
     let registry = indexed_registry();
-    let mut lazy = Lazy::new(kind);
+    let mut lazy = Lazy::with_mode(kind, mode);
     lazy.serve(&["--background-rate", "1"]);
     let reference = Reference::new("bookworm");
     let mnt = lazy.pull_and_mount(&format!("{registry}/test/debian:bookworm"), "debian");
@@ -226,24 +234,41 @@ fn access_paths(kind: &str) {
 #[test]
 fn ext4_access_paths() {
     if require_root("ext4_access_paths") {
-        access_paths("ext4");
+        access_paths("ext4", "fanotify");
     }
 }
 
 #[test]
 fn xfs_access_paths() {
     if require_root("xfs_access_paths") {
-        access_paths("xfs");
+        access_paths("xfs", "fanotify");
+    }
+}
+
+#[test]
+fn fuse_access_paths() {
+    if require_root("fuse_access_paths") {
+        access_paths("ext4", "fuse");
     }
 }
 
 #[test]
 fn concurrent_readers_during_background_population() {
-    if !require_root("concurrent_readers_during_background_population") {
-        return;
+    if require_root("concurrent_readers_during_background_population") {
+        concurrent_readers("fanotify");
     }
+}
+
+#[test]
+fn fuse_concurrent_readers_during_background_population() {
+    if require_root("fuse_concurrent_readers_during_background_population") {
+        concurrent_readers("fuse");
+    }
+}
+
+fn concurrent_readers(mode: &'static str) {
     let registry = indexed_registry();
-    let mut lazy = Lazy::new("ext4");
+    let mut lazy = Lazy::with_mode("ext4", mode);
     let reference = Reference::new("bookworm");
     let mnt = lazy.pull_and_mount(&format!("{registry}/test/debian:bookworm"), "debian");
     let mut files = Vec::new();
@@ -276,11 +301,21 @@ fn concurrent_readers_during_background_population() {
 
 #[test]
 fn a_registry_that_goes_away_gives_eio_never_zeros() {
-    if !require_root("a_registry_that_goes_away_gives_eio_never_zeros") {
-        return;
+    if require_root("a_registry_that_goes_away_gives_eio_never_zeros") {
+        registry_goes_away("fanotify");
     }
+}
+
+#[test]
+fn fuse_a_registry_that_goes_away_gives_eio_never_zeros() {
+    if require_root("fuse_a_registry_that_goes_away_gives_eio_never_zeros") {
+        registry_goes_away("fuse");
+    }
+}
+
+fn registry_goes_away(mode: &'static str) {
     let registry = own_registry();
-    let mut lazy = Lazy::new("ext4");
+    let mut lazy = Lazy::with_mode("ext4", mode);
     lazy.serve(&["--background-rate", "1", "--fetch-deadline", "3"]);
     let mnt = lazy.pull_and_mount(
         &format!("{}/test/debian:bookworm", registry.host()),
@@ -300,9 +335,9 @@ fn a_registry_that_goes_away_gives_eio_never_zeros() {
     }
 }
 
-fn detach_leaves_a_plain_directory(kind: &str) {
+fn detach_leaves_a_plain_directory(kind: &str, mode: &'static str) {
     let registry = own_registry();
-    let mut lazy = Lazy::new(kind);
+    let mut lazy = Lazy::with_mode(kind, mode);
     let reference = Reference::new("bookworm");
     let image = format!("{}/test/debian:bookworm", registry.host());
     let mnt = lazy.pull_and_mount(&image, "debian");
@@ -381,14 +416,21 @@ fn detach_leaves_a_plain_directory(kind: &str) {
 #[test]
 fn ext4_detach_leaves_a_plain_directory() {
     if require_root("ext4_detach_leaves_a_plain_directory") {
-        detach_leaves_a_plain_directory("ext4");
+        detach_leaves_a_plain_directory("ext4", "fanotify");
     }
 }
 
 #[test]
 fn xfs_detach_leaves_a_plain_directory() {
     if require_root("xfs_detach_leaves_a_plain_directory") {
-        detach_leaves_a_plain_directory("xfs");
+        detach_leaves_a_plain_directory("xfs", "fanotify");
+    }
+}
+
+#[test]
+fn fuse_detach_leaves_a_plain_directory() {
+    if require_root("fuse_detach_leaves_a_plain_directory") {
+        detach_leaves_a_plain_directory("ext4", "fuse");
     }
 }
 
@@ -403,6 +445,8 @@ fn stores_without_pre_content_support_are_refused_clearly() {
         "--root",
         dir.path().join("root").to_str().unwrap(),
         "pull",
+        "--mode",
+        "fanotify",
         &format!("oci:{}:layers", layout_dir().display()),
     ]);
     let _ = Command::new("umount").arg(dir.path()).status();

@@ -319,6 +319,18 @@ impl Filesystem for LayerFs {
         reply.data(&buffer[..filled]);
     }
 
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Read-only: nothing to write back.
+        reply.ok();
+    }
+
     fn release(
         &self,
         _req: &Request,

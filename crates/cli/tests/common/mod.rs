@@ -89,6 +89,8 @@ pub struct Lazy {
     pub fs: LoopFs,
     pub serve: Option<Child>,
     pub mounts: Vec<PathBuf>,
+    /// `pull --mode`: auto, fanotify or fuse.
+    pub mode: &'static str,
 }
 
 impl Lazy {
@@ -102,7 +104,15 @@ impl Lazy {
             fs,
             serve: None,
             mounts: Vec::new(),
+            mode: "auto",
         }
+    }
+
+    /// A store on a fresh loop filesystem whose pulls serve lazy layers in `mode`.
+    pub fn with_mode(kind: &str, mode: &'static str) -> Lazy {
+        let mut lazy = Lazy::new(kind);
+        lazy.mode = mode;
+        lazy
     }
 
     pub fn root(&self) -> PathBuf {
@@ -139,7 +149,7 @@ impl Lazy {
     }
 
     pub fn pull_and_mount(&mut self, image: &str, name: &str) -> PathBuf {
-        self.ll(&["pull", image]);
+        self.ll(&["pull", "--mode", self.mode, image]);
         let target = self.fs.path().join(format!("mnt-{name}"));
         std::fs::create_dir_all(&target).unwrap();
         self.ll(&["mount", image, target.to_str().unwrap()]);
