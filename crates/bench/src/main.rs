@@ -5,7 +5,9 @@
 //!   cargo run --release -p lazylayer-bench -- index [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench lazy [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench startup [--runs N]
+//!   cargo build --release && sudo target/release/lazylayer-bench fuse [--runs N]
 
+mod fuse;
 mod index;
 mod lazy;
 mod startup;
@@ -32,6 +34,9 @@ enum Command {
     /// Container start (as root): full pull + extract + run against lazylayer, plain and with a
     /// recorded profile, for minbase /bin/true, python3 and perl at two network shapings.
     Startup(startup::Args),
+    /// FUSE mode (as root): passthrough reads and find + stat against the native filesystem,
+    /// and the first read of a file not yet local against fanotify mode.
+    Fuse(fuse::Args),
 }
 
 #[tokio::main]
@@ -40,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Index(args) => index::run(args).await,
         Command::Lazy(args) => lazy::run(args).await,
         Command::Startup(args) => startup::run(args).await,
+        Command::Fuse(args) => fuse::run(args).await,
     }
 }
 

@@ -131,3 +131,57 @@ fn a_store_on_tmpfs_is_served_with_fuse() {
         serde_json::from_str(&common::ok(&["--root", root_arg, "status", "--json"])).unwrap();
     lazylayer_testkit::daemon::kill_from_status(&status);
 }
+
+#[test]
+fn a_dead_fuse_worker_gives_errors_never_zeros() {
+    if !require_root("a_dead_fuse_worker_gives_errors_never_zeros") {
+        return;
+    }
+    let registry = indexed_registry();
+    let mut lazy = Lazy::with_mode("ext4", "fuse");
+    lazy.serve(&["--background-rate", "1"]);
+    let image = format!("{registry}/test/debian:bookworm");
+    let mnt = lazy.pull_and_mount(&image, "debian");
+    let reference = Reference::new("bookworm");
+    let probe = "usr/bin/bash";
+    assert_eq!(
+        std::fs::read(mnt.join(probe)).unwrap(),
+        std::fs::read(reference.path().join(probe)).unwrap()
+    );
+    let worker = lazy.status()["worker_pid"].as_i64().unwrap() as i32;
+    // SAFETY: sending a signal to a process id has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    // The overlay's FUSE connection died with the worker: files not local and files local
+    // alike give an error, never the placeholder's zeros.
+    for file in [
+        "usr/bin/perl5.36.0",
+        "usr/lib/x86_64-linux-gnu/libc.so.6",
+        probe,
+    ] {
+        match std::fs::read(mnt.join(file)) {
+            Ok(data) => assert!(
+                data == std::fs::read(reference.path().join(file)).unwrap(),
+                "{file}: wrong bytes after the worker died"
+            ),
+            Err(e) => assert!(
+                matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::EIO)),
+                "{file}: {e}"
+            ),
+        }
+    }
+    // The holder started another worker: a new mount of the image works.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lazy.status()["worker_pid"].as_i64().unwrap() as i32 == worker {
+        assert!(Instant::now() < deadline, "no new worker");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = lazy.fs.path().join("mnt-again");
+    std::fs::create_dir(&again).unwrap();
+    lazy.ll(&["mount", &image, again.to_str().unwrap()]);
+    lazy.mounts.push(again.clone());
+    assert_eq!(
+        std::fs::read(again.join("usr/bin/perl5.36.0")).unwrap(),
+        std::fs::read(reference.path().join("usr/bin/perl5.36.0")).unwrap()
+    );
+}

@@ -27,7 +27,7 @@ pub struct InUse {
 /// One thing a collection removed (or, in a dry run, would remove).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Removed {
-    /// What it was: `layer`, `index`, `spans`, `profile`, `mount`.
+    /// What it was: `layer`, `index`, `spans`, `profile`, `mount`, `mountpoint`.
     pub kind: &'static str,
     /// Its path.
     pub path: PathBuf,
@@ -194,6 +194,27 @@ impl Store {
         for (stem, path) in listing_by_stem(&self.root().join("profiles"))? {
             if !manifests.contains(stem.as_str()) {
                 remove("profile", path, &mut report)?;
+            }
+        }
+
+        // Mount points of FUSE layers that are gone (a mounted one is busy and stays).
+        let layers: BTreeSet<String> = self
+            .layer_digests()?
+            .iter()
+            .map(|d| d.hex().to_string())
+            .collect();
+        for dir in listing(&self.root().join("fuse"))? {
+            let hex = dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            if !layers.contains(&hex) && (dry_run || std::fs::remove_dir(&dir).is_ok()) {
+                report.removed.push(Removed {
+                    kind: "mountpoint",
+                    path: dir,
+                    bytes: 0,
+                });
             }
         }
 
