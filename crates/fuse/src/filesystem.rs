@@ -15,7 +15,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 use lazylayer_index::{Entry, EntryKind};
 use lazylayer_store::Layer;
@@ -198,6 +199,8 @@ impl LayerFs {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Listings come with attributes: a cold `find` or `ls -l` makes no LOOKUP per name.
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
         {
@@ -370,6 +373,43 @@ impl Filesystem for LayerFs {
             }));
         for (k, (child, kind, name)) in listing.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(child), k as u64 + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        if !self.inodes.is_dir(ino.0) {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let index = &self.layer.index;
+        let dots = [(ino.0, &b"."[..]), (ROOT, &b".."[..])];
+        let listing = dots.into_iter().chain(
+            self.inodes
+                .children(ino.0)
+                .iter()
+                .map(|(name, i)| (self.inodes.ino_of(index, *i), name.as_slice())),
+        );
+        for (k, (child, name)) in listing.enumerate().skip(offset as usize) {
+            let Ok(attr) = self.attr(child) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(child),
+                k as u64 + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
                 break;
             }
         }
