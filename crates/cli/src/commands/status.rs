@@ -51,6 +51,17 @@ pub async fn run(global: &GlobalArgs, args: StatusArgs) -> anyhow::Result<()> {
     } else {
         "daemon: not running\n".to_string()
     };
+    if !status.fuse_mounts.is_empty() {
+        text.push_str(&format!(
+            "FUSE-mounted layers (overlays made on them keep a FUSE hop): {}\n",
+            status
+                .fuse_mounts
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     for layer in &status.layers {
         text.push_str(&format!(
             "{}  {:<9} {:<9} files {}/{}  data {}/{}  fetched {}{}\n",
