@@ -195,14 +195,16 @@ pub enum Command {
         the background, and detaches each layer once complete and verified against its blob digest. \
         Commands talk to it over --root/lazylayer.sock and start it on demand (with \
         --exit-when-idle).\n\n\
-        It is two processes. This one, the holder, keeps the fanotify group and relays its events; \
+        It is two processes. This one, the holder, keeps the fanotify group and relays its events, \
+        and serves the FUSE mounts of layers in FUSE mode (relaying their fills the same way); \
         it starts a worker (shown as worker_pid in `status --json`) that fetches and fills. If the \
         worker crashes or is killed, readers of files not yet local keep waiting (never zeros) while \
         the holder starts a new worker, which takes over the unanswered events and resumes from the \
         persisted population state.\n\n\
         SIGTERM or SIGINT stops both. If a lazy layer is still mounted (in any mount namespace), \
         the daemon first fills the mounted lazy layers until they detach, since without it their \
-        data not yet local would read as zeros; a second signal stops it at once anyway."
+        data not yet local would read as zeros; a second signal stops it at once anyway. Overlays \
+        over FUSE-served layers lose their FUSE connection when the daemon stops."
     )]
     Serve(ServeArgs),
 }

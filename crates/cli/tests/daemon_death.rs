@@ -81,9 +81,13 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
+        Setup::with_mode("auto")
+    }
+
+    fn with_mode(mode: &'static str) -> Setup {
         let registry = indexed_registry();
         let proxy = FaultProxy::start(registry.parse().unwrap(), Shaping::link(100, 20)).unwrap();
-        let mut lazy = Lazy::new("ext4");
+        let mut lazy = Lazy::with_mode("ext4", mode);
         lazy.serve(&["--background-rate", "300000"]);
         let reference = Reference::new("bookworm");
         let image = format!("{}/test/debian:bookworm", proxy.host());
@@ -102,9 +106,21 @@ impl Setup {
 
 #[test]
 fn killing_the_worker_five_times_never_shows_a_reader_wrong_data() {
-    if !require_root("killing_the_worker_five_times_never_shows_a_reader_wrong_data") {
-        return;
+    if require_root("killing_the_worker_five_times_never_shows_a_reader_wrong_data") {
+        kill_the_worker_five_times("fanotify");
     }
+}
+
+/// FUSE mode: the holder serves the FUSE mounts, so the workload's overlay keeps working while
+/// workers die and restart (the restart of `serve`'s working half during reads).
+#[test]
+fn fuse_killing_the_worker_five_times_never_shows_a_reader_wrong_data() {
+    if require_root("fuse_killing_the_worker_five_times_never_shows_a_reader_wrong_data") {
+        kill_the_worker_five_times("fuse");
+    }
+}
+
+fn kill_the_worker_five_times(mode: &'static str) {
     let Setup {
         lazy,
         _proxy,
@@ -112,8 +128,9 @@ fn killing_the_worker_five_times_never_shows_a_reader_wrong_data() {
         image,
         mnt,
         files,
-    } = Setup::new();
+    } = Setup::with_mode(mode);
     assert!(files.len() > 1000, "{} files", files.len());
+    assert_eq!(lazy.status()["layers"][0]["mode"], mode);
     let (holder, first_worker) = pids(&lazy);
     let killing = AtomicBool::new(true);
     let mut killed = Vec::new();
@@ -299,4 +316,76 @@ fn stopping_the_daemon_with_lazy_layers_mounted_fills_them_first() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// An upgrade: the binary is replaced where it was installed and the worker killed; the holder
+/// starts the new binary as the next worker and keeps serving the FUSE mount, so a workload on
+/// an overlay over a lazy FUSE layer reads on, with the right bytes.
+#[test]
+fn upgrading_the_worker_keeps_fuse_mounts_serving() {
+    if !require_root("upgrading_the_worker_keeps_fuse_mounts_serving") {
+        return;
+    }
+    let registry = indexed_registry();
+    let mut lazy = Lazy::with_mode("ext4", "fuse");
+    // The daemon runs from a copy of the binary, which the test then replaces.
+    let installed = lazy.fs.path().join("bin/lazylayer");
+    std::fs::create_dir_all(installed.parent().unwrap()).unwrap();
+    std::fs::copy(common::EXE, &installed).unwrap();
+    std::fs::create_dir_all(lazy.root()).unwrap();
+    lazy.serve = Some(
+        std::process::Command::new(&installed)
+            .args([
+                "--root",
+                &lazy.root_arg(),
+                "serve",
+                "--background-rate",
+                "1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lazy.root().join("lazylayer.sock").exists() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reference = Reference::new("bookworm");
+    let mnt = lazy.pull_and_mount(&format!("{registry}/test/debian:bookworm"), "debian");
+    let probe = "usr/bin/bash";
+    assert_eq!(
+        std::fs::read(mnt.join(probe)).unwrap(),
+        std::fs::read(reference.path().join(probe)).unwrap()
+    );
+    let (holder, worker) = pids(&lazy);
+
+    // Install the new binary (a new file renamed over the old one), then replace the worker.
+    let staged = installed.with_extension("new");
+    std::fs::copy(common::EXE, &staged).unwrap();
+    std::fs::rename(&staged, &installed).unwrap();
+    kill(worker);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let upgraded = loop {
+        let (now_holder, now_worker) = pids(&lazy);
+        assert_eq!(now_holder, holder, "the holder stays");
+        if now_worker != worker {
+            break now_worker;
+        }
+        assert!(Instant::now() < deadline, "no new worker");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let exe = std::fs::read_link(format!("/proc/{upgraded}/exe")).unwrap();
+    assert_eq!(
+        exe, installed,
+        "the new worker does not run the installed binary"
+    );
+    let old = std::fs::read_link(format!("/proc/{holder}/exe")).unwrap();
+    assert!(
+        old.to_string_lossy().ends_with("(deleted)"),
+        "the holder should still run the replaced binary: {}",
+        old.display()
+    );
+    // The overlay made before the upgrade reads every file right, through the same FUSE mount.
+    assert_same_tree(&reference.path(), &mnt);
 }

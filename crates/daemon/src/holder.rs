@@ -15,6 +15,7 @@ use lazylayer_fanotify::{Group, Holder, supports_pre_content};
 use lazylayer_store::Store;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::fuse_layers::FuseLayers;
 use crate::worker::WorkerFds;
 
 /// How the daemon runs.
@@ -61,6 +62,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     std::fs::create_dir_all(&options.root).map_err(other)?;
     let store = Store::new(&options.root);
     let socket = store.socket();
+    worker_program().map_err(other)?;
     // One daemon per store: an exclusive lock held for the holder's life.
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -109,6 +111,25 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             })
             .map_err(other)?;
     }
+    // Lazy FUSE layers are served here; the worker asks for a look (SIGUSR1) after a pull.
+    let fuse = Arc::new(FuseLayers::new(store.clone(), holder.clone()));
+    let (wake_fuse, fuse_woken) = std::sync::mpsc::channel::<()>();
+    {
+        let fuse = fuse.clone();
+        std::thread::Builder::new()
+            .name("fuse-layers".into())
+            .spawn(move || {
+                loop {
+                    fuse.scan();
+                    match fuse_woken.recv_timeout(Duration::from_secs(2)) {
+                        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            })
+            .map_err(other)?;
+    }
+    let mut look_again = signal(SignalKind::user_defined1()).map_err(other)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(other)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(other)?;
     tracing::info!(
@@ -131,6 +152,10 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 _ = drained.notified(), if draining => {
                     tracing::info!("every mounted lazy layer is detached; stopping");
                     return stop(worker, &socket).await;
+                }
+                _ = look_again.recv() => {
+                    let _ = wake_fuse.send(());
+                    continue;
                 }
             }
             // A signal to stop. Without this process and its worker, mounted lazy layers
@@ -232,6 +257,18 @@ async fn drain(
     drained.notify_one();
 }
 
+/// The program workers run: this program's path as it was when the holder started, so that a
+/// binary replaced there (an upgrade) runs in the next worker, while the holder keeps the
+/// connections. (`current_exe` later would name the replaced file, which is gone.)
+fn worker_program() -> std::io::Result<PathBuf> {
+    static PROGRAM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(path) = PROGRAM.get() {
+        return Ok(path.clone());
+    }
+    let path = std::env::current_exe()?;
+    Ok(PROGRAM.get_or_init(|| path).clone())
+}
+
 /// Starts a worker: this program again, with the same arguments plus `--worker-fds`.
 fn spawn_worker(
     holder: &Arc<Holder>,
@@ -243,7 +280,7 @@ fn spawn_worker(
         theirs.as_raw_fd(),
         listener.as_raw_fd(),
     ];
-    let exe = std::env::current_exe().map_err(other)?;
+    let exe = worker_program().map_err(other)?;
     let mut command = tokio::process::Command::new(exe);
     command
         .args(std::env::args_os().skip(1))

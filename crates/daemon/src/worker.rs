@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use lazylayer_fanotify::{Frontend, Group};
-use lazylayer_fuse::{FuseMount, FuseStats, LayerFs};
 use lazylayer_index::EntryKind;
 use lazylayer_source::{ClientOptions, Digest, ImageReference, ImageSource, RegistryClient};
 use lazylayer_store::{FrontendMode, Layer, Phase, Store};
@@ -37,8 +36,6 @@ struct Daemon {
     client: RegistryClient,
     options: ServeOptions,
     layers: Mutex<HashMap<Digest, Arc<Managed>>>,
-    /// FUSE mounts of layers served in FUSE mode (kept after detach while overlays use them).
-    fuse: Mutex<HashMap<Digest, FuseMount>>,
     changed: tokio::sync::Notify,
     /// The holder's pid (the daemon's pid as commands see it).
     holder_pid: u32,
@@ -116,7 +113,6 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
         client,
         options: options.clone(),
         layers: Mutex::new(HashMap::new()),
-        fuse: Mutex::new(HashMap::new()),
         changed: tokio::sync::Notify::new(),
         holder_pid: std::os::unix::process::parent_id(),
     });
@@ -156,7 +152,6 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
                 }
             }
             _ = idle_check.tick() => {
-                daemon.unmount_unused_fuse();
                 if daemon.options.exit_when_idle && daemon.idle() {
                     tracing::info!("no lazy layer left: exiting");
                     let _ = std::fs::remove_file(&socket);
@@ -170,7 +165,7 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
 impl Daemon {
     fn idle(&self) -> bool {
         self.layers.lock().expect("layers").is_empty()
-            && self.fuse.lock().expect("fuse mounts").is_empty()
+            && self.fuse_mounts().is_empty()
             && self
                 .store
                 .images()
@@ -220,7 +215,7 @@ impl Daemon {
                             .map_err(|e| format!("marking layer {}: {e}", blob.digest))?;
                         tracing::info!("layer {}: {marked} files marked", blob.digest);
                     }
-                    FrontendMode::Fuse => self.mount_fuse(&layer)?,
+                    FrontendMode::Fuse => self.mount_fuse(&layer).await?,
                 }
                 let managed = Arc::new(Managed {
                     layer,
@@ -239,60 +234,48 @@ impl Daemon {
         Ok(())
     }
 
-    /// Serves `layer` through a FUSE mount at its mountpoint (the lower of new overlays).
-    fn mount_fuse(&self, layer: &Arc<Layer>) -> Result<(), String> {
-        let digest = layer.digest.clone();
-        if self.fuse.lock().expect("fuse mounts").contains_key(&digest) {
-            return Ok(());
+    /// Has the holder serve `layer` through FUSE: its unfilled files are registered for the
+    /// fill requests the holder relays, then the holder is asked to mount it, and this waits
+    /// until it has (the overlay about to be made needs the mount).
+    async fn mount_fuse(&self, layer: &Arc<Layer>) -> Result<(), String> {
+        let registered = self
+            .frontend
+            .register(layer)
+            .map_err(|e| format!("registering layer {}: {e}", layer.digest))?;
+        let mountpoint = self.store.fuse_mountpoint(&layer.digest);
+        if let Some(holder) = rustix::process::Pid::from_raw(self.holder_pid as i32) {
+            let _ = rustix::process::kill_process(holder, rustix::process::Signal::USR1);
         }
-        let stats = Arc::new(FuseStats::default());
-        let frontend = self.frontend.clone();
-        let demand_digest = digest.clone();
-        let fs = LayerFs::new(
-            layer.clone(),
-            tokio::runtime::Handle::current(),
-            self.options.deadline,
-            Arc::new(move |i| frontend.note_demand(&demand_digest, i)),
-            stats.clone(),
-        );
-        let mountpoint = self.store.fuse_mountpoint(&digest);
-        let mount = FuseMount::mount(fs, stats, &mountpoint).map_err(|e| {
-            format!(
-                "mounting layer {digest} with FUSE at {}: {e}",
-                mountpoint.display()
-            )
-        })?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !crate::fuse_layers::is_fuse_mount(&mountpoint) {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "layer {}: the holder did not mount it with FUSE at {} (see its log)",
+                    layer.digest,
+                    mountpoint.display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         tracing::info!(
-            "layer {digest}: served with FUSE at {}",
+            "layer {}: {registered} files to fill through FUSE at {}",
+            layer.digest,
             mountpoint.display()
         );
-        self.fuse.lock().expect("fuse mounts").insert(digest, mount);
         Ok(())
     }
 
-    /// Takes down the FUSE mounts of detached layers that no overlay uses any more (new
-    /// overlays use the layer directory itself).
-    fn unmount_unused_fuse(&self) {
-        let detached: Vec<Digest> = {
-            let fuse = self.fuse.lock().expect("fuse mounts");
-            let managed = self.layers.lock().expect("layers");
-            fuse.keys()
-                .filter(|d| !managed.contains_key(*d))
-                .cloned()
-                .collect()
-        };
-        if detached.is_empty() {
-            return;
-        }
-        let Ok(tables) = lazylayer_overlay::MountTables::scan() else {
-            return;
-        };
-        for digest in detached {
-            if !tables.overlay_uses(&self.store.fuse_mountpoint(&digest)) {
-                tracing::info!("layer {digest}: no overlay uses its FUSE mount; unmounting it");
-                self.fuse.lock().expect("fuse mounts").remove(&digest);
-            }
-        }
+    /// Layers whose FUSE mount (served by the holder) is up.
+    fn fuse_mounts(&self) -> Vec<Digest> {
+        let mut digests: Vec<Digest> = self
+            .store
+            .layer_digests()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| crate::fuse_layers::is_fuse_mount(&self.store.fuse_mountpoint(d)))
+            .collect();
+        digests.dedup();
+        digests
     }
 
     /// The entries of `layer` that the prefetch profiles of images using it list, in order.
@@ -491,15 +474,12 @@ impl Daemon {
                 layers.push(layer_status(&m.layer, Phase::Lazy, error));
             }
         }
-        let (fuse_mounts, fuse_reads) = {
-            let fuse = self.fuse.lock().expect("fuse mounts");
-            (
-                fuse.keys().cloned().collect(),
-                fuse.values()
-                    .map(|m| m.stats().reads.load(std::sync::atomic::Ordering::Relaxed))
-                    .sum(),
-            )
-        };
+        let fuse_mounts = self.fuse_mounts();
+        let fuse_reads = std::fs::read(crate::fuse_layers::stats_path(&self.store))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|stats| stats["reads"].as_u64())
+            .unwrap_or(0);
         DaemonStatus {
             fuse_mounts,
             fuse_reads,

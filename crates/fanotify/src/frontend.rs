@@ -21,6 +21,8 @@ use crate::relay::{RelayedAnswer, RelayedEvent};
 struct Target {
     layer: Arc<Layer>,
     entry: usize,
+    /// Whether the file carries a mark (FUSE layers' files are only registered).
+    marked: bool,
 }
 
 /// The fanotify frontend of all lazy layers of the store.
@@ -77,12 +79,36 @@ impl Frontend {
                 Target {
                     layer: layer.clone(),
                     entry: i,
+                    marked: true,
                 },
             );
             self.group.add_mark(dir.as_fd(), name)?;
             marked += 1;
         }
         Ok(marked)
+    }
+
+    /// Registers every file of `layer` that still lacks data, without marks: the layer is
+    /// served through FUSE, whose opens the holder relays here as fill requests (a request for
+    /// a file not registered is allowed, as its data is there).
+    pub fn register(&self, layer: &Arc<Layer>) -> std::io::Result<usize> {
+        let mut registered = 0;
+        for i in layer.pending_files() {
+            let inode = layer
+                .tree
+                .inode(&layer.index.entries[i].path)
+                .map_err(std::io::Error::other)?;
+            self.targets.write().expect("targets").insert(
+                inode,
+                Target {
+                    layer: layer.clone(),
+                    entry: i,
+                    marked: false,
+                },
+            );
+            registered += 1;
+        }
+        Ok(registered)
     }
 
     /// Removes the mark of one populated file.
@@ -99,24 +125,28 @@ impl Frontend {
     /// After a file is populated (by an event or in the background): its mark goes.
     pub fn populated(&self, layer: &Layer, i: usize) {
         let entry = &layer.index.entries[i];
-        self.unmark(&layer.tree, &entry.path);
-        if let Ok(inode) = layer.tree.inode(&entry.path) {
-            self.targets.write().expect("targets").remove(&inode);
+        if let Ok(inode) = layer.tree.inode(&entry.path)
+            && let Some(target) = self.targets.write().expect("targets").remove(&inode)
+            && target.marked
+        {
+            self.unmark(&layer.tree, &entry.path);
         }
     }
 
     /// Forgets a layer entirely (detach): removes every mark it still has.
     pub fn detach(&self, layer: &Layer) {
-        let inodes: Vec<((u64, u64), usize)> = self
+        let inodes: Vec<((u64, u64), usize, bool)> = self
             .targets
             .read()
             .expect("targets")
             .iter()
             .filter(|(_, t)| t.layer.digest == layer.digest)
-            .map(|(inode, t)| (*inode, t.entry))
+            .map(|(inode, t)| (*inode, t.entry, t.marked))
             .collect();
-        for (inode, entry) in inodes {
-            self.unmark(&layer.tree, &layer.index.entries[entry].path);
+        for (inode, entry, marked) in inodes {
+            if marked {
+                self.unmark(&layer.tree, &layer.index.entries[entry].path);
+            }
             self.targets.write().expect("targets").remove(&inode);
         }
     }

@@ -17,10 +17,31 @@ use crate::relay::{RelayedAnswer, RelayedEvent};
 
 /// An event the worker has not answered yet.
 struct Pending {
-    event: Event,
+    waiter: Waiter,
     record: RelayedEvent,
     since: Instant,
 }
+
+/// Who waits for an answer.
+enum Waiter {
+    /// A fanotify permission event, answered to the group.
+    Event(Event),
+    /// A FUSE open served by this process, waiting for its file to be filled.
+    Fill(std::sync::mpsc::Sender<Answer>),
+}
+
+impl Waiter {
+    fn pid(&self) -> i32 {
+        match self {
+            Waiter::Event(event) => event.pid,
+            Waiter::Fill(_) => 0,
+        }
+    }
+}
+
+/// The fd number of relayed records that are FUSE fill requests, not fanotify events: a worker
+/// that outlives the holder has nothing to answer them on.
+pub const FILL_REQUEST_FD: i32 = -1;
 
 /// The worker the holder relays to.
 struct Link {
@@ -68,13 +89,13 @@ impl Holder {
         let mut worker = self.worker.lock().expect("worker link");
         // The worker's own writes into placeholders: allowed at once, or it would wait on itself.
         if worker.as_ref().is_some_and(|link| link.pid == event.pid) {
-            return self.answer(&event, Answer::Allow);
+            return self.answer_event(&event, Answer::Allow);
         }
         let inode = match rustix::fs::fstat(&event.fd) {
             Ok(stat) => (stat.st_dev, stat.st_ino),
             Err(e) => {
                 tracing::warn!("a fanotify event's file cannot be examined: {e}; denied");
-                return self.answer(&event, Answer::Deny(libc::EIO));
+                return self.answer_event(&event, Answer::Deny(libc::EIO));
             }
         };
         let record = RelayedEvent {
@@ -88,7 +109,7 @@ impl Holder {
         self.pending.lock().expect("pending events").insert(
             record.id,
             Pending {
-                event,
+                waiter: Waiter::Event(event),
                 record,
                 since: Instant::now(),
             },
@@ -99,6 +120,40 @@ impl Holder {
             tracing::warn!("relaying to worker {}: {e}", link.pid);
             Self::replace(&mut worker);
         }
+    }
+
+    /// Has the worker fill the regular file `inode` (device, inode of its placeholder in the
+    /// layer directory) and waits for the answer: the FUSE frontend's open, served by this
+    /// process. Survives worker restarts like a fanotify event; denied with EIO when no worker
+    /// answers within the budget.
+    pub fn request_fill(&self, inode: (u64, u64)) -> Answer {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let mut worker = self.worker.lock().expect("worker link");
+        let record = RelayedEvent {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            mask: libc::FAN_OPEN_PERM,
+            pid: 0,
+            fd: FILL_REQUEST_FD,
+            inode,
+            range: None,
+        };
+        self.pending.lock().expect("pending events").insert(
+            record.id,
+            Pending {
+                waiter: Waiter::Fill(sender),
+                record,
+                since: Instant::now(),
+            },
+        );
+        if let Some(link) = worker.as_mut()
+            && let Err(e) = record.send(&mut link.stream)
+        {
+            tracing::warn!("relaying to worker {}: {e}", link.pid);
+            Self::replace(&mut worker);
+        }
+        drop(worker);
+        // `expire` answers it at the latest after the budget.
+        receiver.recv().unwrap_or(Answer::Deny(libc::EIO))
     }
 
     /// A worker that cannot take events is killed; the supervisor starts the next one, which
@@ -162,7 +217,7 @@ impl Holder {
                         .remove(&reply.id);
                     // An unknown id was answered already (twice asked, or expired).
                     if let Some(pending) = pending {
-                        self.answer(&pending.event, reply.answer);
+                        self.answer(pending.waiter, reply.answer);
                     }
                 }
                 Ok(None) => return,
@@ -188,10 +243,10 @@ impl Holder {
         for pending in expired {
             tracing::warn!(
                 "an access by pid {} waited {:?} without an answer from a worker; it gets EIO",
-                pending.event.pid,
+                pending.waiter.pid(),
                 self.give_up_after
             );
-            self.answer(&pending.event, Answer::Deny(libc::EIO));
+            self.answer(pending.waiter, Answer::Deny(libc::EIO));
         }
     }
 
@@ -200,7 +255,16 @@ impl Holder {
         self.pending.lock().expect("pending events").len()
     }
 
-    fn answer(&self, event: &Event, answer: Answer) {
+    fn answer(&self, waiter: Waiter, answer: Answer) {
+        match waiter {
+            Waiter::Event(event) => self.answer_event(&event, answer),
+            Waiter::Fill(sender) => {
+                let _ = sender.send(answer);
+            }
+        }
+    }
+
+    fn answer_event(&self, event: &Event, answer: Answer) {
         if let Err(e) = self.group.answer(event, answer) {
             tracing::error!("answering a fanotify event: {e}");
         }

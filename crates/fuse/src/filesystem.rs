@@ -1,7 +1,7 @@
 //! The FUSE filesystem of one lazy layer: metadata from the index, data from the layer
-//! directory. `open` fills the file first when its data is not local (demand first, within the
-//! reader's deadline, else `EIO`: never zeros), then replies with a passthrough backing file so
-//! that reads and mmaps go straight to the layer directory. Without passthrough (older kernels)
+//! directory. `open` has the file filled first when its data is not local (by whoever provides
+//! [`LayerContent`]: `EIO` when that fails, never zeros), then replies with a passthrough backing
+//! file so that reads and mmaps go straight to the layer directory. Without passthrough (older kernels)
 //! reads are answered from the same filled file.
 
 use std::collections::HashMap;
@@ -18,8 +18,8 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
     Request,
 };
-use lazylayer_index::{Entry, EntryKind};
-use lazylayer_store::Layer;
+use lazylayer_index::{Entry, EntryKind, LayerIndex};
+use lazylayer_store::LayerTree;
 use rustix::fs::OFlags;
 
 use crate::inodes::{InodeTable, ROOT};
@@ -34,13 +34,21 @@ pub struct FuseStats {
     pub reads: AtomicU64,
     /// Opens answered with a passthrough backing file.
     pub passthrough_opens: AtomicU64,
-    /// Opens that had to wait for the file's data.
+    /// Opens of regular files with data (each asks for the file to be local first).
     pub demand_fills: AtomicU64,
 }
 
-/// Called when a reader waits for a file (entry index) and when its wait ends, so that the
-/// daemon can keep background fetches out of the way and record profiles.
-pub type DemandHook = Arc<dyn Fn(usize) + Send + Sync>;
+/// What a FUSE layer is made of: its index and directory, and a way to have a file's data
+/// made local. The holder implements it by relaying fill requests to the worker, so that the
+/// FUSE connection outlives any worker.
+pub trait LayerContent: Send + Sync {
+    /// The layer's index (names, attributes, where data sits).
+    fn index(&self) -> &LayerIndex;
+    /// The layer directory holding the data.
+    fn tree(&self) -> &LayerTree;
+    /// Makes entry `i`'s data local (blocking), or fails with the errno the reader gets.
+    fn fill(&self, i: usize) -> Result<(), Errno>;
+}
 
 /// An open file: the filled file, and its backing id when passed through.
 type OpenFile = (std::fs::File, Option<Arc<BackingId>>);
@@ -50,11 +58,8 @@ type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The FUSE filesystem of one layer.
 pub struct LayerFs {
-    layer: Arc<Layer>,
+    content: Arc<dyn LayerContent>,
     inodes: InodeTable,
-    runtime: tokio::runtime::Handle,
-    deadline: Duration,
-    on_demand: DemandHook,
     stats: Arc<FuseStats>,
     passthrough: bool,
     next_fh: AtomicU64,
@@ -65,21 +70,12 @@ pub struct LayerFs {
 }
 
 impl LayerFs {
-    /// The filesystem of `layer`; fills run on `runtime` and must finish within `deadline`.
-    pub fn new(
-        layer: Arc<Layer>,
-        runtime: tokio::runtime::Handle,
-        deadline: Duration,
-        on_demand: DemandHook,
-        stats: Arc<FuseStats>,
-    ) -> LayerFs {
-        let inodes = InodeTable::new(&layer.index);
+    /// The filesystem of the layer `content` describes.
+    pub fn new(content: Arc<dyn LayerContent>, stats: Arc<FuseStats>) -> LayerFs {
+        let inodes = InodeTable::new(content.index());
         LayerFs {
-            layer,
+            content,
             inodes,
-            runtime,
-            deadline,
-            on_demand,
             stats,
             passthrough: false,
             next_fh: AtomicU64::new(1),
@@ -90,7 +86,7 @@ impl LayerFs {
 
     fn entry_of(&self, ino: u64) -> Result<Option<&Entry>, Errno> {
         match self.inodes.entry(ino) {
-            Some(Some(i)) => Ok(Some(&self.layer.index.entries[i])),
+            Some(Some(i)) => Ok(Some(&self.content.index().entries[i])),
             Some(None) => Ok(None),
             None => Err(Errno::ENOENT),
         }
@@ -145,7 +141,7 @@ impl LayerFs {
             crtime: mtime,
             kind,
             perm,
-            nlink: self.inodes.nlink(&self.layer.index, ino),
+            nlink: self.inodes.nlink(self.content.index(), ino),
             uid: entry.map_or(0, |e| e.uid as u32),
             gid: entry.map_or(0, |e| e.gid as u32),
             rdev,
@@ -154,40 +150,10 @@ impl LayerFs {
         })
     }
 
-    /// Makes entry `i`'s data local, waiting at most the deadline.
-    fn fill(&self, i: usize) -> Result<(), Errno> {
-        if self.layer.is_populated(i) {
-            return Ok(());
-        }
-        self.stats.demand_fills.fetch_add(1, Ordering::Relaxed);
-        (self.on_demand)(i);
-        let layer = self.layer.clone();
-        let result = self
-            .runtime
-            .block_on(async { tokio::time::timeout(self.deadline, layer.populate(i)).await });
-        (self.on_demand)(i);
-        let path = self.layer.tree.path_of(&self.layer.index.entries[i].path);
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::warn!("{}: cannot fill: {e}", path.display());
-                Err(Errno::EIO)
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "{}: not filled within {:?}; the reader gets EIO",
-                    path.display(),
-                    self.deadline
-                );
-                Err(Errno::EIO)
-            }
-        }
-    }
-
     fn open_filled(&self, i: usize) -> Result<std::fs::File, Errno> {
-        let entry = &self.layer.index.entries[i];
-        self.layer
-            .tree
+        let entry = &self.content.index().entries[i];
+        self.content
+            .tree()
             .open_entry(&entry.path, OFlags::RDONLY)
             .map(std::fs::File::from)
             .map_err(|e| {
@@ -215,7 +181,7 @@ impl Filesystem for LayerFs {
         let Some(i) = self.inodes.lookup(parent.0, name.as_bytes()) else {
             return reply.error(Errno::ENOENT);
         };
-        let ino = self.inodes.ino_of(&self.layer.index, i);
+        let ino = self.inodes.ino_of(self.content.index(), i);
         match self.attr(ino) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
@@ -246,8 +212,12 @@ impl Filesystem for LayerFs {
         let Some(Some(i)) = self.inodes.entry(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        if let Err(e) = self.fill(i) {
-            return reply.error(e);
+        let entry = &self.content.index().entries[i];
+        if entry.kind == EntryKind::File && entry.stored_size() > 0 {
+            self.stats.demand_fills.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.content.fill(i) {
+                return reply.error(e);
+            }
         }
         let file = match self.open_filled(i) {
             Ok(file) => file,
@@ -359,7 +329,7 @@ impl Filesystem for LayerFs {
         if !self.inodes.is_dir(ino.0) {
             return reply.error(Errno::ENOTDIR);
         }
-        let index = &self.layer.index;
+        let index = self.content.index();
         let dots = [
             (ino.0, FileType::Directory, &b"."[..]),
             (ROOT, FileType::Directory, &b".."[..]),
@@ -390,7 +360,7 @@ impl Filesystem for LayerFs {
         if !self.inodes.is_dir(ino.0) {
             return reply.error(Errno::ENOTDIR);
         }
-        let index = &self.layer.index;
+        let index = self.content.index();
         let dots = [(ino.0, &b"."[..]), (ROOT, &b".."[..])];
         let listing = dots.into_iter().chain(
             self.inodes
@@ -417,7 +387,7 @@ impl Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match rustix::fs::fstatvfs(self.layer.tree.root_fd()) {
+        match rustix::fs::fstatvfs(self.content.tree().root_fd()) {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,

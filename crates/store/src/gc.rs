@@ -209,7 +209,10 @@ impl Store {
                 .unwrap_or_default()
                 .to_string_lossy()
                 .to_string();
-            if !layers.contains(&hex) && (dry_run || std::fs::remove_dir(&dir).is_ok()) {
+            if dir.is_dir()
+                && !layers.contains(&hex)
+                && (dry_run || std::fs::remove_dir(&dir).is_ok())
+            {
                 report.removed.push(Removed {
                     kind: "mountpoint",
                     path: dir,

@@ -1,0 +1,173 @@
+//! The holder's FUSE mounts. Lazy layers in FUSE mode are mounted and served by the holder, not
+//! the worker: a FUSE connection ends when the process serving it dies, so it lives in the
+//! process that must not die. Names and attributes come from the index; an open of a file whose
+//! data is not local is relayed to the worker as a fill request, like a fanotify event, so it
+//! waits across worker restarts and is handed to the next worker. A layer's mount is taken down
+//! once the layer is detached and no overlay uses it (new overlays take the layer directory).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lazylayer_fanotify::Holder;
+use lazylayer_fanotify::group::Answer;
+use lazylayer_fuse::{Errno, FuseMount, FuseStats, LayerContent, LayerFs};
+use lazylayer_index::{EntryKind, LayerIndex};
+use lazylayer_source::Digest;
+use lazylayer_store::{FrontendMode, LayerTree, Phase, Store};
+
+/// The FUSE filesystem of the magic number `statfs` reports.
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// Whether a FUSE filesystem is mounted at `path`.
+pub fn is_fuse_mount(path: &std::path::Path) -> bool {
+    rustix::fs::statfs(path).is_ok_and(|s| s.f_type == FUSE_SUPER_MAGIC)
+}
+
+/// Where the holder leaves its FUSE counters for the worker's `status`.
+pub fn stats_path(store: &Store) -> PathBuf {
+    store.root().join("fuse").join("stats.json")
+}
+
+/// A layer as the holder serves it: index, directory, and fills relayed to the worker.
+struct RelayedContent {
+    store: Store,
+    digest: Digest,
+    index: LayerIndex,
+    tree: LayerTree,
+    holder: Arc<Holder>,
+    detached: AtomicBool,
+}
+
+impl LayerContent for RelayedContent {
+    fn index(&self) -> &LayerIndex {
+        &self.index
+    }
+
+    fn tree(&self) -> &LayerTree {
+        &self.tree
+    }
+
+    fn fill(&self, i: usize) -> Result<(), Errno> {
+        let entry = &self.index.entries[i];
+        if entry.kind != EntryKind::File || entry.stored_size() == 0 {
+            return Ok(());
+        }
+        if self.detached.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if self.store.phase(&self.digest).ok().flatten() == Some(Phase::Detached) {
+            self.detached.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        let inode = self.tree.inode(&entry.path).map_err(|e| {
+            tracing::warn!("{}: {e}", self.tree.path_of(&entry.path).display());
+            Errno::EIO
+        })?;
+        match self.holder.request_fill(inode) {
+            Answer::Allow => Ok(()),
+            Answer::Deny(_) => Err(Errno::EIO),
+        }
+    }
+}
+
+/// The FUSE mounts the holder serves.
+pub struct FuseLayers {
+    store: Store,
+    holder: Arc<Holder>,
+    mounts: Mutex<HashMap<Digest, FuseMount>>,
+}
+
+impl FuseLayers {
+    /// No mounts yet.
+    pub fn new(store: Store, holder: Arc<Holder>) -> FuseLayers {
+        FuseLayers {
+            store,
+            holder,
+            mounts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Mounts every lazy FUSE layer of the store not mounted yet, takes down the mounts of
+    /// detached layers no overlay uses, and records the counters.
+    pub fn scan(&self) {
+        let Ok(images) = self.store.images() else {
+            return;
+        };
+        for blob in images.iter().flat_map(|i| &i.layers) {
+            if self
+                .mounts
+                .lock()
+                .expect("mounts")
+                .contains_key(&blob.digest)
+                || self.store.phase(&blob.digest).ok().flatten() != Some(Phase::Lazy)
+                || self.store.mode(&blob.digest).ok() != Some(FrontendMode::Fuse)
+            {
+                continue;
+            }
+            if let Err(e) = self.mount(blob) {
+                tracing::error!("layer {}: {e}", blob.digest);
+            }
+        }
+        let done: Vec<Digest> = self
+            .mounts
+            .lock()
+            .expect("mounts")
+            .keys()
+            .filter(|d| self.store.phase(d).ok().flatten() != Some(Phase::Lazy))
+            .cloned()
+            .collect();
+        if !done.is_empty()
+            && let Ok(tables) = lazylayer_overlay::MountTables::scan()
+        {
+            for digest in done {
+                if !tables.overlay_uses(&self.store.fuse_mountpoint(&digest)) {
+                    tracing::info!("layer {digest}: no overlay uses its FUSE mount; unmounting it");
+                    self.mounts.lock().expect("mounts").remove(&digest);
+                }
+            }
+        }
+        let reads: u64 = self
+            .mounts
+            .lock()
+            .expect("mounts")
+            .values()
+            .map(|m| m.stats().reads.load(Ordering::Relaxed))
+            .sum();
+        let _ = std::fs::write(stats_path(&self.store), format!("{{\"reads\":{reads}}}\n"));
+    }
+
+    fn mount(&self, blob: &lazylayer_source::BlobDescriptor) -> Result<(), String> {
+        let index = self
+            .store
+            .indexes()
+            .get(blob)
+            .map_err(|e| e.to_string())?
+            .ok_or("lazy but without an index")?;
+        let tree =
+            LayerTree::open(&self.store.layer_fs(&blob.digest)).map_err(|e| e.to_string())?;
+        let content = Arc::new(RelayedContent {
+            store: self.store.clone(),
+            digest: blob.digest.clone(),
+            index,
+            tree,
+            holder: self.holder.clone(),
+            detached: AtomicBool::new(false),
+        });
+        let stats = Arc::new(FuseStats::default());
+        let mountpoint = self.store.fuse_mountpoint(&blob.digest);
+        let mount = FuseMount::mount(LayerFs::new(content, stats.clone()), stats, &mountpoint)
+            .map_err(|e| format!("mounting with FUSE at {}: {e}", mountpoint.display()))?;
+        tracing::info!(
+            "layer {}: served with FUSE at {}",
+            blob.digest,
+            mountpoint.display()
+        );
+        self.mounts
+            .lock()
+            .expect("mounts")
+            .insert(blob.digest.clone(), mount);
+        Ok(())
+    }
+}
