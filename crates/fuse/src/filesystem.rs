@@ -34,8 +34,8 @@ pub struct FuseStats {
     pub reads: AtomicU64,
     /// Opens answered with a passthrough backing file.
     pub passthrough_opens: AtomicU64,
-    /// Opens of regular files with data (each asks for the file to be local first).
-    pub demand_fills: AtomicU64,
+    /// Opens of regular files with data (each has the file made local first, if it is not).
+    pub file_opens: AtomicU64,
 }
 
 /// What a FUSE layer is made of: its index and directory, and a way to have a file's data
@@ -214,7 +214,7 @@ impl Filesystem for LayerFs {
         };
         let entry = &self.content.index().entries[i];
         if entry.kind == EntryKind::File && entry.stored_size() > 0 {
-            self.stats.demand_fills.fetch_add(1, Ordering::Relaxed);
+            self.stats.file_opens.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = self.content.fill(i) {
                 return reply.error(e);
             }
