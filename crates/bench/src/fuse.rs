@@ -14,47 +14,14 @@ use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
 
+use crate::lazy::{drop_caches, find_stat, lazylayer, ll, sh};
+
 /// Options of the FUSE benchmark.
 #[derive(clap::Args)]
 pub struct Args {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-}
-
-fn lazylayer() -> PathBuf {
-    std::env::current_exe()
-        .expect("exe")
-        .with_file_name("lazylayer")
-}
-
-fn ll(root: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(lazylayer())
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "lazylayer {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-fn sh(command: &str) -> anyhow::Result<()> {
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "{command} failed");
-    Ok(())
-}
-
-fn drop_caches() -> anyhow::Result<()> {
-    sh("sync; echo 3 > /proc/sys/vm/drop_caches")
 }
 
 /// A store with the image pulled in `mode` and mounted; the daemon is stopped on drop.
@@ -178,13 +145,6 @@ fn random_reads(handles: &[std::fs::File]) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn find_stat(dir: &Path) -> anyhow::Result<()> {
-    sh(&format!(
-        "find {} -printf '%i %s %m %u %g %T@\\n' > /dev/null",
-        dir.display()
-    ))
 }
 
 /// Median times of `work` on `native` and on `fuse`, alternating which goes first.

@@ -22,13 +22,13 @@ pub struct Args {
     runs: usize,
 }
 
-fn lazylayer() -> PathBuf {
+pub(crate) fn lazylayer() -> PathBuf {
     std::env::current_exe()
         .expect("exe")
         .with_file_name("lazylayer")
 }
 
-fn ll(root: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn ll(root: &Path, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(lazylayer())
         .arg("--root")
         .arg(root)
@@ -42,7 +42,7 @@ fn ll(root: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn sh(command: &str) -> anyhow::Result<()> {
+pub(crate) fn sh(command: &str) -> anyhow::Result<()> {
     let status = Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -53,7 +53,7 @@ fn sh(command: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn drop_caches() -> anyhow::Result<()> {
+pub(crate) fn drop_caches() -> anyhow::Result<()> {
     sh("sync; echo 3 > /proc/sys/vm/drop_caches")
 }
 
@@ -149,7 +149,7 @@ fn read_everything(dir: &Path) -> anyhow::Result<()> {
     ))
 }
 
-fn find_stat(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn find_stat(dir: &Path) -> anyhow::Result<()> {
     sh(&format!(
         "find {} -printf '%i %s %m %u %g %T@\\n' > /dev/null",
         dir.display()

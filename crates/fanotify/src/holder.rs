@@ -106,10 +106,16 @@ impl Holder {
             inode,
             range: event.range,
         };
+        self.relay(&mut worker, record, Waiter::Event(event));
+    }
+
+    /// Keeps `record` pending for `waiter` and sends it to the worker, if one is attached (else
+    /// the next one gets it when it attaches).
+    fn relay(&self, worker: &mut Option<Link>, record: RelayedEvent, waiter: Waiter) {
         self.pending.lock().expect("pending events").insert(
             record.id,
             Pending {
-                waiter: Waiter::Event(event),
+                waiter,
                 record,
                 since: Instant::now(),
             },
@@ -118,7 +124,7 @@ impl Holder {
             && let Err(e) = record.send(&mut link.stream)
         {
             tracing::warn!("relaying to worker {}: {e}", link.pid);
-            Self::replace(&mut worker);
+            Self::replace(worker);
         }
     }
 
@@ -137,20 +143,7 @@ impl Holder {
             inode,
             range: None,
         };
-        self.pending.lock().expect("pending events").insert(
-            record.id,
-            Pending {
-                waiter: Waiter::Fill(sender),
-                record,
-                since: Instant::now(),
-            },
-        );
-        if let Some(link) = worker.as_mut()
-            && let Err(e) = record.send(&mut link.stream)
-        {
-            tracing::warn!("relaying to worker {}: {e}", link.pid);
-            Self::replace(&mut worker);
-        }
+        self.relay(&mut worker, record, Waiter::Fill(sender));
         drop(worker);
         // `expire` answers it at the latest after the budget.
         receiver.recv().unwrap_or(Answer::Deny(libc::EIO))
