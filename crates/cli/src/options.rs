@@ -153,7 +153,14 @@ pub enum Command {
     /// Unmount an image mounted by `lazylayer mount` and remove its writable layer.
     Umount(UmountArgs),
 
-    /// Show each layer's mode, phase (lazy | detached), files and bytes in place, bytes fetched.
+    /// Show each layer's mode, state, files and bytes in place, and bytes fetched.
+    #[command(
+        long_about = "Show each layer's mode (fanotify | fuse), state, files and bytes in place, and \
+        compressed bytes fetched.\n\nStates: creating (the placeholder tree is being made), lazy \
+        (no daemon is filling it: data not yet local waits for one), populating (the daemon fills \
+        it on access and in the background), detached (complete, verified end to end, nothing \
+        lazy left). Without a running daemon the figures are what the store persisted."
+    )]
     Status(StatusArgs),
 
     /// Populate an image's layers now; with --wait, return once they are detached.

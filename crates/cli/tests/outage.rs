@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Lazy, Reference, all_detached, assert_same_tree, indexed_registry, wait_for_status, walk,
+    Lazy, Reference, all_detached, assert_same_tree, indexed_registry, run, wait_for_status, walk,
 };
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 use lazylayer_testkit::require_root;
@@ -63,6 +63,16 @@ fn population_resumes_by_itself_after_an_outage() {
     let status = lazy.status();
     let layer = &status["layers"][0];
     assert_eq!(layer["phase"], "lazy", "{status}");
+    assert_eq!(
+        layer["state"], "populating",
+        "the daemon keeps at it: {status}"
+    );
+    let text = run(&["--root", &lazy.root_arg(), "status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("populating") && text.contains("error: "),
+        "the text status names the state and the error: {text}"
+    );
     assert!(
         layer["error"].as_str().is_some_and(|e| !e.is_empty()),
         "the outage shows in status: {status}"

@@ -122,6 +122,10 @@ fn after_a_simulated_reboot_the_next_pull_reuses_the_store() {
         .as_u64()
         .unwrap();
     assert_eq!(after_reboot["layers"][0]["phase"], "lazy", "{after_reboot}");
+    assert_eq!(
+        after_reboot["layers"][0]["state"], "lazy",
+        "no daemon fills it: {after_reboot}"
+    );
     // What was persisted before the reboot shows without a daemon.
     assert!(populated >= 2, "{after_reboot}");
 

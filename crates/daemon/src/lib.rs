@@ -15,5 +15,5 @@ pub mod protocol;
 pub mod worker;
 
 pub use holder::{ServeError, ServeOptions, WORKER_CANNOT_START, serve};
-pub use protocol::{DaemonStatus, LayerStatus, Request, Response};
+pub use protocol::{DaemonStatus, LayerState, LayerStatus, Request, Response};
 pub use worker::{WorkerFds, work};

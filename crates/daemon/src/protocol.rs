@@ -65,8 +65,11 @@ pub struct DaemonStatus {
 pub struct LayerStatus {
     /// The layer digest.
     pub digest: Digest,
-    /// lazy, detached, ...
+    /// The persisted phase: creating, lazy or detached.
     pub phase: Phase,
+    /// What is happening to it now: `populating` is a lazy layer the daemon is filling.
+    #[serde(default)]
+    pub state: LayerState,
     /// The frontend serving it.
     pub mode: String,
     /// Regular files with data.
@@ -102,6 +105,52 @@ impl LayerStatus {
             bytes_populated: progress.bytes_populated,
             bytes_fetched: 0,
             error: None,
+            state: LayerState::at_rest(phase),
+        }
+    }
+}
+
+/// A layer's state as `status` shows it: the persisted phase, with `populating` for a lazy
+/// layer that a running daemon is filling (on demand and in the background).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerState {
+    /// Its placeholder tree is being created.
+    Creating,
+    /// Lazy, and no daemon is filling it (data not yet local stays unreadable until one does).
+    #[default]
+    Lazy,
+    /// Lazy, and the daemon is filling it.
+    Populating,
+    /// Complete, verified and detached.
+    Detached,
+}
+
+impl LayerState {
+    /// The state of a layer no daemon is serving.
+    pub fn at_rest(phase: Phase) -> Self {
+        match phase {
+            Phase::Creating => LayerState::Creating,
+            Phase::Lazy => LayerState::Lazy,
+            Phase::Detached => LayerState::Detached,
+        }
+    }
+
+    /// The state of a layer the daemon is serving.
+    pub fn served(phase: Phase) -> Self {
+        match phase {
+            Phase::Lazy => LayerState::Populating,
+            other => LayerState::at_rest(other),
+        }
+    }
+
+    /// The word `status` prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerState::Creating => "creating",
+            LayerState::Lazy => "lazy",
+            LayerState::Populating => "populating",
+            LayerState::Detached => "detached",
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 pub use crate::holder::{ServeError, ServeOptions};
-use crate::protocol::{DaemonStatus, LayerStatus, Request, Response};
+use crate::protocol::{DaemonStatus, LayerState, LayerStatus, Request, Response};
 
 /// How long no reader must have waited before the background fetches (demand first).
 const DEMAND_QUIET: Duration = Duration::from_millis(1500);
@@ -605,5 +605,6 @@ fn layer_status(layer: &Layer, phase: Phase, error: Option<String>) -> LayerStat
         bytes_populated,
         bytes_fetched: layer.reader().stats().bytes_fetched,
         error,
+        state: LayerState::served(phase),
     }
 }

@@ -1,5 +1,5 @@
-//! `lazylayer status [IMAGE] [--json]`: per layer, the mode, the phase, files and bytes in
-//! place, bytes fetched.
+//! `lazylayer status [IMAGE] [--json]`: per layer, the mode, the state (creating, lazy,
+//! populating, detached), files and bytes in place, bytes fetched.
 
 use clap::Args;
 use lazylayer_daemon::{DaemonStatus, Request, client};
@@ -64,10 +64,10 @@ pub async fn run(global: &GlobalArgs, args: StatusArgs) -> anyhow::Result<()> {
     }
     for layer in &status.layers {
         text.push_str(&format!(
-            "{}  {:<9} {:<9} files {}/{}  data {}/{}  fetched {}{}\n",
+            "{}  {:<9} {:<10} files {}/{}  data {}/{}  fetched {}{}\n",
             layer.digest,
             layer.mode,
-            format!("{:?}", layer.phase).to_lowercase(),
+            layer.state.name(),
             layer.files_populated,
             layer.files,
             human_size(layer.bytes_populated),
