@@ -34,13 +34,19 @@ fn outside_the_store(dir: &Path, root: &Path) -> BTreeSet<PathBuf> {
 /// Runs `lazylayer pull` under GNU time and returns its success, its stderr and its peak RSS
 /// in KiB (measured in a process that never held this test's memory).
 fn pull(lazy: &Lazy, image: &str) -> (bool, String, u64) {
+    measured(&["--root", &lazy.root_arg(), "pull", image])
+}
+
+/// Runs `lazylayer ARGS` under GNU time: its success, its stderr and its peak RSS in KiB.
+fn measured(args: &[&str]) -> (bool, String, u64) {
     let measure = tempfile::NamedTempFile::new().unwrap();
     let output = Command::new("/usr/bin/time")
         .arg("-f")
         .arg("%M")
         .arg("-o")
         .arg(measure.path())
-        .args([EXE, "--root", &lazy.root_arg(), "pull", image])
+        .arg(EXE)
+        .args(args)
         .output()
         .expect("GNU time (scripts/install-deps installs it)");
     let rss = std::fs::read_to_string(measure.path()).unwrap();
@@ -140,6 +146,26 @@ fn hostile_layers_are_refused_or_contained() {
     );
     assert!(has("twice"), "the duplicate, inside");
     assert!(has("zeros"), "the bomb's file, inside");
+}
+
+#[test]
+fn indexing_a_large_layer_holds_bounded_memory() {
+    // 256 MiB of incompressible data: 256 spans, each with its digest and a 32 KiB window.
+    const BYTES: usize = 256 << 20;
+    let scratch = tempfile::tempdir().unwrap();
+    let layout = scratch.path().join("layout");
+    let mut layer = hostile::large_random_file(BYTES);
+    hostile::write_layout(&layout, std::slice::from_ref(&layer)).unwrap();
+    layer.tar = Vec::new();
+    let root = scratch.path().join("root");
+    let image = format!("oci:{}:{}", layout.display(), layer.name);
+    let (success, stderr, rss_kib) = measured(&["--root", root.to_str().unwrap(), "index", &image]);
+    eprintln!("index of a {BYTES}-byte layer: peak {rss_kib} KiB");
+    assert!(success, "{stderr}");
+    assert!(
+        rss_kib < 64 * 1024,
+        "indexing a layer of {BYTES} bytes peaked at {rss_kib} KiB (the aim is < 64 MiB)"
+    );
 }
 
 #[test]

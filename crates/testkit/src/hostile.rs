@@ -374,3 +374,20 @@ pub fn many_empty_files(count: usize) -> HostileLayer {
         expect: Expect::Contained,
     }
 }
+
+/// A layer of one file of `size` incompressible bytes: indexing it must hold bounded memory
+/// whatever its size (its spans' windows and digests are kept on disk, not in memory).
+pub fn large_random_file(size: usize) -> HostileLayer {
+    let mut data = vec![0u8; size];
+    fastrand::Rng::with_seed(7).fill(&mut data);
+    let mut tar = header(b"random.bin", b'0', b"", size as u64, 0o644).to_vec();
+    tar.extend_from_slice(&data);
+    drop(data);
+    tar.resize(tar.len().div_ceil(512) * 512 + 1024, 0);
+    HostileLayer {
+        name: "large-random",
+        attack: "a large layer of incompressible data",
+        tar,
+        expect: Expect::Contained,
+    }
+}
