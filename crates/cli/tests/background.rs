@@ -122,5 +122,9 @@ fn a_daemon_started_on_demand_exits_once_nothing_is_lazy() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    assert_eq!(lazy.status()["layers"][0]["state"], "detached");
+    let status = lazy.status();
+    assert_eq!(status["layers"][0]["state"], "detached", "{status}");
+    // With no daemon, status still tells what the layer cost: the whole 60 MiB blob.
+    let fetched = status["layers"][0]["bytes_fetched"].as_u64().unwrap();
+    assert!(fetched > 60 << 20, "{status}");
 }

@@ -103,7 +103,7 @@ impl LayerStatus {
             files_populated: progress.files_populated,
             bytes: progress.bytes,
             bytes_populated: progress.bytes_populated,
-            bytes_fetched: 0,
+            bytes_fetched: progress.bytes_fetched,
             error: None,
             state: LayerState::at_rest(phase),
         }

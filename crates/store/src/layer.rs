@@ -192,6 +192,7 @@ impl Layer {
             phase,
             entries: self.index.entries.len(),
             mode: self.mode()?,
+            bytes_fetched: self.reader().stats().bytes_fetched,
         }
         .save(&self.record_path)
     }

@@ -55,6 +55,10 @@ pub struct LayerRecord {
     /// How it is served while lazy (records written before FUSE existed are fanotify).
     #[serde(default)]
     pub mode: FrontendMode,
+    /// Compressed bytes the daemon had fetched for it when the phase was recorded (what
+    /// `status` shows for a layer no daemon serves any more, such as a detached one).
+    #[serde(default)]
+    pub bytes_fetched: u64,
 }
 
 impl LayerRecord {

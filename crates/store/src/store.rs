@@ -34,6 +34,8 @@ pub struct Progress {
     pub bytes: u64,
     /// Of those, how many are in place.
     pub bytes_populated: u64,
+    /// Compressed bytes fetched, as recorded with the layer's last phase change.
+    pub bytes_fetched: u64,
 }
 
 /// What the store remembers about a pulled image.
@@ -164,6 +166,7 @@ impl Store {
             phase,
             entries: index.entries.len(),
             mode,
+            bytes_fetched: 0,
         };
         record(Phase::Creating).save(&record_path)?;
         let tree = LayerTree::open(&dir.join("fs"))?;
@@ -202,7 +205,12 @@ impl Store {
             .ok()
             .filter(|bytes| bytes.len() == index.entries.len())
             .unwrap_or_default();
-        let mut progress = Progress::default();
+        let mut progress = Progress {
+            bytes_fetched: LayerRecord::load(&self.layer_dir(&blob.digest).join("record"))?
+                .map(|r| r.bytes_fetched)
+                .unwrap_or(0),
+            ..Progress::default()
+        };
         for (i, entry) in index.entries.iter().enumerate() {
             if entry.kind != lazylayer_index::EntryKind::File || entry.stored_size() == 0 {
                 continue;

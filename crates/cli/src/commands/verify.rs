@@ -41,9 +41,9 @@ pub async fn run(global: &GlobalArgs, args: VerifyArgs) -> anyhow::Result<()> {
         });
         let (files, populated) = opened.progress();
         text.push_str(&format!(
-            "{}: {:?}, {populated}/{files} files populated, {} problem(s)\n",
+            "{}: {}, {populated}/{files} files populated, {} problem(s)\n",
             layer.digest,
-            phase.unwrap_or(Phase::Creating),
+            format!("{:?}", phase.unwrap_or(Phase::Creating)).to_lowercase(),
             found.len()
         ));
         for problem in &found {
