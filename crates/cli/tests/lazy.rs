@@ -10,8 +10,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Lazy, Reference, indexed_registry, ok, own_registry, run, sh, walk};
+use common::{
+    Lazy, Reference, all_detached, indexed_registry, layer_hexes, ok, own_registry, push_indexed,
+    run, sh, wait_for_status, walk,
+};
 use lazylayer_testkit::fixtures::layout_dir;
+use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 use lazylayer_testkit::require_root;
 use lazylayer_testkit::tree_diff::diff_trees;
 
@@ -88,6 +92,8 @@ fn python(script: &str, args: &[&Path]) -> Vec<u8> {
 }
 
 fn access_paths(kind: &str, mode: &'static str) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let registry = indexed_registry();
     let mut lazy = Lazy::with_mode(kind, mode);
@@ -95,6 +101,16 @@ fn access_paths(kind: &str, mode: &'static str) {
     let reference = Reference::new("bookworm");
     let mnt = lazy.pull_and_mount(&format!("{registry}/test/debian:bookworm"), "debian");
     let (r, m) = (|p: &str| reference.path().join(p), |p: &str| mnt.join(p));
+    let layer_fs = |p: &str| lazy.layer_fs(&layer_hexes("bookworm")[0]).join(p);
+    // Blocks of a file's placeholder in the layer directory: 0 until it is filled.
+    let blocks = |p: &str| std::fs::metadata(layer_fs(p)).unwrap().blocks();
+    let upper = std::fs::read_dir(lazy.root().join("mounts"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("upper");
 
     // pread in the middle of a large file.
     let libc_so = "usr/lib/x86_64-linux-gnu/libc.so.6";
@@ -120,7 +136,12 @@ fn access_paths(kind: &str, mode: &'static str) {
         "mmap"
     );
 
-    // exec of Debian binaries before any background population.
+    // exec of Debian binaries before any background population: the shell and perl are still
+    // unfilled placeholders, so exec is what fills them.
+    let binaries = ["usr/bin/dash", "usr/bin/perl"];
+    for binary in binaries {
+        assert_eq!(blocks(binary), 0, "{binary} is filled before exec");
+    }
     let output = Command::new("chroot")
         .arg(&mnt)
         .args([
@@ -136,6 +157,81 @@ fn access_paths(kind: &str, mode: &'static str) {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout), "42\n5\n0\n");
+    for binary in binaries {
+        assert!(blocks(binary) > 0, "{binary} is filled after exec");
+    }
+
+    // splice from a file not read yet, through a pipe.
+    let spliced = "usr/bin/tar";
+    assert_eq!(blocks(spliced), 0, "{spliced} is filled before splice");
+    let source = std::fs::File::open(m(spliced)).unwrap();
+    let (mut pipe_out, pipe_in) = std::io::pipe().unwrap();
+    let (mut got, mut offset) = (Vec::new(), 0 as libc::loff_t);
+    loop {
+        // SAFETY: both descriptors are open for the whole call; `offset` is a live local the
+        // kernel reads and advances; a null output offset is allowed for a pipe.
+        let n = unsafe {
+            libc::splice(
+                source.as_raw_fd(),
+                &mut offset,
+                pipe_in.as_raw_fd(),
+                std::ptr::null_mut(),
+                64 << 10,
+                0,
+            )
+        };
+        assert!(n >= 0, "splice: {}", std::io::Error::last_os_error());
+        if n == 0 {
+            break;
+        }
+        let mut chunk = vec![0u8; n as usize];
+        pipe_out.read_exact(&mut chunk).unwrap();
+        got.extend_from_slice(&chunk);
+    }
+    assert!(got == std::fs::read(r(spliced)).unwrap(), "splice");
+
+    // copy_file_range from a file not read yet to a new file in the mount: the copy lands in
+    // the upper directory, on the same filesystem as the layer, so the kernel copies in place
+    // (no EXDEV fallback to read and write).
+    let copy_source = "usr/bin/grep";
+    assert_eq!(
+        blocks(copy_source),
+        0,
+        "{copy_source} is filled before copy_file_range"
+    );
+    let source = std::fs::File::open(m(copy_source)).unwrap();
+    let destination = std::fs::File::create(m("grep-copy")).unwrap();
+    let mut left = source.metadata().unwrap().len();
+    while left > 0 {
+        // SAFETY: both descriptors are open for the whole call; null offsets make the kernel
+        // use and advance the files' own positions.
+        let n = unsafe {
+            libc::copy_file_range(
+                source.as_raw_fd(),
+                std::ptr::null_mut(),
+                destination.as_raw_fd(),
+                std::ptr::null_mut(),
+                left as usize,
+                0,
+            )
+        };
+        assert!(
+            n > 0,
+            "copy_file_range: {}",
+            std::io::Error::last_os_error()
+        );
+        left -= n as u64;
+    }
+    drop(destination);
+    assert_eq!(
+        std::fs::metadata(upper.join("grep-copy")).unwrap().dev(),
+        std::fs::metadata(layer_fs(copy_source)).unwrap().dev(),
+        "the copy is on the layer's filesystem"
+    );
+    assert!(
+        std::fs::read(m("grep-copy")).unwrap() == std::fs::read(r(copy_source)).unwrap(),
+        "copy_file_range"
+    );
 
     // copy_file_range (cp) and sendfile.
     let out = tempfile::tempdir().unwrap();
@@ -160,16 +256,6 @@ fn access_paths(kind: &str, mode: &'static str) {
     );
 
     // Copy-up by write, truncate: the mount changes, the layer does not.
-    let layer_fs = |p: &str| {
-        let layers = lazy.root().join("layers/sha256");
-        let hex = std::fs::read_dir(&layers)
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        hex.join("fs").join(p)
-    };
     let version = std::fs::read(r("etc/debian_version")).unwrap();
     {
         use std::io::Write;
@@ -202,13 +288,6 @@ fn access_paths(kind: &str, mode: &'static str) {
     // chown copies only metadata up (metacopy); data still comes from the lazy lower.
     let target = "usr/bin/perl5.36.0";
     sh(&format!("chown 1234:4321 {}", m(target).display()));
-    let upper = std::fs::read_dir(lazy.root().join("mounts"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("upper");
     let copied = upper.join(target);
     let meta = std::fs::symlink_metadata(&copied).unwrap();
     // No data was copied up (ext4 may spend one block on the xattrs).
@@ -255,20 +334,27 @@ fn fuse_access_paths() {
 #[test]
 fn concurrent_readers_during_background_population() {
     if require_root("concurrent_readers_during_background_population") {
-        concurrent_readers("fanotify");
+        concurrent_readers("ext4", "fanotify");
+    }
+}
+
+#[test]
+fn xfs_concurrent_readers_during_background_population() {
+    if require_root("xfs_concurrent_readers_during_background_population") {
+        concurrent_readers("xfs", "fanotify");
     }
 }
 
 #[test]
 fn fuse_concurrent_readers_during_background_population() {
     if require_root("fuse_concurrent_readers_during_background_population") {
-        concurrent_readers("fuse");
+        concurrent_readers("ext4", "fuse");
     }
 }
 
-fn concurrent_readers(mode: &'static str) {
+fn concurrent_readers(kind: &str, mode: &'static str) {
     let registry = indexed_registry();
-    let mut lazy = Lazy::with_mode("ext4", mode);
+    let mut lazy = Lazy::with_mode(kind, mode);
     let reference = Reference::new("bookworm");
     let mnt = lazy.pull_and_mount(&format!("{registry}/test/debian:bookworm"), "debian");
     let mut files = Vec::new();
@@ -302,20 +388,27 @@ fn concurrent_readers(mode: &'static str) {
 #[test]
 fn a_registry_that_goes_away_gives_eio_never_zeros() {
     if require_root("a_registry_that_goes_away_gives_eio_never_zeros") {
-        registry_goes_away("fanotify");
+        registry_goes_away("ext4", "fanotify");
+    }
+}
+
+#[test]
+fn xfs_a_registry_that_goes_away_gives_eio_never_zeros() {
+    if require_root("xfs_a_registry_that_goes_away_gives_eio_never_zeros") {
+        registry_goes_away("xfs", "fanotify");
     }
 }
 
 #[test]
 fn fuse_a_registry_that_goes_away_gives_eio_never_zeros() {
     if require_root("fuse_a_registry_that_goes_away_gives_eio_never_zeros") {
-        registry_goes_away("fuse");
+        registry_goes_away("ext4", "fuse");
     }
 }
 
-fn registry_goes_away(mode: &'static str) {
+fn registry_goes_away(kind: &str, mode: &'static str) {
     let registry = own_registry();
-    let mut lazy = Lazy::with_mode("ext4", mode);
+    let mut lazy = Lazy::with_mode(kind, mode);
     lazy.serve(&["--background-rate", "1", "--fetch-deadline", "3"]);
     let mnt = lazy.pull_and_mount(
         &format!("{}/test/debian:bookworm", registry.host()),
@@ -335,12 +428,264 @@ fn registry_goes_away(mode: &'static str) {
     }
 }
 
+/// Compressed bytes fetched for every layer so far, from `status --json`.
+fn bytes_fetched(status: &serde_json::Value) -> u64 {
+    status["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["bytes_fetched"].as_u64().unwrap())
+        .sum()
+}
+
+fn same_file_readers_share_one_fetch(kind: &str, mode: &'static str) {
+    let registry = indexed_registry();
+    // A slow link, so that the readers all arrive while the file's spans are in flight.
+    let proxy = FaultProxy::start(registry.parse().unwrap(), Shaping::link(40, 100)).unwrap();
+    let mut lazy = Lazy::with_mode(kind, mode);
+    lazy.serve(&["--background-rate", "1"]);
+    let reference = Reference::new("bookworm");
+    let image = format!("{}/test/debian:bookworm", proxy.host());
+    let mnt = lazy.pull_and_mount(&image, "debian");
+    let file = "usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30";
+
+    // The compressed bytes of the spans holding the file, from its lazy index.
+    let inspect: serde_json::Value =
+        serde_json::from_str(&lazy.ll(&["inspect", "--json", "--files", &image])).unwrap();
+    let index = &inspect["layers"][0]["index"];
+    let entry = index["fileTable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == file)
+        .unwrap();
+    let (first, last) = (
+        entry["spans"][0].as_u64().unwrap() as usize,
+        entry["spans"][1].as_u64().unwrap() as usize,
+    );
+    let spans = index["spanTable"].as_array().unwrap();
+    let span_bytes = spans[last]["compressedEnd"].as_u64().unwrap()
+        - spans[first]["compressedStart"].as_u64().unwrap();
+
+    // The held-back background fills the first files, then waits for about a second per byte
+    // it fetched: start once that first fetch is done, with the file still unfilled.
+    wait_for_status(&lazy, "the background's first fetch", |s| {
+        bytes_fetched(s) > 0
+    });
+    let layer_fs = lazy.layer_fs(&layer_hexes("bookworm")[0]);
+    assert_eq!(
+        std::fs::metadata(layer_fs.join(file)).unwrap().blocks(),
+        0,
+        "{file} is unfilled"
+    );
+    let blob_gets = || {
+        proxy
+            .exchanges()
+            .iter()
+            .filter(|e| e.method == "GET" && e.target.contains("/blobs/"))
+            .count()
+    };
+    let (fetched_before, gets_before) = (bytes_fetched(&lazy.status()), blob_gets());
+
+    let want = std::fs::read(reference.path().join(file)).unwrap();
+    let barrier = std::sync::Barrier::new(32);
+    std::thread::scope(|scope| {
+        for _ in 0..32 {
+            scope.spawn(|| {
+                barrier.wait();
+                let got = std::fs::read(mnt.join(file)).unwrap();
+                assert!(got == want, "{file}");
+            });
+        }
+    });
+    let fetched = bytes_fetched(&lazy.status()) - fetched_before;
+    let gets = blob_gets() - gets_before;
+    // Each of the file's spans once; 32 readers fetching for themselves would be 32 times that.
+    // Slack: one request's worth of a neighbouring span at most.
+    assert!(
+        fetched <= span_bytes + span_bytes / 4,
+        "{fetched} bytes fetched for 32 readers of a file in spans {first}..={last} of {span_bytes} bytes"
+    );
+    assert!(
+        gets <= last - first + 1,
+        "{gets} blob requests for a file in {} spans",
+        last - first + 1
+    );
+}
+
+#[test]
+fn ext4_same_file_readers_share_one_fetch() {
+    if require_root("ext4_same_file_readers_share_one_fetch") {
+        same_file_readers_share_one_fetch("ext4", "fanotify");
+    }
+}
+
+#[test]
+fn xfs_same_file_readers_share_one_fetch() {
+    if require_root("xfs_same_file_readers_share_one_fetch") {
+        same_file_readers_share_one_fetch("xfs", "fanotify");
+    }
+}
+
+#[test]
+fn fuse_same_file_readers_share_one_fetch() {
+    if require_root("fuse_same_file_readers_share_one_fetch") {
+        same_file_readers_share_one_fetch("ext4", "fuse");
+    }
+}
+
+/// Whether process `pid` runs (exists and is not a zombie).
+fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        !matches!(state, None | Some('Z' | 'X'))
+    })
+}
+
+/// The `fanotify ino:` lines (one per inode mark of a fanotify group) in the fdinfo of every
+/// descriptor of the running process `pid`. Fails when the process is gone or its fdinfo cannot
+/// be read: an fdinfo nobody could read must not pass for "no marks".
+fn fanotify_marks(pid: i64) -> Vec<String> {
+    assert!(alive(pid), "process {pid} is not running");
+    let dir = format!("/proc/{pid}/fdinfo");
+    let listing = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}"));
+    let (mut marks, mut read) = (Vec::new(), 0);
+    for entry in listing {
+        let entry = entry.unwrap_or_else(|e| panic!("{dir}: {e}"));
+        match std::fs::read_to_string(entry.path()) {
+            Ok(info) => {
+                read += 1;
+                marks.extend(
+                    info.lines()
+                        .filter(|l| l.starts_with("fanotify ino:"))
+                        .map(str::to_string),
+                );
+            }
+            // A descriptor closed between the listing and the read (a status connection).
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && !Path::new(&format!("/proc/{pid}/fd"))
+                        .join(entry.file_name())
+                        .exists() => {}
+            Err(e) => panic!("{}: {e}", entry.path().display()),
+        }
+    }
+    assert!(read > 0, "no readable fdinfo in {dir}");
+    assert!(alive(pid), "process {pid} exited while its fdinfo was read");
+    marks
+}
+
+/// The kernel's fanotify marks held by the daemon's processes (holder and worker) that
+/// `status` names; a mark shows once per process holding the group.
+fn daemon_marks(status: &serde_json::Value) -> Vec<String> {
+    ["pid", "worker_pid"]
+        .iter()
+        .flat_map(|key| fanotify_marks(status[key].as_i64().unwrap()))
+        .collect()
+}
+
+/// Whether `marks` hold a mark on the inode of `path` (fdinfo shows inode numbers in hex).
+fn marked(marks: &[String], path: &Path) -> bool {
+    let prefix = format!("fanotify ino:{:x} ", std::fs::metadata(path).unwrap().ino());
+    marks.iter().any(|m| m.starts_with(&prefix))
+}
+
+/// Polls the daemon's kernel marks until `done` holds (ten seconds at most).
+fn wait_for_marks(lazy: &Lazy, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let marks = daemon_marks(&lazy.status());
+        if done(&marks) {
+            return marks;
+        }
+        assert!(Instant::now() < deadline, "{what}: {marks:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn detach_leaves_a_plain_directory(kind: &str, mode: &'static str) {
     let registry = own_registry();
+    push_indexed(&registry.host(), "layers", "test/layers:latest");
     let mut lazy = Lazy::with_mode(kind, mode);
+    // A daemon that stays (no --exit-when-idle), so its descriptors can be checked after
+    // detach; background held back, so the layers are lazy until detach forces them.
+    lazy.serve(&["--background-rate", "1"]);
     let reference = Reference::new("bookworm");
+    let layers_reference = Reference::new("layers");
     let image = format!("{}/test/debian:bookworm", registry.host());
+    let layers_image = format!("{}/test/layers:latest", registry.host());
     let mnt = lazy.pull_and_mount(&image, "debian");
+    let layers_mnt = lazy.pull_and_mount(&layers_image, "layers");
+    let status = lazy.status();
+    assert_eq!(
+        status["pid"].as_i64(),
+        Some(i64::from(lazy.serve.as_ref().unwrap().id())),
+        "the daemon is the one the test started: {status}"
+    );
+
+    // Whiteouts and opaque directories of the upper layers hide the lower files while lazy.
+    let layers_lazy = |status: &serde_json::Value| {
+        status["layers"].as_array().unwrap().iter().any(|l| {
+            l["phase"] == "lazy"
+                && layer_hexes("layers")
+                    .iter()
+                    .any(|h| l["digest"] == format!("sha256:{h}"))
+        })
+    };
+    assert!(layers_lazy(&status), "{status}");
+    for hidden in [
+        "remove-me.txt",
+        "remove-dir",
+        "opaque-dir/top-file",
+        "opaque-dir/keep-not",
+    ] {
+        let path = layers_mnt.join(hidden);
+        assert!(
+            std::fs::symlink_metadata(&path)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound),
+            "{hidden} shows through the mount"
+        );
+    }
+    assert_eq!(
+        std::fs::read(layers_mnt.join("opaque-dir/new/file")).unwrap(),
+        b"visible after opaque\n"
+    );
+    assert!(
+        std::fs::symlink_metadata(layers_reference.layer(0).join("remove-me.txt")).is_ok(),
+        "the lowest layer holds what the upper ones hide"
+    );
+
+    let debian_fs = lazy.layer_fs(&layer_hexes("bookworm")[0]);
+    if mode == "fanotify" {
+        // Reading a file fully fills it, and its kernel mark goes.
+        let file = "usr/bin/tar";
+        let placeholder = debian_fs.join(file);
+        let after_pull = wait_for_marks(&lazy, "the file is marked after pull", |marks| {
+            marked(marks, &placeholder)
+        });
+        assert_eq!(
+            std::fs::metadata(&placeholder).unwrap().blocks(),
+            0,
+            "{file} is unfilled"
+        );
+        assert!(
+            std::fs::read(mnt.join(file)).unwrap()
+                == std::fs::read(reference.path().join(file)).unwrap(),
+            "{file}"
+        );
+        let after_read = wait_for_marks(&lazy, "the mark of a read file goes", |marks| {
+            !marked(marks, &placeholder)
+        });
+        assert!(
+            after_read.len() < after_pull.len(),
+            "{} marks after pull, {} after reading {file}",
+            after_pull.len(),
+            after_read.len()
+        );
+    }
+
     let probes = [
         "etc/os-release",
         "usr/bin/bash",
@@ -351,66 +696,49 @@ fn detach_leaves_a_plain_directory(kind: &str, mode: &'static str) {
         .iter()
         .map(|p| std::fs::metadata(mnt.join(p)).unwrap().ino())
         .collect();
-    let pid = lazy.status()["pid"].as_i64().unwrap();
     lazy.ll(&["detach", "--wait", &image]);
+    lazy.ll(&["detach", "--wait", &layers_image]);
     let status = lazy.status();
-    assert!(
-        status["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|l| l["phase"] == "detached"),
-        "{status}"
-    );
+    assert!(all_detached(&status), "{status}");
     drop(registry);
     let after: Vec<u64> = probes
         .iter()
         .map(|p| std::fs::metadata(mnt.join(p)).unwrap().ino())
         .collect();
     assert_eq!(inodes, after, "st_ino is stable across detach");
-    let differences = diff_trees(&reference.path(), &mnt, true);
-    assert!(
-        differences.is_empty(),
-        "{kind}: {:#?}",
-        &differences[..differences.len().min(20)]
-    );
-    // The layer directory is what tar -x gives.
-    let layers = lazy.root().join("layers/sha256");
-    let layer = std::fs::read_dir(&layers)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("fs");
-    let differences = diff_trees(&reference.layer(0), &layer, true);
-    assert!(
-        differences.is_empty(),
-        "{kind} layer dir: {:#?}",
-        &differences[..differences.len().min(20)]
-    );
-    // No fanotify mark remains: the daemon left (nothing lazy) or holds no marks.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let fdinfo = std::fs::read_dir(format!("/proc/{pid}/fdinfo"));
-        let marks = match fdinfo {
-            Err(_) => 0,
-            Ok(listing) => listing
-                .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-                .map(|info| {
-                    info.lines()
-                        .filter(|l| l.starts_with("fanotify ino:"))
-                        .count()
-                })
-                .sum(),
-        };
-        if marks == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{marks} fanotify marks remain");
-        std::thread::sleep(Duration::from_millis(200));
+    for (mount, reference) in [(&mnt, &reference), (&layers_mnt, &layers_reference)] {
+        let differences = diff_trees(&reference.path(), mount, true);
+        assert!(
+            differences.is_empty(),
+            "{kind} {}: {:#?}",
+            mount.display(),
+            &differences[..differences.len().min(20)]
+        );
     }
+    // Each layer directory is what tar -x gives, whiteouts in overlay form.
+    for (tag, reference) in [("bookworm", &reference), ("layers", &layers_reference)] {
+        for (i, hex) in layer_hexes(tag).iter().enumerate() {
+            let differences = diff_trees(&reference.layer(i), &lazy.layer_fs(hex), true);
+            assert!(
+                differences.is_empty(),
+                "{kind} {tag} layer {i} dir: {:#?}",
+                &differences[..differences.len().min(20)]
+            );
+        }
+    }
+    // The daemon is still running, and no fanotify mark remains in either of its processes.
+    let status = lazy.status();
+    for key in ["pid", "worker_pid"] {
+        let pid = status[key].as_i64().unwrap();
+        assert!(pid > 0 && alive(pid), "{key} {pid} is running: {status}");
+    }
+    wait_for_marks(
+        &lazy,
+        "fanotify marks remain after detach",
+        <[String]>::is_empty,
+    );
     ok(&["--root", &lazy.root_arg(), "verify", &image]);
+    ok(&["--root", &lazy.root_arg(), "verify", &layers_image]);
 }
 
 #[test]

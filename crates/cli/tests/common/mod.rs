@@ -157,6 +157,11 @@ impl Lazy {
         target
     }
 
+    /// The directory of the layer whose blob digest is `sha256:<hex>` (the overlay lower).
+    pub fn layer_fs(&self, hex: &str) -> PathBuf {
+        self.root().join("layers/sha256").join(hex).join("fs")
+    }
+
     pub fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.ll(&["status", "--json"])).unwrap()
     }
@@ -229,6 +234,14 @@ pub fn layer_blobs(tag: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The hex digests of a fixture image's layer blobs, bottom first.
+pub fn layer_hexes(tag: &str) -> Vec<String> {
+    layer_blobs(tag)
+        .iter()
+        .map(|b| b.file_name().unwrap().to_str().unwrap().to_string())
+        .collect()
+}
+
 /// The reference view of an image: an overlay (mounted by util-linux mount) over GNU tar
 /// extractions of its layers. Unmounted on drop.
 pub struct Reference {
@@ -282,9 +295,15 @@ impl Drop for Reference {
 /// A registry of its own (to stop it), holding the Debian image and its pushed index.
 pub fn own_registry() -> TestRegistry {
     let registry = TestRegistry::start(RegistryAuth::Anonymous).unwrap();
+    push_indexed(&registry.host(), "bookworm", "test/debian:bookworm");
+    registry
+}
+
+/// Pushes the fixture image `tag` to `host/name` with skopeo, then its lazy indexes.
+pub fn push_indexed(host: &str, tag: &str, name: &str) {
     skopeo_copy(
-        &format!("oci:{}:bookworm", layout_dir().display()),
-        &format!("docker://{}/test/debian:bookworm", registry.host()),
+        &format!("oci:{}:{tag}", layout_dir().display()),
+        &format!("docker://{host}/{name}"),
         &[],
     );
     let scratch = tempfile::tempdir().unwrap();
@@ -293,9 +312,8 @@ pub fn own_registry() -> TestRegistry {
         scratch.path().to_str().unwrap(),
         "index",
         "--push",
-        &format!("{}/test/debian:bookworm", registry.host()),
+        &format!("{host}/{name}"),
     ]);
-    registry
 }
 
 pub fn walk(dir: &Path) -> Vec<PathBuf> {
