@@ -191,17 +191,20 @@ fn access_paths(kind: &str, mode: &'static str) {
     assert!(got == std::fs::read(r(spliced)).unwrap(), "splice");
 
     // copy_file_range from a file not read yet to a new file in the mount: the copy lands in
-    // the upper directory, on the same filesystem as the layer, so the kernel copies in place
-    // (no EXDEV fallback to read and write).
+    // the upper directory, on the layer's filesystem, so with fanotify the kernel copies
+    // between the two (no EXDEV fallback to read and write). With FUSE the lower is the FUSE
+    // filesystem: the kernel refuses, as between any two filesystems, and a program copies
+    // some other way.
     let copy_source = "usr/bin/grep";
     assert_eq!(
         blocks(copy_source),
         0,
         "{copy_source} is filled before copy_file_range"
     );
-    let source = std::fs::File::open(m(copy_source)).unwrap();
-    let destination = std::fs::File::create(m("grep-copy")).unwrap();
-    let mut left = source.metadata().unwrap().len();
+    let mut source = std::fs::File::open(m(copy_source)).unwrap();
+    let mut destination = std::fs::File::create(m("grep-copy")).unwrap();
+    let size = source.metadata().unwrap().len();
+    let mut left = size;
     while left > 0 {
         // SAFETY: both descriptors are open for the whole call; null offsets make the kernel
         // use and advance the files' own positions.
@@ -215,11 +218,12 @@ fn access_paths(kind: &str, mode: &'static str) {
                 0,
             )
         };
-        assert!(
-            n > 0,
-            "copy_file_range: {}",
-            std::io::Error::last_os_error()
-        );
+        let error = std::io::Error::last_os_error();
+        if n < 0 && mode == "fuse" && left == size && error.raw_os_error() == Some(libc::EXDEV) {
+            std::io::copy(&mut source, &mut destination).unwrap();
+            break;
+        }
+        assert!(n > 0, "copy_file_range: {error}");
         left -= n as u64;
     }
     drop(destination);
@@ -500,10 +504,11 @@ fn same_file_readers_share_one_fetch(kind: &str, mode: &'static str) {
     });
     let fetched = bytes_fetched(&lazy.status()) - fetched_before;
     let gets = blob_gets() - gets_before;
-    // Each of the file's spans once; 32 readers fetching for themselves would be 32 times that.
-    // Slack: one request's worth of a neighbouring span at most.
+    // Each of the file's spans once (32 readers fetching for themselves would be 32 times
+    // that); nothing else fetches meanwhile, the background waits about a second per byte it
+    // fetched. The slack is far below one more copy of the spans.
     assert!(
-        fetched <= span_bytes + span_bytes / 4,
+        fetched <= span_bytes + (64 << 10),
         "{fetched} bytes fetched for 32 readers of a file in spans {first}..={last} of {span_bytes} bytes"
     );
     assert!(
