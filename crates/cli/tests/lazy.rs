@@ -835,3 +835,56 @@ fn layers_without_an_index_are_fetched_once_and_verify_catches_damage() {
         "{stdout}"
     );
 }
+
+#[test]
+fn an_unindexed_image_from_a_registry_is_fetched_once() {
+    if !require_root("an_unindexed_image_from_a_registry_is_fetched_once") {
+        return;
+    }
+    // A registry holding the multi-layer image without lazy indexes, behind a proxy that
+    // records every request.
+    let registry = lazylayer_testkit::registry::TestRegistry::start(
+        lazylayer_testkit::registry::RegistryAuth::Anonymous,
+    )
+    .unwrap();
+    lazylayer_testkit::fixtures::skopeo_copy(
+        &format!("oci:{}:layers", layout_dir().display()),
+        &format!("docker://{}/test/layers:latest", registry.host()),
+        &[],
+    );
+    let proxy = FaultProxy::start(registry.addr(), Shaping::default()).unwrap();
+    let image = format!("{}/test/layers:latest", proxy.host());
+    let mut lazy = Lazy::new("ext4");
+    let output = run(&["--root", &lazy.root_arg(), "pull", &image]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no lazy index; fetching the layer once"),
+        "{stderr}"
+    );
+    let target = lazy.fs.path().join("mnt-layers");
+    std::fs::create_dir_all(&target).unwrap();
+    lazy.ll(&["mount", &image, target.to_str().unwrap()]);
+    lazy.mounts.push(target.clone());
+    assert!(diff_trees(&Reference::new("layers").path(), &target, true).is_empty());
+    lazy.ll(&["detach", "--wait", &image]);
+    lazy.ll(&["verify", &image]);
+
+    let exchanges = proxy.exchanges();
+    let inspect: serde_json::Value =
+        serde_json::from_str(&lazy.ll(&["inspect", "--json", &image])).unwrap();
+    for layer in inspect["layers"].as_array().unwrap() {
+        let digest = layer["digest"].as_str().unwrap();
+        let gets: Vec<_> = exchanges
+            .iter()
+            .filter(|e| e.method == "GET" && e.target.ends_with(&format!("/blobs/{digest}")))
+            .collect();
+        assert_eq!(
+            gets.len(),
+            1,
+            "layer {digest} was requested {} times: {gets:?}",
+            gets.len()
+        );
+        assert_eq!(gets[0].status, 200);
+    }
+}
