@@ -14,7 +14,9 @@ pub enum EntryKind {
     Dir,
     /// A symbolic link (`link` is its target, as stored).
     Symlink,
-    /// A hard link to the regular file at `link` (a normalised path in this layer).
+    /// A hard link to the entry at `link`: a normalised path in this layer, of an earlier entry
+    /// that is not a directory, a whiteout or another hardlink (usually a regular file; tar
+    /// writers also link symlinks, devices and fifos).
     Hardlink,
     /// A character device (`device` holds major and minor).
     CharDevice,

@@ -368,13 +368,14 @@ impl LayerIndex {
                 }
             }
         }
-        let mut paths = std::collections::HashSet::new();
+        // The kind of each path seen so far (entries before the current one).
+        let mut paths = std::collections::HashMap::new();
         for entry in &self.entries {
             let name = entry.display_path();
             if !valid_path(&entry.path) {
                 return bad(format!("entry {name:?} has an invalid path"));
             }
-            if !paths.insert(entry.path.as_slice()) {
+            if paths.insert(entry.path.as_slice(), entry.kind).is_some() {
                 return bad(format!("entry {name:?} appears twice"));
             }
             if entry.mode > 0o7777 || entry.mtime_nsec >= 1_000_000_000 {
@@ -404,6 +405,31 @@ impl LayerIndex {
                         .is_some_and(|l| valid_path(l) && !l.is_empty()) =>
                 {
                     return bad(format!("hardlink {name:?} has an invalid target"));
+                }
+                EntryKind::Hardlink => {
+                    // Placeholders are created in order, each link from its target.
+                    let target = entry.link.as_deref().unwrap_or_default();
+                    let shown = String::from_utf8_lossy(target);
+                    match paths.get(target) {
+                        None if self.entries.iter().any(|e| e.path == target) => {
+                            return bad(format!(
+                                "hardlink {name:?} comes before its target {shown:?}"
+                            ));
+                        }
+                        None => {
+                            return bad(format!(
+                                "hardlink {name:?} points at {shown:?}, which is not in the layer"
+                            ));
+                        }
+                        Some(
+                            kind @ (EntryKind::Dir | EntryKind::Whiteout | EntryKind::Hardlink),
+                        ) => {
+                            return bad(format!(
+                                "hardlink {name:?} points at {shown:?}, which is a {kind:?}, not a file"
+                            ));
+                        }
+                        Some(_) => {}
+                    }
                 }
                 EntryKind::Symlink if entry.link.is_none() => {
                     return bad(format!("symlink {name:?} has no target"));

@@ -590,6 +590,42 @@ async fn broken_indexes_are_rejected_with_a_clear_error() {
         },
         "twice",
     );
+    // Hardlinks: the store creates each from its target, in order, so the target must be an
+    // earlier entry that can be linked.
+    let link_at = |i: &LayerIndex| {
+        i.entries
+            .iter()
+            .position(|e| e.kind == EntryKind::Hardlink)
+            .unwrap()
+    };
+    lie(
+        &|i| {
+            let at = link_at(i);
+            i.entries[at].link = Some(b"no/such/file".to_vec());
+        },
+        "which is not in the layer",
+    );
+    lie(
+        &|i| {
+            let at = link_at(i);
+            let dir = i
+                .entries
+                .iter()
+                .find(|e| e.kind == EntryKind::Dir && !e.path.is_empty());
+            i.entries[at].link = Some(dir.unwrap().path.clone());
+        },
+        "which is a Dir, not a file",
+    );
+    lie(
+        &|i| {
+            let at = link_at(i);
+            let target = i.entries[at].link.clone().unwrap();
+            let file = i.entries.iter().position(|e| e.path == target).unwrap();
+            let moved = i.entries.remove(file);
+            i.entries.insert(at, moved);
+        },
+        "comes before its target",
+    );
 }
 
 #[tokio::test]
@@ -638,4 +674,61 @@ async fn concurrent_reads_of_one_span_fetch_it_once() {
     }
     let stats = reader.stats();
     assert_eq!((stats.requests, stats.spans_fetched), (1, 1), "{stats:?}");
+}
+
+#[tokio::test]
+async fn hardlinks_keep_the_file_their_target_had_before_it_was_replaced() {
+    let tar = lazylayer_testkit::fixtures::relinked_targets_tar();
+    let work = tempfile::tempdir().unwrap();
+    let tar_file = work.path().join("layer.tar");
+    std::fs::write(&tar_file, &tar).unwrap();
+    let extracted = extract(&tar_file);
+    let blob = run("gzip -n -c", &tar);
+    let (_dir, source, descriptor) =
+        layout_with_blob(&blob, "application/vnd.oci.image.layer.v1.tar+gzip");
+    let diff_id = Digest::sha256(&tar);
+    let index = build(
+        &source,
+        &descriptor,
+        Some(&diff_id),
+        BuildOptions::default(),
+    )
+    .await
+    .unwrap();
+    // What an index from a registry must also be: decodes and validates.
+    let index = Arc::new(LayerIndex::decode("relinked", &index.encode().unwrap()).unwrap());
+    let table: Vec<(String, EntryKind, Option<String>)> = index
+        .entries
+        .iter()
+        .map(|e| {
+            let link = e.link.as_deref().map(|l| String::from_utf8_lossy(l).into());
+            (e.display_path(), e.kind, link)
+        })
+        .collect();
+    let entry =
+        |path: &str, kind, link: Option<&str>| (path.to_string(), kind, link.map(Into::into));
+    assert_eq!(
+        table,
+        vec![
+            entry("b", EntryKind::File, None),
+            entry("c", EntryKind::Hardlink, Some("b")),
+            entry("l2", EntryKind::File, None),
+            entry("m2", EntryKind::File, None),
+            entry("s", EntryKind::Symlink, Some("a")),
+            entry("s2", EntryKind::Hardlink, Some("s")),
+            entry("a", EntryKind::File, None),
+            entry("l1", EntryKind::Dir, None),
+            entry("l1/x", EntryKind::File, None),
+            entry("m1", EntryKind::Symlink, Some("a")),
+        ]
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), source, cache.path()).unwrap();
+    let b = index.entry(b"b").unwrap();
+    assert_eq!(reader.read(b, 0, b.size).await.unwrap(), b"old a\n");
+    assert_eq!(
+        std::fs::read(extracted.path().join("b")).unwrap(),
+        b"old a\n"
+    );
+    assert_eq!(sweep(&reader, extracted.path()).await, 5, "b l2 m2 a l1/x");
 }

@@ -43,6 +43,16 @@ pub fn verify_layer(
                 continue;
             }
         };
+        if entry.kind == EntryKind::Hardlink {
+            // The target's own entry checks the inode's type and metadata (it may be a symlink
+            // or a device: tar writers link those too).
+            let target = entry.link.as_deref().unwrap_or_default();
+            match tree.inode(target) {
+                Ok((_, ino)) if ino == stat.st_ino => {}
+                _ => problem("is not a hardlink of its target".into()),
+            }
+            continue;
+        }
         let file_type = FileType::from_raw_mode(stat.st_mode);
         let expected_type = match entry.kind {
             EntryKind::File | EntryKind::Hardlink => FileType::RegularFile,
@@ -57,14 +67,6 @@ pub fn verify_layer(
                 "is a {file_type:?}, the index says {:?}",
                 entry.kind
             ));
-            continue;
-        }
-        if entry.kind == EntryKind::Hardlink {
-            let target = entry.link.as_deref().unwrap_or_default();
-            match tree.inode(target) {
-                Ok((_, ino)) if ino == stat.st_ino => {}
-                _ => problem("is not a hardlink of its target".into()),
-            }
             continue;
         }
         if entry.kind == EntryKind::Whiteout {

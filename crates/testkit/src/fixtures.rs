@@ -108,3 +108,41 @@ pub fn skopeo_inspect(image: &str, flags: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&output.stdout).expect("skopeo inspect JSON")
 }
+
+/// An uncompressed layer made by GNU tar in two passes, whose hardlinks outlive their targets:
+/// `a` (with links `b` and `c`, and `a` archived twice, which GNU tar writes as a link to
+/// itself), `l1` (link `l2`), `m1` (link `m2`) and a symlink `s` (link `s2`) are archived;
+/// then `tar --append` adds a new `a`, a directory `l1/` with `l1/x`, and `m1` as a symlink.
+/// Extraction leaves `b`, `c` with the old `a`, `l2` and `m2` with the old files.
+pub fn relinked_targets_tar() -> Vec<u8> {
+    require_tool("tar");
+    let work = tempfile::tempdir().expect("temporary directory");
+    let script = r#"
+        set -e
+        mkdir tree && cd tree
+        printf 'old a\n' > a && ln a b && ln a c
+        printf 'old l1\n' > l1 && ln l1 l2
+        printf 'old m1\n' > m1 && ln m1 m2
+        ln -s a s && ln s s2
+        touch -h -d @1700000000 a l1 m1 s
+        tar --format=gnu -cf ../layer.tar a b c a l1 l2 m1 m2 s s2
+        rm a l1 m1
+        printf 'new a, longer\n' > a
+        mkdir l1 && printf 'inside l1\n' > l1/x
+        ln -s a m1
+        touch -h -d @1700000100 a l1 l1/x m1
+        tar --format=gnu -rf ../layer.tar a l1 m1
+    "#;
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(work.path())
+        .output()
+        .expect("run sh");
+    assert!(
+        output.status.success(),
+        "making the relinked layer failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::read(work.path().join("layer.tar")).expect("read layer.tar")
+}

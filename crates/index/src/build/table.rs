@@ -2,6 +2,11 @@
 //! replace earlier entries (a non-directory replacing a directory removes what was under it),
 //! parents that are not listed are implied, hardlinks point at the file they share an inode
 //! with, and OCI whiteouts become whiteout entries and opaque flags.
+//!
+//! A hardlink names an inode, not a path: when its target path is replaced or removed later
+//! in the layer, extraction unlinks the path and the link keeps the old file. So the first
+//! link to a replaced entry takes the entry over (data, digest, metadata), the other links
+//! point at it, and every link stays after the entry it points at.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -25,6 +30,8 @@ pub struct Table {
     layer: String,
     slots: Vec<Option<Entry>>,
     by_path: HashMap<Vec<u8>, usize>,
+    /// The slots of the hardlinks to each path (ascending; some may have been replaced since).
+    links: HashMap<Vec<u8>, Vec<usize>>,
     max_entries: usize,
 }
 
@@ -39,6 +46,7 @@ impl Table {
             layer: layer.to_string(),
             slots: Vec::new(),
             by_path: HashMap::new(),
+            links: HashMap::new(),
             max_entries,
         }
     }
@@ -55,25 +63,79 @@ impl Table {
         self.by_path.get(path).and_then(|&i| self.slots[i].as_ref())
     }
 
+    /// Removes the entry at `path` (with everything under it, for a directory); links to a
+    /// removed entry keep it (see [`promote_link`](Self::promote_link)).
     fn remove(&mut self, path: &[u8]) {
-        if let Some(i) = self.by_path.remove(path) {
-            let removed = self.slots[i].take();
-            if removed.is_some_and(|e| e.kind == EntryKind::Dir) {
-                let mut prefix = path.to_vec();
-                prefix.push(b'/');
-                let below: Vec<Vec<u8>> = self
-                    .by_path
-                    .keys()
-                    .filter(|p| p.starts_with(&prefix) || path.is_empty())
-                    .cloned()
-                    .collect();
-                for p in below {
-                    if let Some(j) = self.by_path.remove(&p) {
-                        self.slots[j] = None;
-                    }
+        let Some(i) = self.by_path.remove(path) else {
+            return;
+        };
+        let Some(removed) = self.slots[i].take() else {
+            return;
+        };
+        let mut gone = vec![removed];
+        if gone[0].kind == EntryKind::Dir {
+            let mut prefix = path.to_vec();
+            prefix.push(b'/');
+            let below: Vec<Vec<u8>> = self
+                .by_path
+                .keys()
+                .filter(|p| p.starts_with(&prefix) || path.is_empty())
+                .cloned()
+                .collect();
+            for p in below {
+                if let Some(j) = self.by_path.remove(&p)
+                    && let Some(entry) = self.slots[j].take()
+                {
+                    gone.push(entry);
                 }
             }
         }
+        // Links are promoted once everything is gone, so a link inside a removed directory
+        // is not promoted.
+        for entry in gone {
+            if !matches!(
+                entry.kind,
+                EntryKind::Dir | EntryKind::Hardlink | EntryKind::Whiteout
+            ) {
+                self.promote_link(entry);
+            }
+        }
+    }
+
+    /// `removed` left the table: its first remaining hardlink becomes it (its inode lives
+    /// on under the link's name: same data, digest and metadata) and the other links point at
+    /// that one. The promoted link keeps its place, which is after the removed entry's and
+    /// before the other links'.
+    fn promote_link(&mut self, removed: Entry) {
+        let Some(slots) = self.links.remove(&removed.path) else {
+            return;
+        };
+        let mut live: Vec<usize> = slots
+            .into_iter()
+            .filter(|&j| {
+                self.slots[j].as_ref().is_some_and(|e| {
+                    e.kind == EntryKind::Hardlink && e.link.as_deref() == Some(&removed.path[..])
+                })
+            })
+            .collect();
+        live.sort_unstable();
+        let Some((&first, rest)) = live.split_first() else {
+            return;
+        };
+        let link = self.slots[first].take().expect("a live link");
+        for &j in rest {
+            self.slots[j].as_mut().expect("a live link").link = Some(link.path.clone());
+        }
+        if !rest.is_empty() {
+            self.links
+                .entry(link.path.clone())
+                .or_default()
+                .extend_from_slice(rest);
+        }
+        self.slots[first] = Some(Entry {
+            path: link.path,
+            ..removed
+        });
     }
 
     fn push(&mut self, entry: Entry) {
@@ -183,11 +245,37 @@ impl Table {
             return Err(self.bad(raw_path, "the layer root must be a directory"));
         }
         self.ensure_parents(&entry.path.clone(), &entry)?;
+        let existing = self.get(&entry.path).map(|e| e.kind);
+        if entry.kind == EntryKind::Dir && existing == Some(EntryKind::Dir) {
+            // A directory listed again: its metadata is replaced, its contents stay.
+            let slot = self.by_path[&entry.path];
+            let old = self.slots[slot].take().expect("present");
+            entry.opaque |= old.opaque;
+            self.slots[slot] = Some(entry);
+            return Ok(());
+        }
+        let mut link_target = None;
         if entry.kind == EntryKind::Hardlink {
             let raw_target = entry.link.clone().unwrap_or_default();
             let target = normalise(&raw_target)
                 .filter(|t| !t.is_empty())
                 .ok_or_else(|| self.bad(raw_path, "is a hardlink to an invalid path"))?;
+            if target == entry.path {
+                // GNU tar archives a path listed twice as a hardlink to itself; extracting it
+                // leaves the file as it is.
+                return match existing {
+                    Some(kind) if kind != EntryKind::Dir && kind != EntryKind::Whiteout => Ok(()),
+                    _ => Err(self.bad(raw_path, "is a hardlink to itself")),
+                };
+            }
+            link_target = Some(target);
+        }
+        // The old entry goes first: a hardlink that replaces its target's other name (`a`
+        // linked to `b` where `b` is a link to `a`) points at what `b` keeps.
+        if existing.is_some() {
+            self.remove(&entry.path.clone());
+        }
+        if let Some(target) = link_target {
             // Point at the file itself, not at another link to it.
             let resolved = match self.get(&target) {
                 Some(e) if e.kind == EntryKind::Hardlink => e.link.clone().unwrap_or_default(),
@@ -204,22 +292,11 @@ impl Table {
                     );
                 }
             };
-            if resolved == entry.path {
-                return Err(self.bad(raw_path, "is a hardlink to itself"));
-            }
+            self.links
+                .entry(resolved.clone())
+                .or_default()
+                .push(self.slots.len());
             entry.link = Some(resolved);
-        }
-        match self.get(&entry.path).map(|e| e.kind) {
-            Some(EntryKind::Dir) if entry.kind == EntryKind::Dir => {
-                // A directory listed again: its metadata is replaced, its contents stay.
-                let slot = self.by_path[&entry.path];
-                let old = self.slots[slot].take().expect("present");
-                entry.opaque |= old.opaque;
-                self.slots[slot] = Some(entry);
-                return Ok(());
-            }
-            Some(_) => self.remove(&entry.path.clone()),
-            None => {}
         }
         self.push(entry);
         Ok(())
@@ -486,6 +563,173 @@ mod tests {
         let entries = t.finish();
         let c = entries.iter().find(|e| e.path == b"c").unwrap();
         assert_eq!(c.link.as_deref(), Some(&b"a"[..]));
+    }
+
+    fn hardlink(target: &str) -> Entry {
+        Entry {
+            kind: EntryKind::Hardlink,
+            link: Some(target.as_bytes().to_vec()),
+            ..file("")
+        }
+    }
+
+    /// A file with data at `offset`, as the tar walker makes it.
+    fn stored(offset: u64, size: u64, mark: u8) -> Entry {
+        Entry {
+            data_offset: offset,
+            size,
+            digest: Some([mark; 32]),
+            mode: 0o640,
+            uid: u64::from(mark),
+            ..file("")
+        }
+    }
+
+    /// Every hardlink points at an earlier entry that is not a directory, whiteout or link
+    /// (what the store needs to create the links in order, and what validation checks).
+    fn assert_links_follow_targets(entries: &[Entry]) {
+        for (i, entry) in entries.iter().enumerate() {
+            if entry.kind == EntryKind::Hardlink {
+                let target = entry.link.as_deref().unwrap();
+                let at = entries[..i].iter().position(|e| e.path == target);
+                let at = at.unwrap_or_else(|| panic!("{} before its target", entry.display_path()));
+                assert!(
+                    !matches!(
+                        entries[at].kind,
+                        EntryKind::Dir | EntryKind::Whiteout | EntryKind::Hardlink
+                    ),
+                    "{} points at a {:?}",
+                    entry.display_path(),
+                    entries[at].kind
+                );
+            }
+        }
+    }
+
+    fn summary(entries: &[Entry]) -> Vec<(String, EntryKind, Option<String>, u64)> {
+        entries
+            .iter()
+            .map(|e| {
+                let link = e.link.as_deref().map(|l| String::from_utf8_lossy(l).into());
+                (e.display_path(), e.kind, link, e.data_offset)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_hardlink_keeps_the_content_of_a_replaced_target() {
+        let mut t = Table::new("l");
+        t.add(b"a", stored(1000, 3, 1)).unwrap();
+        t.add(b"b", hardlink("a")).unwrap();
+        t.add(b"c", hardlink("./b")).unwrap();
+        t.add(b"a", stored(5000, 5, 2)).unwrap();
+        let entries = t.finish();
+        assert_links_follow_targets(&entries);
+        assert_eq!(
+            summary(&entries),
+            vec![
+                ("b".into(), EntryKind::File, None, 1000),
+                ("c".into(), EntryKind::Hardlink, Some("b".into()), 0),
+                ("a".into(), EntryKind::File, None, 5000),
+            ]
+        );
+        // b is the old a under another name: its data, digest, size and metadata.
+        assert_eq!(
+            entries[0],
+            Entry {
+                path: b"b".to_vec(),
+                ..stored(1000, 3, 1)
+            }
+        );
+        assert_eq!(entries[2].digest, Some([2; 32]));
+    }
+
+    #[test]
+    fn a_hardlink_keeps_its_file_when_the_target_becomes_a_directory() {
+        let mut t = Table::new("l");
+        t.add(b"a", stored(1000, 3, 1)).unwrap();
+        t.add(b"b", hardlink("a")).unwrap();
+        t.add(b"a/", dir("")).unwrap();
+        t.add(b"a/x", stored(3000, 1, 3)).unwrap();
+        let error = t.add(b"z", hardlink("a")).unwrap_err().to_string();
+        assert!(error.contains("hardlink to a directory"), "{error}");
+        let entries = t.finish();
+        assert_links_follow_targets(&entries);
+        assert_eq!(
+            summary(&entries),
+            vec![
+                ("b".into(), EntryKind::File, None, 1000),
+                ("a".into(), EntryKind::Dir, None, 0),
+                ("a/x".into(), EntryKind::File, None, 3000),
+            ]
+        );
+        assert_eq!(entries[0].digest, Some([1; 32]));
+    }
+
+    #[test]
+    fn a_hardlink_keeps_its_file_when_the_target_becomes_a_symlink() {
+        let mut t = Table::new("l");
+        t.add(b"a", stored(1000, 3, 1)).unwrap();
+        t.add(b"b", hardlink("a")).unwrap();
+        t.add(b"c", hardlink("a")).unwrap();
+        let symlink = |target: &str| Entry {
+            kind: EntryKind::Symlink,
+            link: Some(target.as_bytes().to_vec()),
+            ..file("")
+        };
+        t.add(b"a", symlink("elsewhere")).unwrap();
+        // A link to a symlink (GNU tar writes those) keeps the symlink the same way.
+        t.add(b"s", symlink("target")).unwrap();
+        t.add(b"s2", hardlink("s")).unwrap();
+        t.add(b"s", stored(4000, 1, 4)).unwrap();
+        let entries = t.finish();
+        assert_links_follow_targets(&entries);
+        assert_eq!(
+            summary(&entries),
+            vec![
+                ("b".into(), EntryKind::File, None, 1000),
+                ("c".into(), EntryKind::Hardlink, Some("b".into()), 0),
+                ("a".into(), EntryKind::Symlink, Some("elsewhere".into()), 0),
+                ("s2".into(), EntryKind::Symlink, Some("target".into()), 0),
+                ("s".into(), EntryKind::File, None, 4000),
+            ]
+        );
+    }
+
+    #[test]
+    fn links_survive_whiteouts_relinks_and_removed_directories() {
+        let mut t = Table::new("l");
+        // A whiteout in the same layer removes the name, not the inode.
+        t.add(b"a", stored(1000, 3, 1)).unwrap();
+        t.add(b"b", hardlink("a")).unwrap();
+        t.add(b".wh.a", file("")).unwrap();
+        // `p` relinked to its own other name: both name the old file.
+        t.add(b"p", stored(2000, 2, 2)).unwrap();
+        t.add(b"q", hardlink("p")).unwrap();
+        t.add(b"p", hardlink("q")).unwrap();
+        // A directory replaced by a file: a link from outside keeps a file that was inside,
+        // a link inside goes with the directory.
+        t.add(b"d/", dir("")).unwrap();
+        t.add(b"d/f", stored(3000, 1, 3)).unwrap();
+        t.add(b"d/g", hardlink("d/f")).unwrap();
+        t.add(b"out", hardlink("d/f")).unwrap();
+        t.add(b"d", stored(4000, 1, 4)).unwrap();
+        // GNU tar writes a path archived twice as a link to itself: the file stays.
+        t.add(b"out", hardlink("out")).unwrap();
+        assert!(t.add(b"new", hardlink("new")).is_err(), "no file to stay");
+        let entries = t.finish();
+        assert_links_follow_targets(&entries);
+        assert_eq!(
+            summary(&entries),
+            vec![
+                ("b".into(), EntryKind::File, None, 1000),
+                ("a".into(), EntryKind::Whiteout, None, 0),
+                ("q".into(), EntryKind::File, None, 2000),
+                ("p".into(), EntryKind::Hardlink, Some("q".into()), 0),
+                ("out".into(), EntryKind::File, None, 3000),
+                ("d".into(), EntryKind::File, None, 4000),
+            ]
+        );
     }
 
     #[test]
