@@ -1,7 +1,10 @@
 //! Reads through the index must give the bytes a full `tar -x` gives: every file of the
 //! Debian image (gzip and zstd) and of the multi-layer image (gzip, zstd, plain), random ranges,
 //! multi-member gzip and multi-frame zstd made by the gzip and zstd tools; and wrong bytes or
-//! broken indexes must be errors.
+//! broken indexes must be errors; runs of missing spans are one request; an index serves only
+//! its own layer and a complete layer is checked against its blob; a blob that does not match
+//! its digest never gets an index; hardlinks whose target is replaced later read as tar
+//! extracts them.
 
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
@@ -731,4 +734,225 @@ async fn hardlinks_keep_the_file_their_target_had_before_it_was_replaced() {
         b"old a\n"
     );
     assert_eq!(sweep(&reader, extracted.path()).await, 5, "b l2 m2 a l1/x");
+}
+
+/// The ranged GETs of a layer blob the proxy has seen.
+fn blob_gets(proxy: &FaultProxy, layer: &Digest) -> usize {
+    let path = format!("/blobs/{layer}");
+    proxy
+        .exchanges()
+        .iter()
+        .filter(|e| e.method == "GET" && e.target.contains(&path))
+        .count()
+}
+
+#[tokio::test]
+async fn a_run_of_missing_spans_is_one_ranged_get() {
+    let (layout, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
+    let layer = &image.layers[0];
+    let index = Arc::new(
+        build(&layout, layer, None, BuildOptions::default())
+            .await
+            .unwrap(),
+    );
+    let (first, last) = (4, 8);
+    assert!(index.spans.len() > last + 1, "{} spans", index.spans.len());
+    let range = index.spans[first].uncompressed_start..index.span_uncompressed_end(last);
+    let proxy = FaultProxy::start(shared_registry().addr(), Shaping::default()).unwrap();
+    let (source, _) = open(&format!("{}/test/debian:bookworm", proxy.host())).await;
+    // The same bytes read from the local layout, to compare with.
+    let local = tempfile::tempdir().unwrap();
+    let expected = LayerReader::new(index.clone(), layout, local.path())
+        .unwrap()
+        .read_uncompressed(range.clone())
+        .await
+        .unwrap();
+
+    // Cold: the five spans come in one request, each verified and kept.
+    let cache = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), source.clone(), cache.path()).unwrap();
+    let before = blob_gets(&proxy, &layer.digest);
+    let got = reader.read_uncompressed(range.clone()).await.unwrap();
+    assert!(got == expected);
+    let stats = reader.stats();
+    assert_eq!(blob_gets(&proxy, &layer.digest) - before, 1);
+    assert_eq!((stats.requests, stats.spans_fetched), (1, 5), "{stats:?}");
+    assert_eq!(
+        stats.bytes_fetched,
+        index.spans[last].compressed_end - index.spans[first].compressed_start
+    );
+    assert_eq!(reader.spans_present(), 5);
+
+    // With the middle span already local, the run splits in two: before it and after it.
+    let cache = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), source, cache.path()).unwrap();
+    reader.ensure(6..=6).await.unwrap();
+    let before = blob_gets(&proxy, &layer.digest);
+    let got = reader.read_uncompressed(range).await.unwrap();
+    assert!(got == expected);
+    let stats = reader.stats();
+    assert_eq!(blob_gets(&proxy, &layer.digest) - before, 2);
+    assert_eq!((stats.requests, stats.spans_fetched), (3, 5), "{stats:?}");
+}
+
+#[tokio::test]
+async fn an_index_is_only_used_for_its_own_layer() {
+    let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
+    let (one, two) = (&image.layers[0], &image.layers[1]);
+    let index = build(&layout, one, None, BuildOptions::default())
+        .await
+        .unwrap();
+    lazylayer_index::distribution::check_identity("index of layer 1", &index, one).unwrap();
+    let err = lazylayer_index::distribution::check_identity("index of layer 1", &index, two)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("indexes {}", one.digest))
+            && err.contains(&format!("not layer {}", two.digest)),
+        "{err}"
+    );
+    // The local store checks it too: an index filed under another layer is refused on load.
+    let root = tempfile::tempdir().unwrap();
+    let store = lazylayer_index::IndexStore::new(root.path());
+    store.put(two, &index).unwrap();
+    let err = store.get(two).unwrap_err().to_string();
+    assert!(err.contains(&format!("not layer {}", two.digest)), "{err}");
+}
+
+#[tokio::test]
+async fn a_complete_layer_is_checked_against_its_blob_and_a_rebuilt_index() {
+    let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
+    let layer = &image.layers[0];
+    let built = build(&layout, layer, None, BuildOptions { spacing: 256 << 10 })
+        .await
+        .unwrap();
+    let good = built.encode().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let verify = |index: LayerIndex| {
+        let reader = LayerReader::new(Arc::new(index), layout.clone(), cache.path()).unwrap();
+        async move { reader.verify_complete().await }
+    };
+    verify(LayerIndex::decode("good", &good).unwrap())
+        .await
+        .unwrap();
+    // Indexes that are well formed and name the right layer, but say one thing wrong about a
+    // file: what a registry could serve. The spans are all local (and match); the file table
+    // does not match the blob.
+    let changed = |change: &dyn Fn(&mut Entry)| {
+        let mut index = LayerIndex::decode("good", &good).unwrap();
+        let file = index
+            .entries
+            .iter_mut()
+            .find(|e| e.kind == EntryKind::File && e.size > 1 && e.sparse.is_none())
+            .unwrap();
+        change(file);
+        LayerIndex::decode("changed", &index.encode().unwrap()).unwrap()
+    };
+    for (what, index) in [
+        ("digest", changed(&|e| e.digest = Some([7; 32]))),
+        ("size", changed(&|e| e.size -= 1)),
+        ("mode", changed(&|e| e.mode ^= 0o4000)),
+    ] {
+        let err = verify(index).await.unwrap_err().to_string();
+        assert!(
+            err.contains("differs from the index rebuilt from the verified blob"),
+            "{what}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_blob_that_does_not_match_its_digest_never_gets_an_index() {
+    use lazylayer_testkit::hostile::{Expect, HostileLayer, write_layout};
+    // A small tar of random and repetitive content, which gzip levels compress differently.
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, len, alphabet) in [("random.bin", 20_000, 255), ("text.txt", 50_000, 4)] {
+        let data: Vec<u8> = (0..len).map(|_| rng.u8(..alphabet)).collect();
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(1_700_000_000);
+        builder.append_data(&mut header, name, &data[..]).unwrap();
+    }
+    let tar = builder.into_inner().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layer = HostileLayer {
+        name: "regzipped",
+        attack: "a blob stored under the digest of another compression of the same tar",
+        tar: tar.clone(),
+        expect: Expect::Refused("digest mismatch"),
+    };
+    // The layout's blob is `gzip -1 -n`; the manifest and config name it and its diff_id.
+    write_layout(work.path(), &[layer]).unwrap();
+    let (source, image) = open(&format!("oci:{}:regzipped", work.path().display())).await;
+    let descriptor = image.layers[0].clone();
+    let diff_id = image.config_summary.rootfs.diff_ids[0].clone();
+    let blob_file = work
+        .path()
+        .join("blobs/sha256")
+        .join(descriptor.digest.hex());
+    let original = std::fs::read(&blob_file).unwrap();
+    build(
+        &source,
+        &descriptor,
+        Some(&diff_id),
+        BuildOptions::default(),
+    )
+    .await
+    .unwrap();
+    // Level 9 instead of 1: the same tar (and diff_id) in fewer bytes. Padded with zeros
+    // after the gzip member (which decompressors and the indexer accept) to the original's
+    // size, only the digest tells it from the blob the manifest names.
+    let regzipped = run("gzip -9 -n -c", &tar);
+    assert_eq!(run("gzip -dc", &regzipped), tar, "same tar, same diff_id");
+    assert!(
+        regzipped.len() < original.len(),
+        "{} bytes",
+        regzipped.len()
+    );
+    let mut same_size = regzipped.clone();
+    same_size.resize(original.len(), 0);
+    let (_dir, padded_source, padded) =
+        layout_with_blob(&same_size, "application/vnd.oci.image.layer.v1.tar+gzip");
+    build(
+        &padded_source,
+        &padded,
+        Some(&diff_id),
+        BuildOptions::default(),
+    )
+    .await
+    .expect("the padded blob is a good layer under its own digest");
+    for (blob, needle) in [
+        (&same_size, "digest mismatch"),
+        (&regzipped, "size mismatch"),
+    ] {
+        std::fs::write(&blob_file, blob).unwrap();
+        let err = build(
+            &source,
+            &descriptor,
+            Some(&diff_id),
+            BuildOptions::default(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(needle), "expected {needle:?}: {err}");
+        // The same through the streaming build a daemon uses (which keeps the blob's bytes).
+        let spans = tempfile::tempdir().unwrap();
+        let err = lazylayer_index::build_and_cache(
+            &source,
+            &descriptor,
+            Some(&diff_id),
+            BuildOptions::default(),
+            spans.path(),
+            &|_| {},
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(needle), "expected {needle:?}: {err}");
+    }
 }
