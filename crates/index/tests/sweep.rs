@@ -1027,3 +1027,22 @@ fn the_gnu_tar_fuzz_seeds_index_with_every_header_form() {
         ]
     );
 }
+
+#[test]
+fn the_index_decode_fuzz_seeds_are_valid_indexes() {
+    // A seed in an old format is refused at the header, and fuzzing from it never reaches the
+    // metadata, spans and entries (as happened when the format went to version 2).
+    let corpus = lazylayer_testkit::repo_root().join("fuzz/corpus/index_decode");
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(&corpus).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("seed-") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        LayerIndex::decode(&name, &bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        seeds += 1;
+    }
+    assert!(seeds >= 3, "{seeds} seeds in {}", corpus.display());
+}
