@@ -260,8 +260,43 @@ async fn the_multi_layer_image_keeps_its_metadata() {
 
 #[tokio::test]
 async fn random_ranges_agree_with_the_extraction() {
-    let (layout, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
-    let layer = &image.layers[0];
+    let rng = &mut fastrand::Rng::with_seed(7);
+    // Debian: large files, many spans.
+    let index = random_ranges("bookworm", 0, rng, 400).await;
+    // The multi-layer image in every compression: small files, sparse files, links.
+    for tag in ["layers", "layers-zstd", "layers-plain"] {
+        for layer in 0..3 {
+            random_ranges(tag, layer, rng, 60).await;
+        }
+    }
+    // Ranges of the raw stream across many spans.
+    let (layout, _) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
+    let cache = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), layout, cache.path()).unwrap();
+    let whole = reader
+        .read_uncompressed(1_000_000..9_000_000)
+        .await
+        .unwrap();
+    assert_eq!(whole.len(), 8_000_000);
+    assert!(
+        reader
+            .read_uncompressed(index.uncompressed_size - 1..index.uncompressed_size + 1)
+            .await
+            .is_err()
+    );
+}
+
+/// Reads `count` random ranges (some running past the end) of random files of layer `layer`
+/// of fixture image `tag` through a reader with small spans, and compares each with the bytes
+/// GNU tar extracts. Returns the index.
+async fn random_ranges(
+    tag: &str,
+    layer: usize,
+    rng: &mut fastrand::Rng,
+    count: usize,
+) -> Arc<LayerIndex> {
+    let (layout, image) = open(&format!("oci:{}:{tag}", layout_dir().display())).await;
+    let layer = &image.layers[layer];
     // Small spans, so reads cross span boundaries often.
     let index = Arc::new(
         build(&layout, layer, None, BuildOptions { spacing: 192 << 10 })
@@ -276,8 +311,7 @@ async fn random_ranges_agree_with_the_extraction() {
         .iter()
         .filter(|e| e.kind == EntryKind::File && e.size > 0)
         .collect();
-    let mut rng = fastrand::Rng::with_seed(7);
-    for _ in 0..400 {
+    for _ in 0..count {
         let entry = files[rng.usize(..files.len())];
         let offset = rng.u64(0..entry.size);
         let len = rng.u64(0..=(entry.size - offset + 10).min(3 << 20));
@@ -286,22 +320,11 @@ async fn random_ranges_agree_with_the_extraction() {
         let end = (offset + len).min(entry.size) as usize;
         assert!(
             got == all[offset as usize..end],
-            "{} @{offset}+{len}",
+            "{tag}: {} @{offset}+{len}",
             entry.display_path()
         );
     }
-    // Ranges of the raw stream across many spans.
-    let whole = reader
-        .read_uncompressed(1_000_000..9_000_000)
-        .await
-        .unwrap();
-    assert_eq!(whole.len(), 8_000_000);
-    assert!(
-        reader
-            .read_uncompressed(index.uncompressed_size - 1..index.uncompressed_size + 1)
-            .await
-            .is_err()
-    );
+    index
 }
 
 /// Puts a blob into a minimal OCI layout, so the reader can take ranges of it.
