@@ -124,6 +124,22 @@ fn a_daemon_started_on_demand_exits_once_nothing_is_lazy() {
     }
     let status = lazy.status();
     assert_eq!(status["layers"][0]["state"], "detached", "{status}");
+    // status IMAGE: that image's layers; an image not pulled is an error that names it.
+    let only: serde_json::Value =
+        serde_json::from_str(&lazy.ll(&["status", "--json", &image])).unwrap();
+    assert_eq!(only["layers"].as_array().unwrap().len(), 1, "{only}");
+    let other = common::run(&[
+        "--root",
+        &lazy.root_arg(),
+        "status",
+        "example.com/not/pulled",
+    ]);
+    assert!(!other.status.success());
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("example.com/not/pulled"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     // With no daemon, status still tells what the layer cost: the whole 60 MiB blob.
     let fetched = status["layers"][0]["bytes_fetched"].as_u64().unwrap();
     assert!(fetched > 60 << 20, "{status}");
