@@ -2,6 +2,7 @@
 //! images built by debootstrap/umoci/skopeo, skopeo as the independent reference, a real token
 //! issuer flow, and the fault-injecting proxy. Run as part of `scripts/test`.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,9 +15,12 @@ use lazylayer_source::{
     PlatformChoice, RegistryClient, RegistryReference, ResolvedImage,
 };
 use lazylayer_testkit::fixtures::{layout_dir, shared_registry, skopeo_copy, skopeo_inspect};
+use lazylayer_testkit::layout_registry::LayoutRegistry;
 use lazylayer_testkit::proxy::{Fault, FaultProxy, Rule, Shaping};
 use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
 use lazylayer_testkit::token_issuer::{IssuerOptions, TokenIssuer};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 fn quick_retries() -> RetryPolicy {
     RetryPolicy {
@@ -963,4 +967,182 @@ async fn missing_things_are_named_in_errors() {
     assert!(err.to_string().contains("name one as oci:DIR:TAG"), "{err}");
     let reference = reference(&host, "test/layers:latest");
     assert_eq!(reference.tag.as_deref(), Some("latest"));
+}
+
+/// A manifest of an empty image, padded with an annotation to exactly `size` bytes.
+fn padded_manifest(config: &BlobDescriptor, size: usize) -> Bytes {
+    let build = |pad: usize| {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config,
+            "layers": [],
+            "annotations": {"org.example.padding": "x".repeat(pad)},
+        }))
+        .unwrap()
+    };
+    let bytes = build(size - build(0).len());
+    assert_eq!(bytes.len(), size);
+    Bytes::from(bytes)
+}
+
+/// Writes `bytes` as a blob of the OCI layout at `dir`.
+fn write_layout_blob(dir: &Path, bytes: &[u8]) -> Digest {
+    let digest = Digest::sha256(bytes);
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(blobs.join(digest.hex()), bytes).unwrap();
+    digest
+}
+
+/// Writes an OCI layout at `dir` whose index.json tags the given manifests (blobs already
+/// written), padded with an index annotation of `index_padding` bytes.
+fn write_layout_index(dir: &Path, tags: &[(&str, &Digest, usize)], index_padding: usize) {
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let manifests: Vec<serde_json::Value> = tags
+        .iter()
+        .map(|(tag, digest, size)| {
+            serde_json::json!({
+                "mediaType": OCI_MANIFEST,
+                "digest": digest.to_string(),
+                "size": size,
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            })
+        })
+        .collect();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+        "annotations": {"org.example.padding": "x".repeat(index_padding)},
+    });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn oversized_manifests_are_refused() {
+    const LIMIT: usize = 4 << 20;
+    let client = anonymous();
+    let config_bytes = Bytes::from_static(
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+    );
+    let config = BlobDescriptor {
+        digest: Digest::sha256(&config_bytes),
+        media_type: "application/vnd.oci.image.config.v1+json".into(),
+        size: config_bytes.len() as u64,
+    };
+    let at_limit = padded_manifest(&config, LIMIT);
+    let over = padded_manifest(&config, LIMIT + 1);
+
+    // The real registry takes and serves a manifest of exactly the limit, and so does the client.
+    let registry = TestRegistry::start(RegistryAuth::Anonymous).unwrap();
+    let host = registry.host();
+    let repository = client.repository(&host, "big/image").unwrap();
+    repository
+        .push_blob(&config, Body::Bytes(config_bytes.clone()))
+        .await
+        .unwrap();
+    let at_limit_digest = repository
+        .put_manifest("at-limit", OCI_MANIFEST, at_limit.clone())
+        .await
+        .expect("a manifest at the limit is pushed");
+    for image in [
+        format!("{host}/big/image:at-limit"),
+        format!("{host}/big/image@{at_limit_digest}"),
+    ] {
+        let resolved = resolve(&client, &image, None).await.expect(&image);
+        assert_eq!(resolved.manifest.digest, at_limit_digest);
+        assert_eq!(resolved.config.digest, config.digest);
+    }
+    // CNCF distribution refuses one byte more (the limit is its limit), so a registry that
+    // serves bigger manifests is played by the embedded layout registry below.
+    let err = repository
+        .put_manifest("over", OCI_MANIFEST, over.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Http { status: 400, .. }), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    write_layout_blob(dir.path(), &config_bytes);
+    let at_limit_digest = write_layout_blob(dir.path(), &at_limit);
+    let over_digest = write_layout_blob(dir.path(), &over);
+    write_layout_index(
+        dir.path(),
+        &[
+            ("at-limit", &at_limit_digest, at_limit.len()),
+            ("over", &over_digest, over.len()),
+        ],
+        0,
+    );
+    let served = LayoutRegistry::start(dir.path()).unwrap();
+    let layout = dir.path().display();
+    let limit_text = format!("larger than the {LIMIT}-byte limit");
+    for (image, named) in [
+        (
+            format!("{}/big/image:over", served.host()),
+            "big/image:over".to_string(),
+        ),
+        (
+            format!("{}/big/image@{over_digest}", served.host()),
+            format!("big/image:{over_digest}"),
+        ),
+        (format!("oci:{layout}:over"), over_digest.to_string()),
+        (
+            format!("oci:{layout}@{over_digest}"),
+            over_digest.to_string(),
+        ),
+    ] {
+        let err = match resolve(&client, &image, None).await {
+            Ok(resolved) => panic!("{image}: took a {}-byte manifest", resolved.manifest.size),
+            Err(err) => err,
+        };
+        let text = err.to_string();
+        assert!(matches!(err, Error::TooLarge { .. }), "{image}: {text}");
+        assert!(
+            text.contains(&limit_text) && text.contains(&named),
+            "{image}: {text}"
+        );
+    }
+    // The same source serves a manifest at the limit: the refusal is about size alone.
+    for image in [
+        format!("{}/big/image:at-limit", served.host()),
+        format!("oci:{layout}:at-limit"),
+    ] {
+        let resolved = resolve(&client, &image, None).await.expect(&image);
+        assert_eq!(resolved.manifest.digest, at_limit_digest);
+    }
+
+    // An oversized index.json is refused before it is parsed.
+    let padded = tempfile::tempdir().unwrap();
+    write_layout_blob(padded.path(), &config_bytes);
+    let small = padded_manifest(&config, 1000);
+    let small_digest = write_layout_blob(padded.path(), &small);
+    write_layout_index(
+        padded.path(),
+        &[("small", &small_digest, small.len())],
+        LIMIT,
+    );
+    let err = resolve(
+        &client,
+        &format!("oci:{}:small", padded.path().display()),
+        None,
+    )
+    .await
+    .map(|_| "resolved")
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::TooLarge { .. }), "{text}");
+    assert!(
+        text.contains("index.json") && text.contains(&limit_text),
+        "{text}"
+    );
+    // Without the padding the same layout resolves.
+    write_layout_index(padded.path(), &[("small", &small_digest, small.len())], 0);
+    resolve(
+        &client,
+        &format!("oci:{}:small", padded.path().display()),
+        None,
+    )
+    .await
+    .expect("small index.json");
 }
