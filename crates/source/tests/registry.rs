@@ -1146,3 +1146,60 @@ async fn oversized_manifests_are_refused() {
     .await
     .expect("small index.json");
 }
+
+#[tokio::test]
+async fn anonymous_bearer_tokens_pull_public_images() {
+    // Docker Hub and GHCR: no credentials, yet every request needs a token from the realm.
+    let setup = token_registry(IssuerOptions {
+        anonymous_pull: true,
+        ..IssuerOptions::default()
+    })
+    .await;
+    let host = setup.registry.host();
+    let skopeo = skopeo_inspect(
+        &format!("docker://{host}/private/layers:latest"),
+        &["--creds", &format!("{}:{}", setup.user, setup.password)],
+    );
+    let (issued, refused) = (setup.issuer.issued(), setup.issuer.refused());
+    let client = anonymous();
+    let image = resolve(&client, &format!("{host}/private/layers:latest"), None)
+        .await
+        .expect("anonymous token flow");
+    assert_eq!(digests(&image), skopeo_layers(&skopeo));
+    let layer = image.layers.iter().min_by_key(|l| l.size).unwrap();
+    let data = read_blob(&client, &host, "private/layers", layer)
+        .await
+        .unwrap();
+    assert_eq!(Digest::sha256(&data), layer.digest);
+    let bytes = client
+        .repository(&host, "private/layers")
+        .unwrap()
+        .read_range(&layer.digest, 10..20)
+        .await
+        .unwrap();
+    assert!(bytes[..] == data[10..20]);
+    assert_eq!(
+        setup.issuer.issued() - issued,
+        1,
+        "one anonymous token serves the repository"
+    );
+    assert_eq!(setup.issuer.refused(), refused);
+
+    // The anonymous token grants pull only: pushing is refused, with no credentials to blame.
+    let content = Bytes::from_static(b"anonymous push");
+    let blob = BlobDescriptor {
+        digest: Digest::sha256(&content),
+        media_type: "application/octet-stream".into(),
+        size: content.len() as u64,
+    };
+    let err = client
+        .repository(&host, "private/layers")
+        .unwrap()
+        .push_blob(&blob, Body::Bytes(content))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Unauthorized { .. } | Error::Denied { .. }),
+        "{err}"
+    );
+}
