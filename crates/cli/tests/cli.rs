@@ -178,6 +178,103 @@ fn help_lists_only_working_commands_and_the_root_option() {
     );
 }
 
+/// `text` in base64, as auth files store `user:password`.
+fn base64(text: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// Writes `dir/config.json` in Docker's format with `user:password` for `host`.
+fn write_docker_config(dir: &std::path::Path, host: &str, user: &str, password: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let auth = base64(&format!("{user}:{password}"));
+    std::fs::write(
+        dir.join("config.json"),
+        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+}
+
+#[test]
+fn credentials_come_from_docker_config_in_home_or_docker_config_dir() {
+    let (user, password) = ("dave", "Docker-Config-Passw0rd");
+    let registry = TestRegistry::start(RegistryAuth::Htpasswd { user, password }).unwrap();
+    let host = registry.host();
+    skopeo_copy(
+        &format!("oci:{}:tiny-amd64", layout_dir().display()),
+        &format!("docker://{host}/private/tiny:latest"),
+        &["--dest-creds", &format!("{user}:{password}")],
+    );
+    let image = format!("{host}/private/tiny:latest");
+    let expected = skopeo_inspect(
+        &format!("docker://{image}"),
+        &["--creds", &format!("{user}:{password}")],
+    );
+    let check = |output: &Output| {
+        let out: serde_json::Value = serde_json::from_str(&stdout(output)).unwrap();
+        assert_eq!(out["manifest"]["digest"], expected["Digest"]);
+    };
+
+    // ~/.docker/config.json, as `docker login` writes it.
+    let home = tempfile::tempdir().unwrap();
+    let home_path = home.path().to_str().unwrap();
+    write_docker_config(&home.path().join(".docker"), &host, user, password);
+    check(&lazylayer(
+        &["inspect", "--json", &image],
+        &[("HOME", home_path)],
+    ));
+
+    // $DOCKER_CONFIG/config.json, with no usable home.
+    let docker_config = tempfile::tempdir().unwrap();
+    write_docker_config(docker_config.path(), &host, user, password);
+    check(&lazylayer(
+        &["inspect", "--json", &image],
+        &[("DOCKER_CONFIG", docker_config.path().to_str().unwrap())],
+    ));
+
+    // $DOCKER_CONFIG replaces ~/.docker, as in docker: its wrong password is the one tried.
+    let wrong = tempfile::tempdir().unwrap();
+    write_docker_config(wrong.path(), &host, user, "not-the-password");
+    let output = lazylayer(
+        &["inspect", &image],
+        &[
+            ("HOME", home_path),
+            ("DOCKER_CONFIG", wrong.path().to_str().unwrap()),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("rejected the stored credentials"),
+        "{stderr}"
+    );
+
+    // Neither file: the registry's refusal says no credentials were found.
+    let empty = tempfile::tempdir().unwrap();
+    let output = lazylayer(
+        &["inspect", &image],
+        &[("HOME", empty.path().to_str().unwrap())],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("authentication failed") && stderr.contains("no credentials were found"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn credentials_never_appear_in_logs_or_errors() {
     let (user, password) = ("carol", "Very-Secret-Passw0rd");
@@ -188,22 +285,7 @@ fn credentials_never_appear_in_logs_or_errors() {
         &["--dest-creds", &format!("{user}:{password}")],
     );
     let dir = tempfile::tempdir().unwrap();
-    let encoded = {
-        use std::io::Write;
-        let mut child = Command::new("base64")
-            .arg("-w0")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{user}:{password}").as_bytes())
-            .unwrap();
-        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
-    };
+    let encoded = base64(&format!("{user}:{password}"));
     let auth = dir.path().join("auth.json");
     std::fs::write(
         &auth,
