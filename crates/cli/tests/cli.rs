@@ -5,6 +5,7 @@ use std::process::{Command, Output};
 
 use lazylayer_testkit::fixtures::{layout_dir, shared_registry, skopeo_copy, skopeo_inspect};
 use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
+use lazylayer_testkit::token_issuer::{IssuerOptions, TokenIssuer};
 
 fn lazylayer(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_lazylayer"));
@@ -331,6 +332,51 @@ fn credentials_never_appear_in_logs_or_errors() {
     assert!(
         !stderr.contains(password),
         "password in the error: {stderr}"
+    );
+}
+
+#[test]
+fn bearer_tokens_never_appear_in_logs() {
+    let options = IssuerOptions::default();
+    let (user, password) = options.users[0].clone();
+    let issuer = TokenIssuer::start(options).unwrap();
+    let registry = TestRegistry::start(RegistryAuth::Token(&issuer)).unwrap();
+    let host = registry.host();
+    skopeo_copy(
+        &format!("oci:{}:layers", layout_dir().display()),
+        &format!("docker://{host}/private/layers:latest"),
+        &["--dest-creds", &format!("{user}:{password}")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write_docker_config(dir.path(), &host, &user, &password);
+    let issued = issuer.issued();
+    let root = tempfile::tempdir().unwrap();
+    let image = format!("{host}/private/layers:latest");
+    // `index` reads every layer blob too: many requests that carry the token.
+    let output = lazylayer(
+        &["--root", root.path().to_str().unwrap(), "index", &image],
+        &[
+            ("DOCKER_CONFIG", dir.path().to_str().unwrap()),
+            ("LAZYLAYER_LOG", "trace"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(issuer.issued() > issued, "a token was issued");
+    assert!(
+        stderr.contains("TRACE") && stderr.contains("DEBUG"),
+        "trace logging was on: {stderr}"
+    );
+    assert!(
+        stderr.contains("using stored credentials"),
+        "the credentials were found: {stderr}"
+    );
+    // Tokens are JWTs: base64 of `{"` starts every one of them.
+    assert!(!stderr.contains("eyJ"), "a token in the log: {stderr}");
+    let basic = base64(&format!("{user}:{password}"));
+    assert!(
+        !stderr.contains(&password) && !stderr.contains(&basic),
+        "the password in the log: {stderr}"
     );
 }
 
