@@ -42,17 +42,22 @@ fn json_layers(value: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// The layer digests of `skopeo inspect` output.
+fn skopeo_layers_of(value: &serde_json::Value) -> Vec<String> {
+    value["Layers"]
+        .as_array()
+        .expect("Layers")
+        .iter()
+        .map(|v| v.as_str().expect("digest").to_string())
+        .collect()
+}
+
 #[test]
 fn inspect_prints_the_layers_skopeo_sees_for_registry_and_layout() {
     let host = shared_registry().host();
     let layout = layout_dir();
     let skopeo = skopeo_inspect(&format!("docker://{host}/test/debian:bookworm"), &[]);
-    let skopeo_layers: Vec<String> = skopeo["Layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let skopeo_layers = skopeo_layers_of(&skopeo);
 
     let remote: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
         &["inspect", "--json", &format!("{host}/test/debian:bookworm")],
@@ -71,6 +76,29 @@ fn inspect_prints_the_layers_skopeo_sees_for_registry_and_layout() {
     assert_eq!(json_layers(&remote), skopeo_layers);
     assert_eq!(json_layers(&local), skopeo_layers);
     assert_eq!(remote["manifest"]["digest"], skopeo["Digest"]);
+    // skopeo reads the layout itself too.
+    let oci = format!("oci:{}:bookworm", layout.display());
+    let skopeo_oci = skopeo_inspect(&oci, &[]);
+    assert_eq!(json_layers(&local), skopeo_layers_of(&skopeo_oci));
+    assert_eq!(local["manifest"]["digest"], skopeo_oci["Digest"]);
+    // Compressed sizes, media types and the config as the manifest states them.
+    for (out, source) in [
+        (&remote, format!("docker://{host}/test/debian:bookworm")),
+        (&local, oci.clone()),
+    ] {
+        let raw = skopeo_inspect(&source, &["--raw"]);
+        let raw_layers = raw["layers"].as_array().expect("raw layers");
+        let layers = out["layers"].as_array().expect("layers");
+        assert_eq!(layers.len(), raw_layers.len(), "{source}");
+        for (ours, theirs) in layers.iter().zip(raw_layers) {
+            assert_eq!(ours["digest"], theirs["digest"], "{source}");
+            assert_eq!(ours["size"], theirs["size"], "{source}");
+            assert_eq!(ours["mediaType"], theirs["mediaType"], "{source}");
+            assert!(ours["size"].as_u64().unwrap() > 1 << 20, "{source}: {ours}");
+        }
+        assert_eq!(out["config"]["digest"], raw["config"]["digest"], "{source}");
+        assert_eq!(out["config"]["size"], raw["config"]["size"], "{source}");
+    }
     assert_eq!(remote["platform"]["os"], "linux");
     assert_eq!(remote["config"]["digest"], local["config"]["digest"]);
     assert!(
