@@ -14,6 +14,7 @@ use lazylayer_source::{
     BlobDescriptor, BlobStream, ClientOptions, Digest, Error, ImageReference, ImageSource,
     PlatformChoice, RegistryClient, RegistryReference, ResolvedImage,
 };
+use lazylayer_testkit::blackhole::Blackhole;
 use lazylayer_testkit::fixtures::{layout_dir, shared_registry, skopeo_copy, skopeo_inspect};
 use lazylayer_testkit::layout_registry::LayoutRegistry;
 use lazylayer_testkit::proxy::{Fault, FaultProxy, Rule, Shaping};
@@ -1201,5 +1202,41 @@ async fn anonymous_bearer_tokens_pull_public_images() {
     assert!(
         matches!(err, Error::Unauthorized { .. } | Error::Denied { .. }),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_registry_that_never_accepts_times_out_within_the_budget() {
+    let blackhole = Blackhole::start().unwrap();
+    let client = RegistryClient::new(ClientOptions {
+        credentials: CredentialSource::None,
+        connect_timeout: Duration::from_secs(1),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            ..RetryPolicy::default()
+        },
+        ..ClientOptions::default()
+    })
+    .unwrap();
+    let image = format!("{}/test/layers:latest", blackhole.host());
+    let err = tokio::time::timeout(Duration::from_secs(30), resolve(&client, &image, None))
+        .await
+        .expect("an error within 30 s, not a hang")
+        .map(|_| "resolved")
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::RetriesExhausted { attempts: 3, .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("gave up after 3 attempts") && text.contains("test/layers"),
+        "{text}"
+    );
+    // hyper's words for its connect timeout: "tcp connect error: deadline has elapsed".
+    assert!(
+        text.contains("connect error") && text.contains("deadline has elapsed"),
+        "names a connect timeout: {text}"
     );
 }

@@ -9,11 +9,13 @@
 //! - [`fixtures`]: images built by tools lazylayer did not write (`scripts/build-fixtures`),
 //!   cached, and pushed into a registry with skopeo;
 //! - [`hostile`]: a corpus of malicious layers, as an OCI layout;
+//! - [`blackhole`]: a loopback address where connects hang, for connect timeouts;
 //! - [`daemon`]: stopping the lazylayer daemons (holder and worker) a test started.
 //!
 //! Nothing here reaches the internet; the fixture script needs Debian's package mirror once.
 
 mod background;
+pub mod blackhole;
 pub mod daemon;
 pub mod fixtures;
 pub mod hostile;
