@@ -1,10 +1,11 @@
-//! Debian's `docker-registry` (CNCF distribution 2.8) as a child process on 127.0.0.1: a free
-//! port, storage in a temporary directory, and optional htpasswd or token authentication.
+//! Debian's `docker-registry` (CNCF distribution 2.8) as a child process on 127.0.0.1 (or
+//! another address of this machine): a free port, storage in a temporary directory, optional
+//! htpasswd or token authentication, and optional HTTPS with a certificate from a test CA.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,24 +22,55 @@ pub enum RegistryAuth<'a> {
     Token(&'a TokenIssuer),
 }
 
+/// Where and how a registry listens, beyond its authentication.
+pub struct RegistryOptions<'a> {
+    /// How clients authenticate.
+    pub auth: RegistryAuth<'a>,
+    /// The address to listen on (a free port is picked).
+    pub ip: IpAddr,
+    /// Serve HTTPS with a certificate for `ip` from a CA made for this registry
+    /// ([`TestRegistry::ca_cert`]).
+    pub tls: bool,
+}
+
 /// A running registry; killed when dropped.
 pub struct TestRegistry {
     child: Child,
     addr: SocketAddr,
     dir: tempfile::TempDir,
+    tls: bool,
 }
 
 impl TestRegistry {
-    /// Starts a registry and waits until it answers.
+    /// Starts a plain-HTTP registry on 127.0.0.1 and waits until it answers.
     pub fn start(auth: RegistryAuth<'_>) -> std::io::Result<TestRegistry> {
+        Self::start_with(RegistryOptions {
+            auth,
+            ip: Ipv4Addr::LOCALHOST.into(),
+            tls: false,
+        })
+    }
+
+    /// Starts a registry as `options` say and waits until it answers.
+    pub fn start_with(options: RegistryOptions<'_>) -> std::io::Result<TestRegistry> {
         require_tool("docker-registry");
         let dir = tempfile::Builder::new()
             .prefix("lazylayer-registry.")
             .tempdir()?;
+        if options.tls {
+            write_tls_files(dir.path(), options.ip)?;
+        }
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::try_start(&auth, &dir) {
-                Ok((child, addr)) => return Ok(TestRegistry { child, addr, dir }),
+            match Self::try_start(&options, &dir) {
+                Ok((child, addr)) => {
+                    return Ok(TestRegistry {
+                        child,
+                        addr,
+                        dir,
+                        tls: options.tls,
+                    });
+                }
                 Err(e) => last_error = Some(e),
             }
         }
@@ -46,11 +78,20 @@ impl TestRegistry {
     }
 
     fn try_start(
-        auth: &RegistryAuth<'_>,
+        options: &RegistryOptions<'_>,
         dir: &tempfile::TempDir,
     ) -> std::io::Result<(Child, SocketAddr)> {
-        let addr = free_port()?;
-        let auth_section = match auth {
+        let addr = free_port(options.ip)?;
+        let tls_section = if options.tls {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.path().join("server.pem").display(),
+                dir.path().join("server-key.pem").display()
+            )
+        } else {
+            String::new()
+        };
+        let auth_section = match &options.auth {
             RegistryAuth::Anonymous => String::new(),
             RegistryAuth::Htpasswd { user, password } => {
                 require_tool("htpasswd");
@@ -77,7 +118,7 @@ impl TestRegistry {
             "version: 0.1\n\
              log:\n  level: warn\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: {addr}\n  secret: lazylayer-test-secret\n{auth_section}",
+             http:\n  addr: {addr}\n  secret: lazylayer-test-secret\n{tls_section}{auth_section}",
             dir.path().join("data").display()
         );
         let config_path = dir.path().join("config.yml");
@@ -124,9 +165,14 @@ impl TestRegistry {
         self.addr
     }
 
-    /// `127.0.0.1:PORT`, as used in image references.
+    /// `IP:PORT` (e.g. `127.0.0.1:PORT`), as used in image references.
     pub fn host(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// The PEM certificate of the CA that signed the registry's certificate (HTTPS only).
+    pub fn ca_cert(&self) -> Option<PathBuf> {
+        self.tls.then(|| self.dir.path().join("ca.pem"))
     }
 
     /// The registry's log so far (for failing tests).
@@ -147,8 +193,77 @@ impl Drop for TestRegistry {
     }
 }
 
-fn free_port() -> std::io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
+fn free_port(ip: IpAddr) -> std::io::Result<SocketAddr> {
+    TcpListener::bind((ip, 0))?.local_addr()
+}
+
+/// Writes `ca.pem` (a CA made for one registry), and `server.pem` and `server-key.pem` (a
+/// certificate for `ip` it signed) into `dir`.
+fn write_tls_files(dir: &Path, ip: IpAddr) -> std::io::Result<()> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let other = |e: rcgen::Error| std::io::Error::other(e.to_string());
+    let ca_key = KeyPair::generate().map_err(other)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(other)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(DnType::CommonName, "lazylayer test registry CA");
+    std::fs::write(
+        dir.join("ca.pem"),
+        ca.self_signed(&ca_key).map_err(other)?.pem(),
+    )?;
+    let key = KeyPair::generate().map_err(other)?;
+    let mut server = CertificateParams::new(vec![ip.to_string()]).map_err(other)?;
+    server.is_ca = IsCa::ExplicitNoCa;
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server
+        .distinguished_name
+        .push(DnType::CommonName, ip.to_string());
+    let cert = server
+        .signed_by(&key, &Issuer::new(ca, &ca_key))
+        .map_err(other)?;
+    std::fs::write(dir.join("server.pem"), cert.pem())?;
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem())?;
+    Ok(())
+}
+
+/// The first IPv4 address of this machine that is not loopback: a registry there is reached
+/// over HTTPS unless it is named with `--insecure-registry`. Panics if there is none.
+pub fn non_loopback_ipv4() -> Ipv4Addr {
+    let mut found = None;
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list that freeifaddrs releases below.
+    assert_eq!(
+        unsafe { libc::getifaddrs(&mut list) },
+        0,
+        "getifaddrs: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut entry = list;
+    while !entry.is_null() && found.is_none() {
+        // SAFETY: `entry` is a non-null node of the list getifaddrs returned, not yet freed;
+        // an AF_INET ifa_addr points at a sockaddr_in.
+        unsafe {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
+                let sin = &*(addr as *const libc::sockaddr_in);
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !ip.is_loopback() && !ip.is_unspecified() {
+                    found = Some(ip);
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found.expect(
+        "this machine has no non-loopback IPv4 address: the HTTPS and --insecure-registry tests \
+         need one (lazylayer always speaks plain HTTP to loopback registries)",
+    )
 }
 
 fn answers_http(addr: SocketAddr) -> bool {
