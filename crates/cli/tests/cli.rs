@@ -2,9 +2,10 @@
 //! skopeo as the independent reference.
 
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use lazylayer_testkit::fixtures::{layout_dir, shared_registry, skopeo_copy, skopeo_inspect};
-use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
+use lazylayer_testkit::registry::{RegistryAuth, RegistryOptions, TestRegistry, non_loopback_ipv4};
 use lazylayer_testkit::token_issuer::{IssuerOptions, TokenIssuer};
 
 fn lazylayer(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -12,7 +13,9 @@ fn lazylayer(args: &[&str], env: &[(&str, &str)]) -> Output {
     command
         .args(args)
         .env_remove("LAZYLAYER_LOG")
-        .env_remove("REGISTRY_AUTH_FILE");
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR");
     // No credentials from the machine running the tests.
     command
         .env("HOME", "/nonexistent")
@@ -361,6 +364,81 @@ fn credentials_never_appear_in_logs_or_errors() {
         !stderr.contains(password),
         "password in the error: {stderr}"
     );
+}
+
+/// A registry on this machine's non-loopback address (so lazylayer does not assume plain HTTP),
+/// holding the tiny image as `test/tiny:latest`; returns it and the image reference.
+fn off_loopback_registry(tls: bool) -> (TestRegistry, String) {
+    let registry = TestRegistry::start_with(RegistryOptions {
+        auth: RegistryAuth::Anonymous,
+        ip: non_loopback_ipv4().into(),
+        tls,
+    })
+    .unwrap();
+    let image = format!("{}/test/tiny:latest", registry.host());
+    skopeo_copy(
+        &format!("oci:{}:tiny-amd64", layout_dir().display()),
+        &format!("docker://{image}"),
+        &[],
+    );
+    (registry, image)
+}
+
+#[test]
+fn https_registries_are_verified_with_the_cas_of_ssl_cert_file() {
+    let (registry, image) = off_loopback_registry(true);
+    let expected = skopeo_inspect(&format!("docker://{image}"), &[]);
+    let ca = registry.ca_cert().unwrap();
+    let out: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
+        &["inspect", "--json", &image],
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+    )))
+    .unwrap();
+    assert_eq!(out["manifest"]["digest"], expected["Digest"]);
+
+    // Without the CA the certificate is refused at once: no retries, no plain-HTTP fallback.
+    let started = Instant::now();
+    let output = lazylayer(&["inspect", &image], &[]);
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert!(!stderr.contains("gave up after"), "retried: {stderr}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "took {elapsed:?}: {stderr}"
+    );
+}
+
+#[test]
+fn plain_http_registries_off_loopback_need_insecure_registry() {
+    let (registry, image) = off_loopback_registry(false);
+    let host = registry.host();
+    let expected = skopeo_inspect(&format!("docker://{image}"), &[]);
+
+    let started = Instant::now();
+    let output = lazylayer(&["inspect", &image], &[]);
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("https://{host}/")), "{stderr}");
+    assert!(
+        stderr.contains("does not speak TLS") && stderr.contains("--insecure-registry"),
+        "{stderr}"
+    );
+    // A server that does not speak TLS will not start to on a retry.
+    assert!(!stderr.contains("gave up after"), "retried: {stderr}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "took {elapsed:?}: {stderr}"
+    );
+
+    let out: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
+        &["--insecure-registry", &host, "inspect", "--json", &image],
+        &[],
+    )))
+    .unwrap();
+    assert_eq!(out["manifest"]["digest"], expected["Digest"]);
 }
 
 #[test]

@@ -124,9 +124,13 @@ pub fn is_transient_status(status: u16) -> bool {
 }
 
 /// Whether a transport error is worth retrying: resets, timeouts, refused connections, broken
-/// bodies. TLS and URL errors are not.
+/// bodies. TLS and URL errors are not: a refused certificate or a server that does not speak
+/// TLS fails the same way every time.
 pub fn is_transient_error(error: &reqwest::Error) -> bool {
     if error.is_builder() || error.is_redirect() || error.is_decode() {
+        return false;
+    }
+    if tls_error(error).is_some() {
         return false;
     }
     let chain = crate::error::error_chain(error).to_ascii_lowercase();
@@ -134,6 +138,40 @@ pub fn is_transient_error(error: &reqwest::Error) -> bool {
         return false;
     }
     error.is_timeout() || error.is_connect() || error.is_request() || error.is_body()
+}
+
+/// A transport error in words, with a hint when the server answered TLS with something else
+/// (a registry that serves plain HTTP, reached as HTTPS).
+pub fn describe_error(error: &reqwest::Error) -> String {
+    let chain = crate::error::error_chain(error);
+    match tls_error(error) {
+        Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+            format!(
+                "{chain} (the server does not speak TLS; if the registry serves plain HTTP, \
+                 name it with --insecure-registry)"
+            )
+        }
+        _ => chain,
+    }
+}
+
+/// The TLS error behind a transport error, if the failure was in TLS.
+fn tls_error(error: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // TLS errors arrive nested in io::Errors, whose source() skips the error they wrap.
+        cause = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(inner) => Some(inner),
+            None => e.source(),
+        };
+    }
+    None
 }
 
 #[cfg(test)]

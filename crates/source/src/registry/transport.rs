@@ -9,8 +9,9 @@ use url::Url;
 use super::Repository;
 use super::auth::challenge::parse_challenges;
 use super::auth::{Access, AuthContext, sensitive};
-use super::retry::{Attempts, is_transient_error, is_transient_status, retry_after};
-use crate::error::error_chain;
+use super::retry::{
+    Attempts, describe_error, is_transient_error, is_transient_status, retry_after,
+};
 use crate::{Error, Result};
 
 /// A request body that can be sent again on retry.
@@ -99,14 +100,14 @@ impl Repository {
             let response = match builder.send().await {
                 Ok(response) => response,
                 Err(e) if is_transient_error(&e) => {
-                    let wait = attempts.failed(&request.what, error_chain(&e), None)?;
+                    let wait = attempts.failed(&request.what, describe_error(&e), None)?;
                     tokio::time::sleep(wait).await;
                     continue;
                 }
                 Err(e) => {
                     return Err(Error::Transport {
                         request: request.what.clone(),
-                        detail: error_chain(&e),
+                        detail: describe_error(&e),
                     });
                 }
             };

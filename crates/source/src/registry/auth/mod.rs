@@ -17,7 +17,9 @@ use url::Url;
 use self::challenge::Challenge;
 use self::credentials::{Credential, CredentialSource, Secret};
 use super::endpoint::is_loopback_host;
-use super::retry::{Attempts, is_transient_error, is_transient_status, retry_after};
+use super::retry::{
+    Attempts, describe_error, is_transient_error, is_transient_status, retry_after,
+};
 use crate::error::error_chain;
 use crate::{Error, Result};
 
@@ -320,14 +322,14 @@ impl Authenticator {
             let response = match request.send().await {
                 Ok(response) => response,
                 Err(e) if is_transient_error(&e) => {
-                    let wait = attempts.failed(&what, error_chain(&e), None)?;
+                    let wait = attempts.failed(&what, describe_error(&e), None)?;
                     tokio::time::sleep(wait).await;
                     continue;
                 }
                 Err(e) => {
                     return Err(Error::Transport {
                         request: what,
-                        detail: error_chain(&e),
+                        detail: describe_error(&e),
                     });
                 }
             };
