@@ -595,6 +595,52 @@ fn index_push_then_inspect_on_a_fresh_root_finds_and_verifies_the_index() {
 }
 
 #[test]
+fn lazylayer_root_sets_the_root_and_root_overrides_it() {
+    let root = tempfile::tempdir().unwrap();
+    let root_env = [("LAZYLAYER_ROOT", root.path().to_str().unwrap())];
+    let image = format!("oci:{}:layers", layout_dir().display());
+    stdout(&lazylayer(&["index", &image], &root_env));
+    let inspected: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
+        &["inspect", "--json", &image],
+        &root_env,
+    )))
+    .unwrap();
+    let layers = inspected["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    for layer in layers {
+        let hex = layer["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
+        assert!(
+            root.path().join("indexes/sha256").join(hex).is_file(),
+            "index of {hex} under LAZYLAYER_ROOT"
+        );
+        assert_eq!(layer["index"]["origin"], "local", "{layer}");
+    }
+    // --root wins over the environment: another root has no indexes.
+    let other = tempfile::tempdir().unwrap();
+    let inspected: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
+        &[
+            "--root",
+            other.path().to_str().unwrap(),
+            "inspect",
+            "--json",
+            &image,
+        ],
+        &root_env,
+    )))
+    .unwrap();
+    assert!(
+        inspected["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["index"].is_null())
+    );
+}
+
+#[test]
 fn a_single_frame_zstd_layer_says_so() {
     let root = tempfile::tempdir().unwrap();
     let root = root.path().to_str().unwrap();
