@@ -4,7 +4,9 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use lazylayer_testkit::fixtures::{layout_dir, shared_registry, skopeo_copy, skopeo_inspect};
+use lazylayer_testkit::fixtures::{
+    layout_dir, shared_registry, skopeo_copy, skopeo_inspect, skopeo_layers,
+};
 use lazylayer_testkit::registry::{RegistryAuth, RegistryOptions, TestRegistry, non_loopback_ipv4};
 use lazylayer_testkit::token_issuer::{IssuerOptions, TokenIssuer};
 
@@ -45,22 +47,12 @@ fn json_layers(value: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-/// The layer digests of `skopeo inspect` output.
-fn skopeo_layers_of(value: &serde_json::Value) -> Vec<String> {
-    value["Layers"]
-        .as_array()
-        .expect("Layers")
-        .iter()
-        .map(|v| v.as_str().expect("digest").to_string())
-        .collect()
-}
-
 #[test]
 fn inspect_prints_the_layers_skopeo_sees_for_registry_and_layout() {
     let host = shared_registry().host();
     let layout = layout_dir();
     let skopeo = skopeo_inspect(&format!("docker://{host}/test/debian:bookworm"), &[]);
-    let skopeo_layers = skopeo_layers_of(&skopeo);
+    let expected = skopeo_layers(&skopeo);
 
     let remote: serde_json::Value = serde_json::from_str(&stdout(&lazylayer(
         &["inspect", "--json", &format!("{host}/test/debian:bookworm")],
@@ -76,13 +68,13 @@ fn inspect_prints_the_layers_skopeo_sees_for_registry_and_layout() {
         &[],
     )))
     .unwrap();
-    assert_eq!(json_layers(&remote), skopeo_layers);
-    assert_eq!(json_layers(&local), skopeo_layers);
+    assert_eq!(json_layers(&remote), expected);
+    assert_eq!(json_layers(&local), expected);
     assert_eq!(remote["manifest"]["digest"], skopeo["Digest"]);
     // skopeo reads the layout itself too.
     let oci = format!("oci:{}:bookworm", layout.display());
     let skopeo_oci = skopeo_inspect(&oci, &[]);
-    assert_eq!(json_layers(&local), skopeo_layers_of(&skopeo_oci));
+    assert_eq!(json_layers(&local), skopeo_layers(&skopeo_oci));
     assert_eq!(local["manifest"]["digest"], skopeo_oci["Digest"]);
     // Compressed sizes, media types and the config as the manifest states them.
     for (out, source) in [
@@ -119,7 +111,7 @@ fn inspect_prints_the_layers_skopeo_sees_for_registry_and_layout() {
         &["inspect", &format!("{host}/test/debian:bookworm")],
         &[],
     ));
-    for layer in &skopeo_layers {
+    for layer in &expected {
         assert!(text.contains(layer.as_str()), "{text}");
     }
     assert!(text.contains("Platform:  linux/amd64"), "{text}");

@@ -15,7 +15,9 @@ use lazylayer_source::{
     PlatformChoice, RegistryClient, RegistryReference, ResolvedImage,
 };
 use lazylayer_testkit::blackhole::Blackhole;
-use lazylayer_testkit::fixtures::{layout_dir, shared_registry, skopeo_copy, skopeo_inspect};
+use lazylayer_testkit::fixtures::{
+    layout_dir, shared_registry, skopeo_copy, skopeo_inspect, skopeo_layers,
+};
 use lazylayer_testkit::layout_registry::LayoutRegistry;
 use lazylayer_testkit::proxy::{Fault, FaultProxy, Rule, Shaping};
 use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
@@ -80,15 +82,6 @@ async fn read_blob(
 
 fn digests(image: &ResolvedImage) -> Vec<String> {
     image.layers.iter().map(|l| l.digest.to_string()).collect()
-}
-
-fn skopeo_layers(value: &serde_json::Value) -> Vec<String> {
-    value["Layers"]
-        .as_array()
-        .expect("Layers")
-        .iter()
-        .map(|v| v.as_str().expect("digest").to_string())
-        .collect()
 }
 
 #[tokio::test]

@@ -109,6 +109,16 @@ pub fn skopeo_inspect(image: &str, flags: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("skopeo inspect JSON")
 }
 
+/// The layer digests of `skopeo inspect` output.
+pub fn skopeo_layers(value: &serde_json::Value) -> Vec<String> {
+    value["Layers"]
+        .as_array()
+        .expect("Layers")
+        .iter()
+        .map(|v| v.as_str().expect("digest").to_string())
+        .collect()
+}
+
 /// An uncompressed layer made by GNU tar in two passes, whose hardlinks outlive their targets:
 /// `a` (with links `b` and `c`, and `a` archived twice, which GNU tar writes as a link to
 /// itself), `l1` (link `l2`), `m1` (link `m2`) and a symlink `s` (link `s2`) are archived;
