@@ -231,17 +231,24 @@ fn write_docker_config(dir: &std::path::Path, host: &str, user: &str, password: 
     .unwrap();
 }
 
+/// A registry with htpasswd auth for `user` holding the tiny fixture image: the registry and
+/// the image's reference.
+fn private_tiny_image(user: &str, password: &str) -> (TestRegistry, String) {
+    let registry = TestRegistry::start(RegistryAuth::Htpasswd { user, password }).unwrap();
+    let image = format!("{}/private/tiny:latest", registry.host());
+    skopeo_copy(
+        &format!("oci:{}:tiny-amd64", layout_dir().display()),
+        &format!("docker://{image}"),
+        &["--dest-creds", &format!("{user}:{password}")],
+    );
+    (registry, image)
+}
+
 #[test]
 fn credentials_come_from_docker_config_in_home_or_docker_config_dir() {
     let (user, password) = ("dave", "Docker-Config-Passw0rd");
-    let registry = TestRegistry::start(RegistryAuth::Htpasswd { user, password }).unwrap();
+    let (registry, image) = private_tiny_image(user, password);
     let host = registry.host();
-    skopeo_copy(
-        &format!("oci:{}:tiny-amd64", layout_dir().display()),
-        &format!("docker://{host}/private/tiny:latest"),
-        &["--dest-creds", &format!("{user}:{password}")],
-    );
-    let image = format!("{host}/private/tiny:latest");
     let expected = skopeo_inspect(
         &format!("docker://{image}"),
         &["--creds", &format!("{user}:{password}")],
@@ -302,24 +309,12 @@ fn credentials_come_from_docker_config_in_home_or_docker_config_dir() {
 #[test]
 fn credentials_never_appear_in_logs_or_errors() {
     let (user, password) = ("carol", "Very-Secret-Passw0rd");
-    let registry = TestRegistry::start(RegistryAuth::Htpasswd { user, password }).unwrap();
-    skopeo_copy(
-        &format!("oci:{}:tiny-amd64", layout_dir().display()),
-        &format!("docker://{}/private/tiny:latest", registry.host()),
-        &["--dest-creds", &format!("{user}:{password}")],
-    );
+    let (registry, image) = private_tiny_image(user, password);
     let dir = tempfile::tempdir().unwrap();
     let encoded = base64(&format!("{user}:{password}"));
-    let auth = dir.path().join("auth.json");
-    std::fs::write(
-        &auth,
-        format!(
-            r#"{{"auths":{{"{}":{{"auth":"{encoded}"}}}}}}"#,
-            registry.host()
-        ),
-    )
-    .unwrap();
-    let image = format!("{}/private/tiny:latest", registry.host());
+    // An auth.json has the same format as Docker's config.json.
+    write_docker_config(dir.path(), &registry.host(), user, password);
+    let auth = dir.path().join("config.json");
     let env = [
         ("REGISTRY_AUTH_FILE", auth.to_str().unwrap()),
         ("LAZYLAYER_LOG", "trace"),

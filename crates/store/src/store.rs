@@ -200,15 +200,14 @@ impl Store {
         let Some(index) = self.indexes().get(blob)? else {
             return Ok(None);
         };
-        let detached = self.phase(&blob.digest)? == Some(Phase::Detached);
+        let record = LayerRecord::load(&self.layer_dir(&blob.digest).join("record"))?;
+        let detached = record.as_ref().is_some_and(|r| r.phase == Phase::Detached);
         let populated = std::fs::read(self.layer_dir(&blob.digest).join("populated"))
             .ok()
             .filter(|bytes| bytes.len() == index.entries.len())
             .unwrap_or_default();
         let mut progress = Progress {
-            bytes_fetched: LayerRecord::load(&self.layer_dir(&blob.digest).join("record"))?
-                .map(|r| r.bytes_fetched)
-                .unwrap_or(0),
+            bytes_fetched: record.map_or(0, |r| r.bytes_fetched),
             ..Progress::default()
         };
         for (i, entry) in index.entries.iter().enumerate() {
