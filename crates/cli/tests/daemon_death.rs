@@ -25,7 +25,8 @@ fn pids(lazy: &Lazy) -> (i32, i32) {
 
 fn kill(pid: i32) {
     // SAFETY: sending a signal to a process id has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {pid}");
+    let sent = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(sent, 0, "kill {pid}");
 }
 
 /// The regular files of a tree, relative, in walk order.
@@ -211,11 +212,8 @@ fn killing_the_holder_leaves_the_worker_serving_the_group() {
 
 fn signal(pid: i32, signal: i32) {
     // SAFETY: sending a signal to a process id has no memory-safety preconditions.
-    assert_eq!(
-        unsafe { libc::kill(pid, signal) },
-        0,
-        "kill -{signal} {pid}"
-    );
+    let sent = unsafe { libc::kill(pid, signal) };
+    assert_eq!(sent, 0, "kill -{signal} {pid}");
 }
 
 #[test]

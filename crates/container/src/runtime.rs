@@ -191,10 +191,8 @@ fn init(spec: &ContainerSpec, credentials: &Credentials) -> Result<i32, String> 
     }
     let hostname = CString::new(spec.hostname.clone()).expect("no NUL");
     // SAFETY: the pointer and length describe a live string.
-    check(
-        unsafe { libc::sethostname(hostname.as_ptr(), spec.hostname.len()) },
-        "sethostname",
-    )?;
+    let named = unsafe { libc::sethostname(hostname.as_ptr(), spec.hostname.len()) };
+    check(named, "sethostname")?;
     let root = &spec.rootfs;
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     for dir in ["proc", "dev", "sys"] {
@@ -218,16 +216,14 @@ fn init(spec: &ContainerSpec, credentials: &Credentials) -> Result<i32, String> 
     ] {
         let path = cstring(&root.join("dev").join(name));
         // SAFETY: the path is a NUL-terminated string alive for the call.
-        check(
-            unsafe {
-                libc::mknod(
-                    path.as_ptr(),
-                    libc::S_IFCHR | 0o666,
-                    libc::makedev(major, minor),
-                )
-            },
-            &format!("mknod /dev/{name}"),
-        )?;
+        let made = unsafe {
+            libc::mknod(
+                path.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(major, minor),
+            )
+        };
+        check(made, &format!("mknod /dev/{name}"))?;
         // mknod is subject to the umask; make the mode what containers expect.
         // SAFETY: as above.
         unsafe {
@@ -272,15 +268,11 @@ fn init(spec: &ContainerSpec, credentials: &Credentials) -> Result<i32, String> 
     std::env::set_current_dir(root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
     let dot = CString::new(".").expect("no NUL");
     // SAFETY: both arguments are NUL-terminated strings alive for the call.
-    check(
-        unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as libc::c_int,
-        "pivot_root",
-    )?;
+    let pivoted = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
+    check(pivoted as libc::c_int, "pivot_root")?;
     // SAFETY: as above.
-    check(
-        unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) },
-        "detaching the old root",
-    )?;
+    let detached = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+    check(detached, "detaching the old root")?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     // SAFETY: the process is single-threaded, so the child may run arbitrary code after fork.
     let workload = unsafe { libc::fork() };

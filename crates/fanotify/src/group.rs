@@ -59,9 +59,8 @@ impl Group {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by fanotify_init and is owned by nobody else.
-        Ok(Group {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Group { fd })
     }
 
     /// The group whose fd a parent process handed down (the holder's shared group).

@@ -55,24 +55,18 @@ impl IndexStore {
         Ok(Some(StoredIndex { path, digest, size }))
     }
 
-    /// Stores the index of `layer` (written aside, synced, then renamed into place).
+    /// Stores the index of `layer` (replaced whole: concurrent pulls of one layer each write
+    /// a complete file of their own, see `lazylayer_durable`).
     pub fn put(&self, layer: &BlobDescriptor, index: &LayerIndex) -> Result<StoredIndex> {
         let path = self.path(layer);
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let temporary = path.with_extension("tmp");
-        let file = std::fs::File::create(&temporary)
-            .map_err(|e| Error::io(format!("creating {}", temporary.display()), e))?;
-        let mut writer = HashingWriter::new(std::io::BufWriter::new(file));
-        index.encode_to(&mut writer)?;
-        let (digest, size) = (writer.hasher.clone().finish(), writer.hasher.len());
-        let file = writer
-            .inner
-            .into_inner()
-            .map_err(|e| Error::io(format!("writing {}", temporary.display()), e.into_error()))?;
-        file.sync_all()
-            .and_then(|()| std::fs::rename(&temporary, &path))
+        let mut encoded = HashingWriter::new(Vec::new());
+        index.encode_to(&mut encoded)?;
+        let bytes = std::mem::take(&mut encoded.inner);
+        let (digest, size) = encoded.finish();
+        lazylayer_durable::write(&path, &bytes)
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         Ok(StoredIndex { path, digest, size })
     }

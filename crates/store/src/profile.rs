@@ -47,12 +47,10 @@ impl Profile {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
-        let temporary = path.with_extension("tmp");
-        std::fs::write(
-            &temporary,
-            serde_json::to_vec_pretty(self).expect("profile serialises"),
+        lazylayer_durable::write(
+            path,
+            &serde_json::to_vec_pretty(self).expect("profile serialises"),
         )
-        .and_then(|()| std::fs::rename(&temporary, path))
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 }

@@ -75,16 +75,9 @@ impl LayerRecord {
 
     /// Writes the record durably (aside, synced, renamed, directory synced).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let temporary = path.with_extension("tmp");
         let bytes = serde_json::to_vec_pretty(self).expect("record serialises");
-        let write = || -> std::io::Result<()> {
-            let file = File::create(&temporary)?;
-            file.write_all_at(&bytes, 0)?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, path)?;
-            File::open(path.parent().expect("has a parent"))?.sync_all()
-        };
-        write().map_err(|e| Error::io(format!("writing {}", path.display()), e))
+        lazylayer_durable::write(path, &bytes)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 }
 

@@ -236,12 +236,8 @@ pub fn non_loopback_ipv4() -> Ipv4Addr {
     let mut found = None;
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list that freeifaddrs releases below.
-    assert_eq!(
-        unsafe { libc::getifaddrs(&mut list) },
-        0,
-        "getifaddrs: {}",
-        std::io::Error::last_os_error()
-    );
+    let listed = unsafe { libc::getifaddrs(&mut list) };
+    assert_eq!(listed, 0, "getifaddrs: {}", std::io::Error::last_os_error());
     let mut entry = list;
     while !entry.is_null() && found.is_none() {
         // SAFETY: `entry` is a non-null node of the list getifaddrs returned, not yet freed;

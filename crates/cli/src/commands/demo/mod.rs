@@ -233,10 +233,8 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<()> {
 fn stop_daemon(status: &serde_json::Value) {
     if status["daemon_running"] == true
         && let Some(pid) = status["pid"].as_i64()
+        && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
     {
-        // SAFETY: signalling the demo's own daemon.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGTERM);
-        }
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
 }
