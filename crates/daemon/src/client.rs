@@ -26,16 +26,25 @@ pub async fn is_running(socket: &Path) -> bool {
     UnixStream::connect(socket).await.is_ok()
 }
 
-/// Starts `exe serve` for `root` in the background (its own session, logging to
-/// `root/serve.log`) unless one answers already, and waits until it does.
+/// What [`ensure_running`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Started {
+    /// A daemon answers on the socket.
+    Answering,
+    /// The daemon started and left at once, cleanly: it found no lazy layer to serve.
+    ExitedIdle,
+}
+
+/// Starts `exe serve --exit-when-idle` for `root` in the background (its own session, logging
+/// to `root/serve.log`) unless one answers already, and waits until it does or leaves.
 pub async fn ensure_running(
     root: &Path,
     socket: &Path,
     exe: &Path,
     extra_args: &[String],
-) -> std::io::Result<()> {
+) -> std::io::Result<Started> {
     if is_running(socket).await {
-        return Ok(());
+        return Ok(Started::Answering);
     }
     std::fs::create_dir_all(root)?;
     let log = std::fs::OpenOptions::new()
@@ -64,9 +73,12 @@ pub async fn ensure_running(
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if is_running(socket).await {
-            return Ok(());
+            return Ok(Started::Answering);
         }
         if let Some(status) = child.try_wait()? {
+            if status.success() {
+                return Ok(Started::ExitedIdle);
+            }
             let log = std::fs::read_to_string(root.join("serve.log")).unwrap_or_default();
             let last: Vec<&str> = log.lines().rev().take(5).collect();
             return Err(std::io::Error::other(format!(

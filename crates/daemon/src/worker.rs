@@ -164,18 +164,17 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
 
 impl Daemon {
     fn idle(&self) -> bool {
-        self.layers.lock().expect("layers").is_empty()
-            && self.fuse_mounts().is_empty()
-            && self
-                .store
-                .images()
-                .map(|images| {
-                    images
-                        .iter()
-                        .flat_map(|i| &i.layers)
-                        .all(|l| self.store.phase(&l.digest).ok().flatten() != Some(Phase::Lazy))
-                })
-                .unwrap_or(true)
+        if !self.layers.lock().expect("layers").is_empty() || !self.fuse_mounts().is_empty() {
+            return false;
+        }
+        match self.store.lazy_image_layers() {
+            Ok(lazy) => lazy.is_empty(),
+            Err(e) => {
+                // Unknown is not idle: leaving could strand a lazy layer without its daemon.
+                tracing::warn!("reading the store to see whether anything is lazy: {e}");
+                false
+            }
+        }
     }
 
     /// Takes up every lazy layer of the store not yet served: marks and background filling.

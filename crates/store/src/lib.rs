@@ -20,5 +20,5 @@ pub use gc::{GcReport, InUse, StoreLock};
 pub use layer::Layer;
 pub use profile::{Profile, ProfileEntry};
 pub use state::{FrontendMode, Phase};
-pub use store::{ImageRecord, Progress, Store};
+pub use store::{ImageRecord, LayerLock, Progress, Store};
 pub use tree::LayerTree;

@@ -51,6 +51,12 @@ pub struct ImageRecord {
     pub config: serde_json::Value,
 }
 
+/// The right to set up one layer, from [`Store::lock_layer`].
+#[derive(Debug)]
+pub struct LayerLock {
+    _file: std::fs::File,
+}
+
 /// The layer store.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -136,6 +142,26 @@ impl Store {
     /// The phase of a layer, if the store has it.
     pub fn phase(&self, digest: &Digest) -> Result<Option<Phase>> {
         Ok(LayerRecord::load(&self.layer_dir(digest).join("record"))?.map(|r| r.phase))
+    }
+
+    /// Waits for, then holds, the right to set up the layer `digest` (fetch or build its index,
+    /// create its tree): concurrent pulls of images sharing a layer take turns, and the later
+    /// ones find it ready instead of making it again. Released when dropped (or by the kernel
+    /// when the holder dies, so a crash never leaves it locked).
+    pub fn lock_layer(&self, digest: &Digest) -> Result<LayerLock> {
+        let dir = self.layer_dir(digest);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let path = dir.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| Error::sys(format!("locking {}", path.display()), e))?;
+        Ok(LayerLock { _file: file })
     }
 
     /// Creates the layer's directory from its index, unless it exists already: placeholders
@@ -239,10 +265,22 @@ impl Store {
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let path = dir.join(format!("{}.json", image.manifest.hex()));
         let bytes = serde_json::to_vec_pretty(image).expect("image record serialises");
-        let temporary = path.with_extension("tmp");
-        std::fs::write(&temporary, bytes)
-            .and_then(|()| std::fs::rename(&temporary, &path))
+        lazylayer_durable::write(&path, &bytes)
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// The lazy layers of the pulled images (what a daemon is needed for), each once.
+    pub fn lazy_image_layers(&self) -> Result<Vec<Digest>> {
+        let mut lazy = Vec::new();
+        for image in self.images()? {
+            for layer in image.layers {
+                if !lazy.contains(&layer.digest) && self.phase(&layer.digest)? == Some(Phase::Lazy)
+                {
+                    lazy.push(layer.digest);
+                }
+            }
+        }
+        Ok(lazy)
     }
 
     /// Every image record.

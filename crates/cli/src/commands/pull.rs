@@ -108,6 +108,11 @@ pub async fn pull_image_with(
     let mut built_here = 0;
     for (i, layer) in image.layers.iter().enumerate() {
         let label = format!("layer {}/{} {}", i + 1, image.layers.len(), layer.digest);
+        // Another pull may be setting this layer up: wait for it, then find the layer ready.
+        let _layer_lock = {
+            let (store, digest) = (store.clone(), layer.digest.clone());
+            tokio::task::spawn_blocking(move || store.lock_layer(&digest)).await??
+        };
         if let Some(phase @ (Phase::Lazy | Phase::Detached)) = store.phase(&layer.digest)? {
             eprintln!("{label}: already in the store ({phase:?})");
             continue;
@@ -175,7 +180,8 @@ pub async fn pull_image_with(
     Ok((record, built_here))
 }
 
-/// Makes sure the daemon runs and has taken up every lazy layer (marks placed).
+/// Makes sure a daemon runs and has taken up every lazy layer (marks placed), if any layer of
+/// a pulled image is lazy; with none, no daemon is needed and none is started.
 pub async fn start_daemon(global: &GlobalArgs) -> anyhow::Result<()> {
     let store = Store::new(&global.root);
     let exe = std::env::current_exe()?;
@@ -184,13 +190,40 @@ pub async fn start_daemon(global: &GlobalArgs) -> anyhow::Result<()> {
         extra.push("--insecure-registry".to_string());
         extra.push(host.clone());
     }
-    client::ensure_running(&global.root, &store.socket(), &exe, &extra).await?;
-    let response = client::request(&store.socket(), &Request::Refresh).await?;
-    if !response.ok {
-        anyhow::bail!(
-            "the daemon could not take up the layers: {}",
-            response.error.unwrap_or_default()
-        );
+    // A daemon started on demand leaves once nothing is lazy; one leaving just as this asks
+    // (or one still holding the store while it leaves) is waited out and started again.
+    let mut last_error = None;
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(100 << attempt.min(4))).await;
+        }
+        if store.lazy_image_layers()?.is_empty() {
+            return Ok(());
+        }
+        match client::ensure_running(&global.root, &store.socket(), &exe, &extra).await {
+            Ok(client::Started::Answering) => {}
+            Ok(client::Started::ExitedIdle) => continue,
+            Err(e) => {
+                last_error = Some(anyhow::Error::from(e));
+                continue;
+            }
+        }
+        match client::request(&store.socket(), &Request::Refresh).await {
+            Ok(response) if response.ok => return Ok(()),
+            Ok(response) => anyhow::bail!(
+                "the daemon could not take up the layers: {}",
+                response.error.unwrap_or_default()
+            ),
+            Err(e) => last_error = Some(e.into()),
+        }
     }
-    Ok(())
+    Err(last_error
+        .unwrap_or_else(|| anyhow::anyhow!("the daemon left although layers are lazy"))
+        .context(format!(
+            "starting the daemon for {} (see serve.log there)",
+            global.root.display()
+        )))
 }
+
+/// How often [`start_daemon`] tries before it gives up.
+const ATTEMPTS: u32 = 6;

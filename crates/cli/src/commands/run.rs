@@ -119,7 +119,17 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
         user: config.user.clone().unwrap_or_default(),
         hostname: args.hostname.clone(),
     };
-    let demanded_before = if args.record {
+    // With every layer of the image local, the workload waits for nothing: a profile recorded
+    // now would be empty and replace a useful one.
+    let lazy = store.lazy_image_layers()?;
+    let record = args.record && image.layers.iter().any(|l| lazy.contains(&l.digest));
+    if args.record && !record {
+        eprintln!(
+            "not recording a profile: every layer of {} is already local",
+            image.reference
+        );
+    }
+    let demanded_before = if record {
         let response =
             lazylayer_daemon::client::request(&store.socket(), &lazylayer_daemon::Request::Status)
                 .await?;
@@ -151,15 +161,12 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
     let status = loop {
         let forwarded = tokio::select! {
             status = child.wait() => break status?,
-            _ = interrupt.recv() => libc::SIGINT,
-            _ = terminate.recv() => libc::SIGTERM,
-            _ = hangup.recv() => libc::SIGHUP,
+            _ = interrupt.recv() => rustix::process::Signal::INT,
+            _ = terminate.recv() => rustix::process::Signal::TERM,
+            _ = hangup.recv() => rustix::process::Signal::HUP,
         };
-        if pid > 0 {
-            // SAFETY: sending a signal to our own child has no memory-safety preconditions.
-            unsafe {
-                libc::kill(pid, forwarded);
-            }
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(pid, forwarded);
         }
     };
     use std::os::unix::process::ExitStatusExt;
@@ -172,7 +179,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
             dir.path.join("upper").display()
         );
     }
-    if args.record {
+    if record {
         let files: Vec<ProfileEntry> = demanded(&store, demanded_before)
             .await?
             .into_iter()
@@ -195,6 +202,9 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
 
 /// The files readers have waited for since the `since`-th (from the daemon).
 async fn demanded(store: &Store, since: usize) -> anyhow::Result<Vec<ProfileEntry>> {
+    if !lazylayer_daemon::client::is_running(&store.socket()).await {
+        return Ok(Vec::new());
+    }
     let response = lazylayer_daemon::client::request(
         &store.socket(),
         &lazylayer_daemon::Request::Demanded { since },
