@@ -5,6 +5,7 @@ mod commands;
 mod options;
 mod output;
 mod progress;
+mod shared;
 
 use std::process::ExitCode;
 
@@ -13,9 +14,8 @@ use clap::Parser;
 use crate::options::Cli;
 
 fn main() -> ExitCode {
-    let mut argv = std::env::args();
-    if argv.nth(1).as_deref() == Some(commands::run::CONTAINER_HELPER) {
-        let code = commands::run::container_helper(&argv.next().unwrap_or_default());
+    // `lazylayer run` starts this program again as a single-threaded container helper.
+    if let Some(code) = lazylayer_engine::container_helper_main() {
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
     let cli = Cli::parse();

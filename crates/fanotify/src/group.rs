@@ -1,6 +1,7 @@
 //! A fanotify group of the pre-content class (Linux 6.14+): inode marks for open-permission and
 //! pre-access events, reading events, answering them. The fanotify syscalls are called here and
-//! only here; constants the libc crate lacks are defined locally (see kernel-facts).
+//! only here; constants the libc crate lacks are defined locally (docs/kernel.md, "Constants
+//! the libc crate lacks").
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -1,17 +1,12 @@
-//! # lazylayer-fanotify: the fanotify frontend
+//! # lazylayer-fanotify: the fanotify pre-content interface
 //!
-//! Lazy layers served by the kernel's pre-content events (Linux 6.14+, store on ext4, XFS or
-//! btrfs). [`group`] is the syscall boundary; [`frontend`] answers events by having the layer
-//! store fill files, and removes each file's mark once it holds its data, so a populated file
-//! costs nothing more and a populated layer is a plain directory. Because a group whose last
-//! fd closes fails open, the group is shared by two processes: the [`holder`], which only keeps
-//! it and relays its events over the [`relay`] records, and the worker running the frontend.
+//! The syscall boundary of the fanotify frontend (Linux 6.14+, store on ext4, XFS or btrfs):
+//! a [`Group`] of class pre-content, its inode marks, the permission events it reads (with
+//! their range records) and the answers written back, and a probe of whether a directory's
+//! filesystem takes pre-content marks. What the daemon does with the events (who waits, what
+//! is filled, who keeps the group open) lives in `lazylayer-daemon`. The kernel behaviour this
+//! relies on is in docs/kernel.md.
 
-pub mod frontend;
 pub mod group;
-pub mod holder;
-pub mod relay;
 
-pub use frontend::Frontend;
-pub use group::{Group, supports_pre_content};
-pub use holder::Holder;
+pub use group::{Answer, Event, Group, supports_pre_content};

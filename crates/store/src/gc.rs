@@ -61,20 +61,12 @@ impl Store {
     fn lock(&self, exclusive: bool) -> Result<StoreLock> {
         std::fs::create_dir_all(self.root())
             .map_err(|e| Error::io(format!("creating {}", self.root().display()), e))?;
-        let path = self.root().join("store.lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let operation = if exclusive {
             rustix::fs::FlockOperation::LockExclusive
         } else {
             rustix::fs::FlockOperation::LockShared
         };
-        rustix::fs::flock(&file, operation)
-            .map_err(|e| Error::sys(format!("locking {}", path.display()), e))?;
+        let file = crate::store::lock_file(&self.root().join("store.lock"), operation)?;
         Ok(StoreLock { _file: file })
     }
 

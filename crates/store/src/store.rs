@@ -5,10 +5,14 @@
 //! ROOT/layers/sha256/<hex>/fs          the layer directory (an overlay lower)
 //! ROOT/layers/sha256/<hex>/record      phase (creating | lazy | detached)
 //! ROOT/layers/sha256/<hex>/populated   one byte per index entry: data durable
+//! ROOT/layers/sha256/<hex>/lock        held by the pull setting the layer up
 //! ROOT/spans/                          verified compressed spans (until detach)
 //! ROOT/indexes/sha256/<hex>            lazy indexes
 //! ROOT/images/<manifest hex>.json      image records (reference, layers)
 //! ROOT/mounts/<name>/{upper,work}      writable layers of mounts
+//! ROOT/run/<id>/                       containers of `lazylayer run`
+//! ROOT/fuse/<hex>                      FUSE mounts of lazy layers in FUSE mode
+//! ROOT/lazylayer.sock, serve.lock, serve.log   the daemon's socket, lock and log
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -115,9 +119,29 @@ impl Store {
         self.root.join("mounts")
     }
 
+    /// Where `lazylayer run` keeps each container's run directory.
+    pub fn runs_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+
+    /// The daemon's lock: one daemon per store.
+    pub fn serve_lock(&self) -> PathBuf {
+        self.root.join("serve.lock")
+    }
+
+    /// The log of a daemon started on demand.
+    pub fn serve_log(&self) -> PathBuf {
+        self.root.join("serve.log")
+    }
+
+    /// Where lazy FUSE layers are mounted.
+    pub fn fuse_dir(&self) -> PathBuf {
+        self.root.join("fuse")
+    }
+
     /// Where a layer served through FUSE is mounted while lazy.
     pub fn fuse_mountpoint(&self, digest: &Digest) -> PathBuf {
-        self.root.join("fuse").join(digest.hex())
+        self.fuse_dir().join(digest.hex())
     }
 
     /// How a layer is served while lazy (fanotify for a layer the store does not have).
@@ -139,6 +163,16 @@ impl Store {
         })
     }
 
+    /// The overlay lower directories of `image`, top layer first (see [`Store::lower_dir`]).
+    pub fn overlay_lowers(&self, image: &ImageRecord) -> Result<Vec<PathBuf>> {
+        image
+            .layers
+            .iter()
+            .rev()
+            .map(|l| self.lower_dir(&l.digest))
+            .collect()
+    }
+
     /// The phase of a layer, if the store has it.
     pub fn phase(&self, digest: &Digest) -> Result<Option<Phase>> {
         Ok(LayerRecord::load(&self.layer_dir(digest).join("record"))?.map(|r| r.phase))
@@ -152,15 +186,7 @@ impl Store {
         let dir = self.layer_dir(digest);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let path = dir.join("lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| Error::sys(format!("locking {}", path.display()), e))?;
+        let file = lock_file(&dir.join("lock"), rustix::fs::FlockOperation::LockExclusive)?;
         Ok(LayerLock { _file: file })
     }
 
@@ -306,4 +332,20 @@ impl Store {
         images.sort_by(|a: &ImageRecord, b| a.reference.cmp(&b.reference));
         Ok(images)
     }
+}
+
+/// Opens (creating it) the lock file at `path` and locks it as `operation` says, waiting.
+pub(crate) fn lock_file(
+    path: &Path,
+    operation: rustix::fs::FlockOperation,
+) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    rustix::fs::flock(&file, operation)
+        .map_err(|e| Error::sys(format!("locking {}", path.display()), e))?;
+    Ok(file)
 }

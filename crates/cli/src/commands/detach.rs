@@ -5,8 +5,8 @@ use clap::Args;
 use lazylayer_daemon::{Request, client};
 use lazylayer_store::{Phase, Store};
 
-use crate::commands::{images, pull};
 use crate::options::GlobalArgs;
+use crate::shared::engine;
 
 /// Options of `detach`.
 #[derive(Args, Debug)]
@@ -21,8 +21,9 @@ pub struct DetachArgs {
 
 /// Runs `detach`.
 pub async fn run(global: &GlobalArgs, args: DetachArgs) -> anyhow::Result<()> {
-    let store = Store::new(&global.root);
-    let image = images::find(&store, &args.image)?;
+    let engine = engine(global)?;
+    let store = engine.store().clone();
+    let image = engine.find_image(&args.image)?;
     let lazy: Vec<_> = image
         .layers
         .iter()
@@ -30,7 +31,7 @@ pub async fn run(global: &GlobalArgs, args: DetachArgs) -> anyhow::Result<()> {
         .map(|l| l.digest.clone())
         .collect();
     if !lazy.is_empty() {
-        pull::start_daemon(global).await?;
+        engine.start_daemon().await?;
         let response = client::request(
             &store.socket(),
             &Request::Detach {

@@ -5,9 +5,8 @@ use lazylayer_daemon::{Request, client};
 use lazylayer_overlay::MountTables;
 use lazylayer_store::{GcReport, InUse, Phase, Store};
 
-use crate::commands::images;
-use crate::commands::inspect::human_size;
 use crate::options::GlobalArgs;
+use crate::shared::{engine, human_size};
 
 /// Options of `gc`.
 #[derive(Args, Debug)]
@@ -30,13 +29,14 @@ pub struct RmiArgs {
 
 /// Runs `rmi`: forgets each image, then collects what nothing references any more.
 pub async fn run_rmi(global: &GlobalArgs, args: RmiArgs) -> anyhow::Result<()> {
-    let store = Store::new(&global.root);
+    let engine = engine(global)?;
+    let store = engine.store();
     // Find them all first: a typo forgets nothing.
     let records = args
         .images
         .iter()
-        .map(|image| images::find(&store, image))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(|image| engine.find_image(image))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut text = String::new();
     for record in &records {
         store.forget_image(&record.manifest)?;
@@ -59,7 +59,7 @@ pub async fn run(global: &GlobalArgs, args: GcArgs) -> anyhow::Result<()> {
         return crate::output::print("nothing to collect: the store does not exist\n");
     }
     let _lock = store.lock_for_gc()?;
-    crate::commands::run::clean_stale_runs(&global.root.join("run"));
+    lazylayer_engine::clean_stale_runs(&store);
     let in_use = in_use(&store).await?;
     let report = store.collect_garbage(&in_use, args.dry_run)?;
     crate::output::print(&describe(&report, args.dry_run))

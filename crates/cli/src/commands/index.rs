@@ -10,9 +10,8 @@ use lazylayer_index::{BuildOptions, DEFAULT_SPACING, IndexStore, build};
 use lazylayer_source::registry::Body;
 use lazylayer_source::{BlobDescriptor, ImageReference, ImageSource, PlatformChoice};
 
-use crate::commands::inspect::human_size;
-use crate::commands::registry_client;
 use crate::options::GlobalArgs;
+use crate::shared::{human_size, registry_client};
 
 /// Options of `index`.
 #[derive(Args, Debug)]

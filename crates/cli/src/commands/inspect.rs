@@ -9,8 +9,8 @@ use lazylayer_source::{
 };
 
 use crate::commands::layer_indexes::{self, FoundIndex, Origin};
-use crate::commands::registry_client;
 use crate::options::GlobalArgs;
+use crate::shared::{human_size, registry_client};
 
 /// Options of `inspect`.
 #[derive(Args, Debug)]
@@ -367,25 +367,9 @@ fn render_files(out: &mut String, index: &LayerIndex) {
     }
 }
 
-/// Sizes as people read them: `95.1 MiB`.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::human_size;
+    use crate::shared::human_size;
 
     #[test]
     fn sizes() {

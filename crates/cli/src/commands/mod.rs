@@ -3,7 +3,6 @@
 pub mod demo;
 pub mod detach;
 pub mod gc;
-mod images;
 pub mod index;
 pub mod inspect;
 mod layer_indexes;
@@ -14,9 +13,7 @@ pub mod serve;
 pub mod status;
 pub mod verify;
 
-use lazylayer_source::{ClientOptions, RegistryClient};
-
-use crate::options::{Cli, Command, GlobalArgs};
+use crate::options::{Cli, Command};
 
 /// Runs the chosen command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -42,12 +39,4 @@ async fn run_other(cli: Cli) -> anyhow::Result<()> {
         Command::Rmi(args) => gc::run_rmi(&cli.global, args).await,
         Command::Gc(args) => gc::run(&cli.global, args).await,
     }
-}
-
-/// The registry client every command uses, configured from the global options.
-pub fn registry_client(global: &GlobalArgs) -> anyhow::Result<RegistryClient> {
-    Ok(RegistryClient::new(ClientOptions {
-        insecure_registries: global.insecure_registries.clone(),
-        ..ClientOptions::default()
-    })?)
 }

@@ -5,9 +5,8 @@ use clap::Args;
 use lazylayer_daemon::{DaemonStatus, Request, client};
 use lazylayer_store::Store;
 
-use crate::commands::images;
-use crate::commands::inspect::human_size;
 use crate::options::GlobalArgs;
+use crate::shared::{engine, human_size};
 
 /// Options of `status`.
 #[derive(Args, Debug)]
@@ -33,7 +32,7 @@ pub async fn run(global: &GlobalArgs, args: StatusArgs) -> anyhow::Result<()> {
         offline_status(&store)?
     };
     if let Some(image) = &args.image {
-        let image = images::find(&store, image)?;
+        let image = engine(global)?.find_image(image)?;
         status
             .layers
             .retain(|l| image.layers.iter().any(|i| i.digest == l.digest));

@@ -8,8 +8,8 @@ use lazylayer_source::{ImageReference, ImageSource};
 use lazylayer_store::verify::verify_layer;
 use lazylayer_store::{Phase, Store};
 
-use crate::commands::{images, registry_client};
 use crate::options::GlobalArgs;
+use crate::shared::{engine, registry_client};
 
 /// Options of `verify`.
 #[derive(Args, Debug)]
@@ -22,7 +22,7 @@ pub struct VerifyArgs {
 /// Runs `verify`.
 pub async fn run(global: &GlobalArgs, args: VerifyArgs) -> anyhow::Result<()> {
     let store = Store::new(&global.root);
-    let image = images::find(&store, &args.image)?;
+    let image = engine(global)?.find_image(&args.image)?;
     let reference: ImageReference = image.reference.parse()?;
     let source = ImageSource::open(&reference, &registry_client(global)?)?;
     let mut problems = 0;

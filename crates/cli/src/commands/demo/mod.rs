@@ -16,8 +16,8 @@ use lazylayer_source::{ClientOptions, ImageSource, PlatformChoice, RegistryClien
 use lazylayer_testkit::layout_registry::LayoutRegistry;
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 
-use crate::commands::inspect::human_size;
 use crate::options::GlobalArgs;
+use crate::shared::human_size;
 
 /// Options of `demo`.
 #[derive(Args, Debug)]

@@ -2,20 +2,22 @@
 //! the worker: a FUSE connection ends when the process serving it dies, so it lives in the
 //! process that must not die. Names and attributes come from the index; an open of a file whose
 //! data is not local is relayed to the worker as a fill request, like a fanotify event, so it
-//! waits across worker restarts and is handed to the next worker. A layer's mount is taken down
-//! once the layer is detached and no overlay uses it (new overlays take the layer directory).
+//! waits across worker restarts and is handed to the next worker. The worker asks for a layer's
+//! mount ([`crate::relay::ToHolder::MountFuse`]) when it takes the layer up. A layer's mount is
+//! taken down once the layer is detached and no overlay uses it (new overlays take the layer
+//! directory).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use lazylayer_fanotify::Holder;
 use lazylayer_fanotify::group::Answer;
 use lazylayer_fuse::{Errno, FuseMount, FuseStats, LayerContent, LayerFs};
 use lazylayer_index::{EntryKind, LayerIndex};
 use lazylayer_source::Digest;
 use lazylayer_store::{FrontendMode, LayerTree, Phase, Store};
+
+use crate::holder::pending::Relay;
 
 /// The FUSE filesystem of the magic number `statfs` reports.
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -25,18 +27,13 @@ pub fn is_fuse_mount(path: &std::path::Path) -> bool {
     rustix::fs::statfs(path).is_ok_and(|s| s.f_type == FUSE_SUPER_MAGIC)
 }
 
-/// Where the holder leaves its FUSE counters for the worker's `status`.
-pub fn stats_path(store: &Store) -> PathBuf {
-    store.root().join("fuse").join("stats.json")
-}
-
 /// A layer as the holder serves it: index, directory, and fills relayed to the worker.
 struct RelayedContent {
     store: Store,
     digest: Digest,
     index: LayerIndex,
     tree: LayerTree,
-    holder: Arc<Holder>,
+    relay: Arc<Relay>,
     detached: AtomicBool,
 }
 
@@ -65,7 +62,7 @@ impl LayerContent for RelayedContent {
             tracing::warn!("{}: {e}", self.tree.path_of(&entry.path).display());
             Errno::EIO
         })?;
-        match self.holder.request_fill(inode) {
+        match self.relay.request_fill(inode) {
             Answer::Allow => Ok(()),
             Answer::Deny(_) => Err(Errno::EIO),
         }
@@ -75,41 +72,48 @@ impl LayerContent for RelayedContent {
 /// The FUSE mounts the holder serves.
 pub struct FuseLayers {
     store: Store,
-    holder: Arc<Holder>,
+    relay: Arc<Relay>,
     mounts: Mutex<HashMap<Digest, FuseMount>>,
+    /// Held while a layer is being mounted: two requests for one layer mount it once.
+    mounting: Mutex<()>,
 }
 
 impl FuseLayers {
     /// No mounts yet.
-    pub fn new(store: Store, holder: Arc<Holder>) -> FuseLayers {
+    pub fn new(store: Store, relay: Arc<Relay>) -> FuseLayers {
         FuseLayers {
             store,
-            holder,
+            relay,
             mounts: Mutex::new(HashMap::new()),
+            mounting: Mutex::new(()),
         }
     }
 
-    /// Mounts every lazy FUSE layer of the store not mounted yet, takes down the mounts of
-    /// detached layers no overlay uses, and records the counters.
-    pub fn scan(&self) {
-        let Ok(images) = self.store.images() else {
-            return;
-        };
-        for blob in images.iter().flat_map(|i| &i.layers) {
-            if self
-                .mounts
-                .lock()
-                .expect("mounts")
-                .contains_key(&blob.digest)
-                || self.store.phase(&blob.digest).ok().flatten() != Some(Phase::Lazy)
-                || self.store.mode(&blob.digest).ok() != Some(FrontendMode::Fuse)
-            {
-                continue;
-            }
-            if let Err(e) = self.mount(blob) {
-                tracing::error!("layer {}: {e}", blob.digest);
-            }
+    /// Serves the lazy FUSE layer `digest` unless it is served already.
+    pub fn ensure_mounted(&self, digest: &str) -> Result<(), String> {
+        let _mounting = self.mounting.lock().expect("mounting");
+        let digest: Digest = digest.parse().map_err(|e| format!("{digest}: {e}"))?;
+        if self.mounts.lock().expect("mounts").contains_key(&digest) {
+            return Ok(());
         }
+        match self.store.phase(&digest).map_err(|e| e.to_string())? {
+            Some(Phase::Lazy) => {}
+            other => return Err(format!("layer {digest} is not lazy ({other:?})")),
+        }
+        if self.store.mode(&digest).map_err(|e| e.to_string())? != FrontendMode::Fuse {
+            return Err(format!("layer {digest} is not served with FUSE"));
+        }
+        let images = self.store.images().map_err(|e| e.to_string())?;
+        let blob = images
+            .iter()
+            .flat_map(|i| &i.layers)
+            .find(|l| l.digest == digest)
+            .ok_or_else(|| format!("layer {digest} belongs to no pulled image"))?;
+        self.mount(blob)
+    }
+
+    /// Takes down the mounts of detached layers no overlay uses.
+    pub fn scan(&self) {
         let done: Vec<Digest> = self
             .mounts
             .lock()
@@ -128,14 +132,29 @@ impl FuseLayers {
                 }
             }
         }
-        let reads: u64 = self
-            .mounts
+    }
+
+    /// READ requests that reached the mounts (zero while every open is passed through).
+    pub fn reads(&self) -> u64 {
+        self.mounts
             .lock()
             .expect("mounts")
             .values()
             .map(|m| m.stats().reads.load(Ordering::Relaxed))
-            .sum();
-        let _ = std::fs::write(stats_path(&self.store), format!("{{\"reads\":{reads}}}\n"));
+            .sum()
+    }
+
+    /// The layers served now.
+    pub fn mounted(&self) -> Vec<Digest> {
+        let mut mounted: Vec<Digest> = self
+            .mounts
+            .lock()
+            .expect("mounts")
+            .keys()
+            .cloned()
+            .collect();
+        mounted.sort_by_key(|d| d.to_string());
+        mounted
     }
 
     fn mount(&self, blob: &lazylayer_source::BlobDescriptor) -> Result<(), String> {
@@ -152,7 +171,7 @@ impl FuseLayers {
             digest: blob.digest.clone(),
             index,
             tree,
-            holder: self.holder.clone(),
+            relay: self.relay.clone(),
             detached: AtomicBool::new(false),
         });
         let stats = Arc::new(FuseStats::default());

@@ -1,56 +1,30 @@
 //! `lazylayer serve`: the holder process. It takes the store's lock, creates the fanotify
 //! group and the control socket, and starts the worker (this same program with
 //! `--worker-fds`), handing it both. It then only relays the group's events to the worker and
-//! the worker's answers back (see `lazylayer_fanotify::holder`), and starts a new worker when
-//! one dies: readers of unfilled files wait meanwhile instead of failing open to zeros, and the
-//! events the dead worker left unanswered go to the next one. The worker keeps a copy of the
-//! group too, so the group outlives the holder as well (the worker then reads it itself).
+//! the worker's answers back ([`pending`]), serves the FUSE mounts of lazy FUSE layers
+//! ([`fuse_layers`]), and starts a new worker when one dies: readers of unfilled files wait
+//! meanwhile instead of failing open to zeros, and what the dead worker left unanswered goes
+//! to the next one. The worker keeps a copy of the group too, so the group outlives the holder
+//! as well (the worker then reads it itself).
+
+pub mod fuse_layers;
+pub mod pending;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lazylayer_fanotify::{Group, Holder, supports_pre_content};
+use lazylayer_fanotify::{Group, supports_pre_content};
 use lazylayer_store::Store;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::fuse_layers::FuseLayers;
-use crate::worker::WorkerFds;
-
-/// How the daemon runs.
-#[derive(Clone, Debug)]
-pub struct ServeOptions {
-    /// The store root.
-    pub root: PathBuf,
-    /// How long a reader may wait for its file before it gets EIO.
-    pub deadline: Duration,
-    /// Cap on background fetching, bytes per second (demand fetches are not capped).
-    pub background_rate: Option<u64>,
-    /// Exit once no lazy layer is left.
-    pub exit_when_idle: bool,
-    /// Registries to reach over plain HTTP.
-    pub insecure_registries: Vec<String>,
-}
-
-/// Errors that stop the daemon.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// Another daemon answers on the socket.
-    #[error("a lazylayer daemon already serves {0}")]
-    AlreadyRunning(String),
-    /// Anything else.
-    #[error("{0}")]
-    Other(String),
-}
-
-pub(crate) fn other(e: impl std::fmt::Display) -> ServeError {
-    ServeError::Other(e.to_string())
-}
-
-/// The exit status of a worker that could not start (bad store state, unreadable index): the
-/// holder gives up if the first worker says so, instead of restarting it forever.
-pub const WORKER_CANNOT_START: i32 = 3;
+use crate::error::ServeError;
+use crate::handover::WorkerFds;
+use crate::options::{ServeOptions, WORKER_CANNOT_START};
+use crate::relay::{ToHolder, ToWorker};
+use fuse_layers::FuseLayers;
+use pending::Relay;
 
 /// A worker that ran at least this long before dying is restarted at once; one that dies
 /// sooner is restarted after a growing pause (a crash loop does not spin).
@@ -59,79 +33,87 @@ const HEALTHY_RUN: Duration = Duration::from_secs(10);
 /// Runs the holder until the worker exits cleanly (shutdown, or idle with `exit_when_idle`) or
 /// a SIGTERM/SIGINT arrives (passed on to the worker).
 pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&options.root).map_err(other)?;
+    std::fs::create_dir_all(&options.root)
+        .map_err(|e| ServeError::io(format!("creating {}", options.root.display()), e))?;
     let store = Store::new(&options.root);
     let socket = store.socket();
-    worker_program().map_err(other)?;
+    worker_program().map_err(|e| ServeError::io("finding this program", e))?;
     // One daemon per store: an exclusive lock held for the holder's life.
+    let lock_path = store.serve_lock();
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(options.root.join("serve.lock"))
-        .map_err(other)?;
+        .open(&lock_path)
+        .map_err(|e| ServeError::io(format!("opening {}", lock_path.display()), e))?;
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(ServeError::AlreadyRunning(
             options.root.display().to_string(),
         ));
     }
-    if !supports_pre_content(&options.root).map_err(other)? {
+    let pre_content = supports_pre_content(&options.root)
+        .map_err(|e| ServeError::io(format!("probing {}", options.root.display()), e))?;
+    if !pre_content {
         tracing::info!(
             "{} cannot take fanotify pre-content marks: its lazy layers are served with FUSE",
             options.root.display()
         );
     }
-    let group = Group::new().map_err(|e| other(format!("fanotify_init: {e}")))?;
+    let group = Group::new().map_err(|e| ServeError::io("fanotify_init", e))?;
     let _ = std::fs::remove_file(&socket);
     let listener = std::os::unix::net::UnixListener::bind(&socket)
-        .map_err(|e| other(format!("binding {}: {e}", socket.display())))?;
+        .map_err(|e| ServeError::io(format!("binding {}", socket.display()), e))?;
     // An event no worker answered within twice the readers' deadline is denied.
-    let holder = Holder::new(group, options.deadline * 2);
-    {
-        let holder = holder.clone();
+    let relay = Relay::new(group, options.deadline * 2);
+    let thread = |name: &str, body: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
-            .name("fanotify-holder".into())
-            .spawn(move || {
-                if let Err(e) = holder.run() {
+            .name(name.into())
+            .spawn(body)
+            .map(drop)
+            .map_err(|e| ServeError::io(format!("starting thread {name}"), e))
+    };
+    {
+        let relay = relay.clone();
+        thread(
+            "fanotify-holder",
+            Box::new(move || {
+                if let Err(e) = relay.run() {
                     tracing::error!("reading fanotify events failed: {e}");
                     std::process::exit(1);
                 }
-            })
-            .map_err(other)?;
+            }),
+        )?;
     }
     {
-        let holder = holder.clone();
-        std::thread::Builder::new()
-            .name("fanotify-expiry".into())
-            .spawn(move || {
+        let relay = relay.clone();
+        thread(
+            "fanotify-expiry",
+            Box::new(move || {
                 loop {
                     std::thread::sleep(Duration::from_secs(1));
-                    holder.expire();
+                    relay.expire();
                 }
-            })
-            .map_err(other)?;
+            }),
+        )?;
     }
-    // Lazy FUSE layers are served here; the worker asks for a look (SIGUSR1) after a pull.
-    let fuse = Arc::new(FuseLayers::new(store.clone(), holder.clone()));
-    let (wake_fuse, fuse_woken) = std::sync::mpsc::channel::<()>();
+    // Lazy FUSE layers are served here, mounted when the worker asks; this looks for mounts
+    // of detached layers that no overlay uses any more.
+    let fuse = Arc::new(FuseLayers::new(store.clone(), relay.clone()));
     {
         let fuse = fuse.clone();
-        std::thread::Builder::new()
-            .name("fuse-layers".into())
-            .spawn(move || {
+        thread(
+            "fuse-layers",
+            Box::new(move || {
                 loop {
                     fuse.scan();
-                    match fuse_woken.recv_timeout(Duration::from_secs(2)) {
-                        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                    }
+                    std::thread::sleep(Duration::from_secs(2));
                 }
-            })
-            .map_err(other)?;
+            }),
+        )?;
     }
-    let mut look_again = signal(SignalKind::user_defined1()).map_err(other)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(other)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(other)?;
+    let signals = |kind| signal(kind).map_err(|e| ServeError::io("catching signals", e));
+    let mut terminate = signals(SignalKind::terminate())?;
+    let mut interrupt = signals(SignalKind::interrupt())?;
     tracing::info!(
         "holding {} (pid {})",
         options.root.display(),
@@ -143,7 +125,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     let mut draining = false;
     loop {
         let started = Instant::now();
-        let (mut worker, pid) = spawn_worker(&holder, &listener)?;
+        let (mut worker, pid) = spawn_worker(&relay, &fuse, &listener)?;
         let status = loop {
             tokio::select! {
                 status = worker.wait() => break status,
@@ -152,10 +134,6 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 _ = drained.notified(), if draining => {
                     tracing::info!("every mounted lazy layer is detached; stopping");
                     return stop(worker, &socket).await;
-                }
-                _ = look_again.recv() => {
-                    let _ = wake_fuse.send(());
-                    continue;
                 }
             }
             // A signal to stop. Without this process and its worker, mounted lazy layers
@@ -180,7 +158,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             draining = true;
             tokio::spawn(drain(socket.clone(), busy, drained.clone()));
         };
-        holder.detach_worker();
+        relay.detach_worker();
         let was_first = std::mem::replace(&mut first, false);
         match status {
             Ok(status) if status.success() => {
@@ -190,13 +168,11 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             }
             Ok(status) if was_first && status.code() == Some(WORKER_CANNOT_START) => {
                 let _ = std::fs::remove_file(&socket);
-                return Err(other(
-                    "the worker could not start (its error is in the lines above)",
-                ));
+                return Err(ServeError::WorkerCannotStart);
             }
             Ok(status) => tracing::error!(
                 "worker {pid} died ({status}) with {} events pending; starting another",
-                holder.pending()
+                relay.pending()
             ),
             Err(e) => tracing::error!("waiting for worker {pid}: {e}; starting another"),
         }
@@ -271,16 +247,18 @@ fn worker_program() -> std::io::Result<PathBuf> {
 
 /// Starts a worker: this program again, with the same arguments plus `--worker-fds`.
 fn spawn_worker(
-    holder: &Arc<Holder>,
+    relay: &Arc<Relay>,
+    fuse: &Arc<FuseLayers>,
     listener: &std::os::unix::net::UnixListener,
 ) -> Result<(tokio::process::Child, i32), ServeError> {
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(other)?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| ServeError::io("making the relay socket pair", e))?;
     let fds = [
-        holder.group().as_fd().as_raw_fd(),
+        relay.group().as_fd().as_raw_fd(),
         theirs.as_raw_fd(),
         listener.as_raw_fd(),
     ];
-    let exe = worker_program().map_err(other)?;
+    let exe = worker_program().map_err(|e| ServeError::io("finding this program", e))?;
     let mut command = tokio::process::Command::new(exe);
     command
         .args(std::env::args_os().skip(1))
@@ -301,18 +279,50 @@ fn spawn_worker(
     }
     let child = command
         .spawn()
-        .map_err(|e| other(format!("starting the worker: {e}")))?;
+        .map_err(|e| ServeError::io("starting the worker", e))?;
     drop(theirs);
     let pid = child.id().map_or(-1, |pid| pid as i32);
-    let answers = ours.try_clone().map_err(other)?;
-    holder.attach_worker(pid, ours);
-    let holder = holder.clone();
+    let answers = ours
+        .try_clone()
+        .map_err(|e| ServeError::io("cloning the relay socket", e))?;
+    relay.attach_worker(pid, ours);
+    let (relay, fuse) = (relay.clone(), fuse.clone());
     std::thread::Builder::new()
         .name("worker-answers".into())
-        .spawn(move || holder.take_answers(answers))
-        .map_err(other)?;
+        .spawn(move || {
+            relay.take_answers(answers, &|request| answer_request(&relay, &fuse, request))
+        })
+        .map_err(|e| ServeError::io("starting the answer thread", e))?;
     tracing::info!("worker {pid} started");
     Ok((child, pid))
+}
+
+/// Carries out a worker's request and sends it the answer (a mount on a thread of its own:
+/// answers to events keep flowing meanwhile).
+fn answer_request(relay: &Arc<Relay>, fuse: &Arc<FuseLayers>, request: ToHolder) {
+    match request {
+        ToHolder::MountFuse { request, layer } => {
+            let (relay, fuse) = (relay.clone(), fuse.clone());
+            let spawned = std::thread::Builder::new()
+                .name("fuse-mount".into())
+                .spawn(move || {
+                    let error = fuse.ensure_mounted(&layer).err();
+                    if let Some(error) = &error {
+                        tracing::error!("layer {layer}: {error}");
+                    }
+                    relay.send_to_worker(&ToWorker::FuseMounted { request, error });
+                });
+            if let Err(e) = spawned {
+                tracing::error!("starting a thread to mount a FUSE layer: {e}");
+            }
+        }
+        ToHolder::QueryFuse { request } => relay.send_to_worker(&ToWorker::FuseState {
+            request,
+            reads: fuse.reads(),
+            mounted: fuse.mounted().iter().map(|d| d.to_string()).collect(),
+        }),
+        ToHolder::Answer { .. } => {}
+    }
 }
 
 /// The worker is told to stop, then the holder stops.

@@ -1,10 +1,10 @@
-//! The holder's side of the shared fanotify group. The fanotify mechanism fails open: when the
+//! The holder's relay: what waits for the worker. The fanotify mechanism fails open: when the
 //! last fd of a group closes, its pending events are allowed and its marks vanish, so readers
-//! of unfilled placeholders would get zeros. The holder is a small process that only keeps the
-//! group open, reads its events and relays them to the worker (which fetches and fills), and
-//! writes the worker's answers back. When the worker dies, the holder still holds the group:
-//! readers keep waiting, and the events the dead worker never answered are handed to the next
-//! worker. An event nobody answers within the holder's budget is denied with EIO.
+//! of unfilled placeholders would get zeros. The holder keeps the group open, reads its events
+//! and relays them to the worker (which fetches and fills), as it relays the opens of its own
+//! FUSE mounts, and gives the worker's answers back. When the worker dies, the holder still
+//! holds the group: readers keep waiting, and what the dead worker never answered is handed to
+//! the next worker. Whatever nobody answers within the holder's budget is denied with EIO.
 
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::group::{Answer, Event, Group};
-use crate::relay::{RelayedAnswer, RelayedEvent};
+use lazylayer_fanotify::group::{Answer, Event, Group};
 
-/// An event the worker has not answered yet.
+use crate::relay::{self, RelayedEvent, ToHolder, ToWorker};
+
+/// An event or fill request the worker has not answered yet.
 struct Pending {
     waiter: Waiter,
-    record: RelayedEvent,
+    message: ToWorker,
     since: Instant,
 }
 
@@ -39,18 +40,15 @@ impl Waiter {
     }
 }
 
-/// The fd number of relayed records that are FUSE fill requests, not fanotify events: a worker
-/// that outlives the holder has nothing to answer them on.
-pub const FILL_REQUEST_FD: i32 = -1;
-
 /// The worker the holder relays to.
 struct Link {
     pid: i32,
     stream: UnixStream,
 }
 
-/// The holder of the shared group: pending events and the current worker.
-pub struct Holder {
+/// The holder's side of the link to its worker: the shared group, what waits for an answer,
+/// and the current worker.
+pub struct Relay {
     group: Group,
     pending: Mutex<BTreeMap<u64, Pending>>,
     next_id: AtomicU64,
@@ -58,11 +56,11 @@ pub struct Holder {
     give_up_after: Duration,
 }
 
-impl Holder {
-    /// A holder of `group` that denies an event with EIO when no worker answered it within
+impl Relay {
+    /// A relay for `group` that denies an event with EIO when no worker answered it within
     /// `give_up_after`.
-    pub fn new(group: Group, give_up_after: Duration) -> Arc<Holder> {
-        Arc::new(Holder {
+    pub fn new(group: Group, give_up_after: Duration) -> Arc<Relay> {
+        Arc::new(Relay {
             group,
             pending: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
@@ -106,22 +104,27 @@ impl Holder {
             inode,
             range: event.range,
         };
-        self.relay(&mut worker, record, Waiter::Event(event));
+        self.relay(
+            &mut worker,
+            record.id,
+            ToWorker::Event(record),
+            Waiter::Event(event),
+        );
     }
 
-    /// Keeps `record` pending for `waiter` and sends it to the worker, if one is attached (else
-    /// the next one gets it when it attaches).
-    fn relay(&self, worker: &mut Option<Link>, record: RelayedEvent, waiter: Waiter) {
+    /// Keeps `message` pending for `waiter` and sends it to the worker, if one is attached
+    /// (else the next one gets it when it attaches).
+    fn relay(&self, worker: &mut Option<Link>, id: u64, message: ToWorker, waiter: Waiter) {
         self.pending.lock().expect("pending events").insert(
-            record.id,
+            id,
             Pending {
                 waiter,
-                record,
+                message: message.clone(),
                 since: Instant::now(),
             },
         );
         if let Some(link) = worker.as_mut()
-            && let Err(e) = record.send(&mut link.stream)
+            && let Err(e) = relay::send(&mut link.stream, &message)
         {
             tracing::warn!("relaying to worker {}: {e}", link.pid);
             Self::replace(worker);
@@ -135,15 +138,9 @@ impl Holder {
     pub fn request_fill(&self, inode: (u64, u64)) -> Answer {
         let (sender, receiver) = std::sync::mpsc::channel();
         let mut worker = self.worker.lock().expect("worker link");
-        let record = RelayedEvent {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            mask: libc::FAN_OPEN_PERM,
-            pid: 0,
-            fd: FILL_REQUEST_FD,
-            inode,
-            range: None,
-        };
-        self.relay(&mut worker, record, Waiter::Fill(sender));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let message = ToWorker::Fill { id, inode };
+        self.relay(&mut worker, id, message, Waiter::Fill(sender));
         drop(worker);
         // `expire` answers it at the latest after the budget.
         receiver.recv().unwrap_or(Answer::Deny(libc::EIO))
@@ -165,19 +162,19 @@ impl Holder {
         let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
         let mut worker = self.worker.lock().expect("worker link");
         *worker = Some(Link { pid, stream });
-        let records: Vec<RelayedEvent> = self
+        let messages: Vec<ToWorker> = self
             .pending
             .lock()
             .expect("pending events")
             .values()
-            .map(|p| p.record)
+            .map(|p| p.message.clone())
             .collect();
-        if !records.is_empty() {
-            tracing::info!("handing {} pending events to worker {pid}", records.len());
+        if !messages.is_empty() {
+            tracing::info!("handing {} pending events to worker {pid}", messages.len());
         }
-        for record in records {
+        for message in messages {
             let Some(link) = worker.as_mut() else { break };
-            if let Err(e) = record.send(&mut link.stream) {
+            if let Err(e) = relay::send(&mut link.stream, &message) {
                 tracing::warn!("relaying to worker {pid}: {e}");
                 Self::replace(&mut worker);
             }
@@ -198,21 +195,31 @@ impl Holder {
             .map(|l| l.pid)
     }
 
-    /// Reads a worker's answers until its end of the socket closes, answering the events.
-    pub fn take_answers(&self, mut stream: UnixStream) {
+    /// Sends the current worker a message that waits for nothing (an answer to one of its
+    /// requests); dropped if no worker is attached, as the requester is gone then.
+    pub fn send_to_worker(&self, message: &ToWorker) {
+        let mut worker = self.worker.lock().expect("worker link");
+        if let Some(link) = worker.as_mut()
+            && let Err(e) = relay::send(&mut link.stream, message)
+        {
+            tracing::warn!("answering worker {}: {e}", link.pid);
+            Self::replace(&mut worker);
+        }
+    }
+
+    /// Reads a worker's messages until its end of the socket closes: answers go to what waits
+    /// for them, requests to `requests`.
+    pub fn take_answers(&self, mut stream: UnixStream, requests: &dyn Fn(ToHolder)) {
         loop {
-            match RelayedAnswer::receive(&mut stream) {
-                Ok(Some(reply)) => {
-                    let pending = self
-                        .pending
-                        .lock()
-                        .expect("pending events")
-                        .remove(&reply.id);
+            match relay::receive::<ToHolder>(&mut stream) {
+                Ok(Some(ToHolder::Answer { id, verdict })) => {
+                    let pending = self.pending.lock().expect("pending events").remove(&id);
                     // An unknown id was answered already (twice asked, or expired).
                     if let Some(pending) = pending {
-                        self.answer(pending.waiter, reply.answer);
+                        self.answer(pending.waiter, verdict.into());
                     }
                 }
+                Ok(Some(request)) => requests(request),
                 Ok(None) => return,
                 Err(e) => {
                     tracing::warn!("reading the worker's answers: {e}");

@@ -3,13 +3,15 @@
 use lazylayer_source::ImageReference;
 use lazylayer_store::{ImageRecord, Store};
 
+use crate::{Error, Result};
+
 /// The stored image that `image` names: by reference (normalised as for pulling), or by a
 /// prefix of its manifest digest.
-pub fn find(store: &Store, image: &str) -> anyhow::Result<ImageRecord> {
+pub fn find(store: &Store, image: &str) -> Result<ImageRecord> {
     let images = store.images()?;
     let wanted = image
         .parse::<ImageReference>()
-        .map(|r| canonical(&r))
+        .map(|r| canonical_reference(&r))
         .unwrap_or_else(|_| image.to_string());
     let matches: Vec<&ImageRecord> = images
         .iter()
@@ -21,7 +23,7 @@ pub fn find(store: &Store, image: &str) -> anyhow::Result<ImageRecord> {
         .collect();
     match matches.as_slice() {
         [one] => Ok((*one).clone()),
-        [] => anyhow::bail!(
+        [] => Err(Error::Refused(format!(
             "{image} is not in the store {} (pull it first; pulled: {})",
             store.root().display(),
             if images.is_empty() {
@@ -33,13 +35,15 @@ pub fn find(store: &Store, image: &str) -> anyhow::Result<ImageRecord> {
                     .collect::<Vec<_>>()
                     .join(", ")
             }
-        ),
-        _ => anyhow::bail!("{image} names more than one pulled image; use its manifest digest"),
+        ))),
+        _ => Err(Error::Refused(format!(
+            "{image} names more than one pulled image; use its manifest digest"
+        ))),
     }
 }
 
 /// The reference as stored: registries as normalised, layouts with an absolute directory.
-pub fn canonical(reference: &ImageReference) -> String {
+pub fn canonical_reference(reference: &ImageReference) -> String {
     match reference {
         ImageReference::Layout(layout) => {
             let mut layout = layout.clone();

@@ -1,0 +1,86 @@
+//! What several commands share: the engine for the global options, sizes as people read
+//! them, and how a pull's progress is shown.
+
+use std::sync::Mutex;
+
+use indicatif::ProgressBar;
+use lazylayer_engine::{Engine, EngineOptions, PullEvent};
+use lazylayer_source::RegistryClient;
+
+use crate::options::GlobalArgs;
+
+/// The pipeline over the store the global options name; `lazylayer` itself is the program it
+/// starts as the daemon and as the container helper.
+pub fn engine(global: &GlobalArgs) -> anyhow::Result<Engine> {
+    Ok(Engine::new(EngineOptions {
+        root: global.root.clone(),
+        insecure_registries: global.insecure_registries.clone(),
+        program: std::env::current_exe()?,
+    }))
+}
+
+/// The registry client every command uses, configured from the global options.
+pub fn registry_client(global: &GlobalArgs) -> anyhow::Result<RegistryClient> {
+    Ok(engine(global)?.registry_client()?)
+}
+
+/// Sizes as people read them: `95.1 MiB`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Shows a pull's progress on stderr: a line per layer, a bar while a layer is fetched whole.
+#[derive(Default)]
+pub struct PullReport {
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl PullReport {
+    /// Shows one event.
+    pub fn show(&self, event: PullEvent<'_>) {
+        match event {
+            PullEvent::Present { layer, phase } => {
+                eprintln!("{layer}: already in the store ({phase:?})")
+            }
+            PullEvent::IndexUnusable { layer, reason } => {
+                eprintln!(
+                    "{layer}: the registry's lazy index is unusable ({reason}); building one here"
+                )
+            }
+            PullEvent::FetchingWhole { layer, size } => {
+                eprintln!(
+                    "{layer}: no lazy index; fetching the layer once ({}) to build one",
+                    human_size(size)
+                );
+                let label = format!("layer {}/{}", layer.position, layer.count);
+                *self.bar.lock().expect("bar") = Some(crate::progress::bytes(size, &label));
+            }
+            PullEvent::Fetched { bytes, .. } => {
+                if let Some(bar) = self.bar.lock().expect("bar").as_ref() {
+                    bar.set_position(bytes);
+                }
+            }
+            PullEvent::FetchedWhole { .. } => {
+                if let Some(bar) = self.bar.lock().expect("bar").take() {
+                    bar.finish_and_clear();
+                }
+            }
+            PullEvent::Ready {
+                layer,
+                entries,
+                frontend,
+            } => eprintln!("{layer}: {entries} entries ready ({})", frontend.name()),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Background population: the scheduler that fills a layer to completion. A layer's profile
+//! files first (not held back by the rate cap: a workload is about to need them), then every
+//! file in stream order, keeping off the network while readers wait (demand first), under the
+//! rate cap unless the layer is urgent, fetching ahead in runs of spans when uncapped, and
+//! retrying failures with a growing pause. Then the layer is verified and detached.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::worker::Worker;
+use crate::worker::lifecycle::{LayerLife, Managed};
+
+/// How long no reader must have waited before the background fetches (demand first).
+pub const DEMAND_QUIET: Duration = Duration::from_millis(1500);
+
+/// Spans fetched ahead of the current file in one ranged request when uncapped.
+const FETCH_AHEAD: usize = 8;
+
+/// The first pause after a failed fill; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the background does next for a layer, given the moment's facts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Readers are waiting or just were: stay off the network a little longer.
+    YieldToReaders,
+    /// The rate cap is reached: wait this long.
+    Throttle(Duration),
+    /// Fill the next file.
+    Fill,
+}
+
+/// The scheduler's decision: `urgent` layers (detach asked, or a stop) ignore readers and the
+/// cap; others wait for [`DEMAND_QUIET`] without readers, then keep `fetched` bytes under
+/// `rate` bytes per second since `elapsed`.
+pub fn next_step(
+    urgent: bool,
+    quiet_for: Duration,
+    rate: Option<u64>,
+    fetched: u64,
+    elapsed: Duration,
+) -> Step {
+    if urgent {
+        return Step::Fill;
+    }
+    if quiet_for < DEMAND_QUIET {
+        return Step::YieldToReaders;
+    }
+    if let Some(rate) = rate {
+        let allowed = Duration::from_secs_f64(fetched as f64 / rate.max(1) as f64);
+        if let Some(wait) = allowed.checked_sub(elapsed) {
+            return Step::Throttle(wait.min(Duration::from_secs(1)));
+        }
+    }
+    Step::Fill
+}
+
+impl Worker {
+    /// Fills the profile's files first, then every file of the layer in stream order; then
+    /// verifies and detaches it.
+    pub(super) async fn populate_in_background(
+        self: Arc<Self>,
+        managed: Arc<Managed>,
+        first: Vec<usize>,
+    ) {
+        self.prefetch_profile(&managed, first).await;
+        managed.become_(LayerLife::Streaming);
+        self.stream(&managed).await;
+        managed.become_(LayerLife::Verifying);
+        match self.detach(&managed).await {
+            Ok(()) => managed.become_(LayerLife::Detached),
+            Err(e) => {
+                tracing::error!("{e}");
+                managed.become_(LayerLife::Failed(e.to_string()));
+            }
+        }
+    }
+
+    /// The spans of every profile file in a few ranged requests, then the files.
+    async fn prefetch_profile(&self, managed: &Managed, first: Vec<usize>) {
+        let layer = &managed.layer;
+        let mut spans = std::collections::BTreeSet::new();
+        for &i in &first {
+            let entry = &layer.index.entries[i];
+            let stored = entry.stored_size();
+            if stored > 0 {
+                spans.extend(
+                    layer.index.span_at(entry.data_offset)
+                        ..=layer.index.span_at(entry.data_offset + stored - 1),
+                );
+            }
+        }
+        if let Err(e) = layer.reader().ensure_set(spans).await {
+            tracing::warn!("layer {}: prefetching profile spans: {e}", layer.digest);
+        }
+        for i in first {
+            match layer.populate(i).await {
+                Ok(()) => self.demand.populated(layer, i),
+                Err(e) => tracing::warn!("layer {}: prefetching a profile file: {e}", layer.digest),
+            }
+        }
+    }
+
+    /// Every file not filled yet, in stream order.
+    async fn stream(&self, managed: &Managed) {
+        let layer = &managed.layer;
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        let mut prefetched = 0usize;
+        let mut last_persist = Instant::now();
+        let mut since_persist = 0;
+        let mut queue = layer.pending_files().into_iter().peekable();
+        while let Some(&i) = queue.peek() {
+            let urgent = managed.urgent.load(Ordering::Relaxed);
+            let fetched = layer.reader().stats().bytes_fetched;
+            match next_step(
+                urgent,
+                self.demand.quiet_for(),
+                self.options.background_rate,
+                fetched,
+                started.elapsed(),
+            ) {
+                Step::YieldToReaders => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Step::Throttle(wait) => {
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Step::Fill => {}
+            }
+            if self.options.background_rate.is_none() || urgent {
+                // Fetch ahead in runs: one ranged GET covers several spans.
+                let span = layer.index.span_at(layer.index.entries[i].data_offset);
+                if span >= prefetched {
+                    let last = (span + FETCH_AHEAD).min(layer.index.spans.len() - 1);
+                    if layer.reader().ensure(span..=last).await.is_ok() {
+                        prefetched = last + 1;
+                    }
+                }
+            }
+            match layer.populate(i).await {
+                Ok(()) => {
+                    self.demand.populated(layer, i);
+                    queue.next();
+                    if backoff > FIRST_BACKOFF {
+                        // Recovered: the last error no longer describes the layer.
+                        managed.clear_error();
+                    }
+                    backoff = FIRST_BACKOFF;
+                    since_persist += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "layer {}: background fill: {e}; retrying in {backoff:?}",
+                        layer.digest
+                    );
+                    managed.set_error(&e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            }
+            if since_persist >= 256 || last_persist.elapsed() > Duration::from_secs(2) {
+                if let Err(e) = layer.persist() {
+                    tracing::error!("layer {}: persisting state: {e}", layer.digest);
+                }
+                since_persist = 0;
+                last_persist = Instant::now();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUIET: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn readers_come_first_unless_the_layer_is_urgent() {
+        let busy = Duration::from_millis(100);
+        assert_eq!(next_step(false, busy, None, 0, QUIET), Step::YieldToReaders);
+        assert_eq!(next_step(true, busy, None, 0, QUIET), Step::Fill);
+        assert_eq!(next_step(false, QUIET, None, 0, QUIET), Step::Fill);
+    }
+
+    #[test]
+    fn the_rate_cap_holds_the_background_back_but_not_an_urgent_layer() {
+        // 10 MB fetched in 5 s at 1 MB/s: 5 s ahead of the cap, waits at most 1 s at a time.
+        let step = next_step(false, QUIET, Some(1_000_000), 10_000_000, QUIET);
+        assert_eq!(step, Step::Throttle(Duration::from_secs(1)));
+        // 4 MB in 5 s at 1 MB/s is under the cap.
+        assert_eq!(
+            next_step(false, QUIET, Some(1_000_000), 4_000_000, QUIET),
+            Step::Fill
+        );
+        assert_eq!(next_step(true, QUIET, Some(1), u64::MAX, QUIET), Step::Fill);
+        // A cap of 0 is taken as 1 byte per second, not a division by zero.
+        assert!(matches!(
+            next_step(false, QUIET, Some(0), 100, QUIET),
+            Step::Throttle(_)
+        ));
+    }
+}

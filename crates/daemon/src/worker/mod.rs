@@ -1,0 +1,160 @@
+//! The worker of `lazylayer serve`: the process that fetches and fills. It takes up every lazy
+//! layer of the store ([`takeup`]), answers the events and fill requests the holder relays
+//! ([`holder_link`], [`demand`]) through the layer's frontend ([`frontends`]), fills every
+//! layer in the background in stream order ([`background`]), verifies and detaches each layer
+//! once it is complete ([`detach`]), follows each layer through its life ([`lifecycle`]), and
+//! answers commands on the control socket ([`control`], [`status`]). It may die at any moment:
+//! the holder keeps the group and starts another.
+
+mod background;
+mod control;
+pub mod demand;
+mod detach;
+pub mod frontends;
+pub mod holder_link;
+pub mod lifecycle;
+mod status;
+mod takeup;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lazylayer_fanotify::Group;
+use lazylayer_source::{ClientOptions, Digest, RegistryClient};
+use lazylayer_store::Store;
+use tokio::net::UnixListener;
+
+use crate::error::ServeError;
+use crate::handover::WorkerFds;
+use crate::options::ServeOptions;
+use demand::Demand;
+use frontends::{FanotifyMarks, Frontends, FuseThroughHolder};
+use holder_link::HolderLink;
+use lifecycle::Managed;
+
+/// The worker's state, shared by its tasks.
+struct Worker {
+    store: Store,
+    demand: Arc<Demand>,
+    link: Arc<HolderLink>,
+    client: RegistryClient,
+    options: ServeOptions,
+    layers: Mutex<HashMap<Digest, Arc<Managed>>>,
+    /// Told whenever a layer detaches.
+    changed: tokio::sync::Notify,
+    /// The holder's pid (the daemon's pid as commands see it).
+    holder_pid: u32,
+}
+
+/// Runs the worker until shut down (or idle, with `exit_when_idle`): exit status 0 tells the
+/// holder to stop too.
+pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeError> {
+    let store = Store::new(&options.root);
+    let socket = store.socket();
+    let group = Arc::new(Group::from_fd(fds.group));
+    let relay = std::os::unix::net::UnixStream::from(fds.relay);
+    let link = HolderLink::new(&relay).map_err(|e| ServeError::io("the relay socket", e))?;
+    let frontends = Frontends {
+        fanotify: FanotifyMarks::new(group.clone()),
+        fuse: FuseThroughHolder::new(link.clone()),
+    };
+    let demand = Demand::new(frontends, options.deadline);
+    let client = RegistryClient::new(ClientOptions {
+        insecure_registries: options.insecure_registries.clone(),
+        ..ClientOptions::default()
+    })
+    .map_err(|e| ServeError::io("the registry client", std::io::Error::other(e)))?;
+    let worker = Arc::new(Worker {
+        store,
+        demand: demand.clone(),
+        link: link.clone(),
+        client,
+        options: options.clone(),
+        layers: Mutex::new(HashMap::new()),
+        changed: tokio::sync::Notify::new(),
+        holder_pid: std::os::unix::process::parent_id(),
+    });
+    let listener = std::os::unix::net::UnixListener::from(fds.listener);
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ServeError::io("the control socket", e))?;
+    let listener =
+        UnixListener::from_std(listener).map_err(|e| ServeError::io("the control socket", e))?;
+    // The relay is read from the start: taking up a FUSE layer waits for the holder's answer.
+    // Every lazy layer is known to `demand` before its frontend makes readers wait, and a
+    // relayed event for a file not known as unfilled is allowed: such events come only from
+    // files that were never marked or are already filled.
+    let handle = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("fanotify-relay".into())
+        .spawn(move || {
+            if let Err(e) = link.serve(relay, demand, group, handle) {
+                tracing::error!("reading fanotify events failed: {e}");
+                std::process::exit(1);
+            }
+        })
+        .map_err(|e| ServeError::io("starting the relay thread", e))?;
+    worker.refresh().await?;
+    tracing::info!(
+        "worker {} serving {} for holder {}",
+        std::process::id(),
+        options.root.display(),
+        worker.holder_pid
+    );
+    // A timer outside the loop: commands arriving more often than once a second must not
+    // postpone the check for ever.
+    let mut idle_check = tokio::time::interval(Duration::from_secs(1));
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let worker = worker.clone();
+                    tokio::spawn(async move { worker.converse(stream).await });
+                }
+            }
+            _ = idle_check.tick() => {
+                if worker.options.exit_when_idle && worker.idle() {
+                    tracing::info!("no lazy layer left: exiting");
+                    let _ = std::fs::remove_file(&socket);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Whether nothing is lazy: no layer served, no FUSE mount up, no lazy layer in the store.
+    fn idle(&self) -> bool {
+        if !self.layers.lock().expect("layers").is_empty() || !self.fuse_mounted().is_empty() {
+            return false;
+        }
+        match self.store.lazy_image_layers() {
+            Ok(lazy) => lazy.is_empty(),
+            Err(e) => {
+                // Unknown is not idle: leaving could strand a lazy layer without its daemon.
+                tracing::warn!("reading the store to see whether anything is lazy: {e}");
+                false
+            }
+        }
+    }
+
+    /// Layers whose FUSE mount (served by the holder) is up, as the kernel says.
+    fn fuse_mounted(&self) -> Vec<Digest> {
+        let digests = match self.store.layer_digests() {
+            Ok(digests) => digests,
+            Err(e) => {
+                tracing::warn!("listing the store's layers: {e}");
+                return Vec::new();
+            }
+        };
+        let mut mounted: Vec<Digest> = digests
+            .into_iter()
+            .filter(|d| crate::holder::fuse_layers::is_fuse_mount(&self.store.fuse_mountpoint(d)))
+            .collect();
+        mounted.dedup();
+        mounted
+    }
+}

@@ -1,0 +1,115 @@
+//! Taking up the store's lazy layers: each one not served yet is opened for population, its
+//! unfilled files become known to [`Demand`](super::demand::Demand), its frontend makes their
+//! readers wait (marks, or a FUSE mount by the holder), and its background population starts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use lazylayer_source::{ImageReference, ImageSource};
+use lazylayer_store::{Layer, Phase};
+
+use crate::error::{LayerError, ServeError};
+use crate::worker::Worker;
+use crate::worker::lifecycle::Managed;
+
+impl Worker {
+    /// Takes up every lazy layer of the store not yet served.
+    pub(super) async fn refresh(self: &Arc<Self>) -> Result<(), ServeError> {
+        for image in self.store.images()? {
+            for blob in &image.layers {
+                let store_error = |cause| LayerError::Store {
+                    layer: blob.digest.clone(),
+                    cause,
+                };
+                if self
+                    .layers
+                    .lock()
+                    .expect("layers")
+                    .contains_key(&blob.digest)
+                    || self.store.phase(&blob.digest).map_err(store_error)? != Some(Phase::Lazy)
+                {
+                    continue;
+                }
+                let index = match self
+                    .store
+                    .indexes()
+                    .get(blob)
+                    .map_err(|e| store_error(e.into()))?
+                {
+                    Some(index) => Arc::new(index),
+                    None => return Err(LayerError::NoIndex(blob.digest.clone()).into()),
+                };
+                let source_error = |cause| LayerError::Source {
+                    layer: blob.digest.clone(),
+                    image: image.reference.clone(),
+                    cause,
+                };
+                let reference: ImageReference = image.reference.parse().map_err(source_error)?;
+                let source = ImageSource::open(&reference, &self.client).map_err(source_error)?;
+                let layer = Arc::new(self.store.open_layer(index, source).map_err(store_error)?);
+                let unfilled = self
+                    .demand
+                    .register(&layer)
+                    .map_err(|cause| LayerError::Marks {
+                        layer: blob.digest.clone(),
+                        cause,
+                    })?;
+                self.demand
+                    .frontends()
+                    .of(&layer)
+                    .take_up(&layer, &unfilled)
+                    .await?;
+                let managed = Arc::new(Managed::new(layer));
+                self.layers
+                    .lock()
+                    .expect("layers")
+                    .insert(blob.digest.clone(), managed.clone());
+                let first = self.profile_files(&managed.layer);
+                let worker = self.clone();
+                tokio::spawn(async move { worker.populate_in_background(managed, first).await });
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of `layer` that the prefetch profiles of images using it list, in order.
+    fn profile_files(&self, layer: &Layer) -> Vec<usize> {
+        let by_path: HashMap<String, usize> = layer
+            .index
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.display_path(), i))
+            .collect();
+        let images = match self.store.images() {
+            Ok(images) => images,
+            Err(e) => {
+                tracing::warn!("layer {}: no profile read: {e}", layer.digest);
+                return Vec::new();
+            }
+        };
+        let mut first = Vec::new();
+        for image in images {
+            if !image.layers.iter().any(|l| l.digest == layer.digest) {
+                continue;
+            }
+            let path = self.store.profile_path(&image.manifest);
+            let profile = match lazylayer_store::Profile::load(&path) {
+                Ok(Some(profile)) => profile,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("{}: {e}; not used", path.display());
+                    continue;
+                }
+            };
+            for file in profile.files.iter().filter(|f| f.layer == layer.digest) {
+                if let Some(&i) = by_path.get(&file.path)
+                    && !first.contains(&i)
+                {
+                    first.push(i);
+                }
+            }
+        }
+        first
+    }
+}

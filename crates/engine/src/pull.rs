@@ -1,0 +1,247 @@
+//! Pulling an image lazily: resolve it, find (in the store or the registry), fetch or build
+//! each layer's lazy index, make the layer's placeholder tree, and have the daemon take the
+//! lazy layers up. Returns once the image can be mounted.
+
+use std::sync::Arc;
+
+use lazylayer_index::distribution::{fetch_index, find_indexes};
+use lazylayer_index::{BuildOptions, build_and_cache};
+use lazylayer_source::{Digest, ImageReference, ImageSource, PlatformChoice};
+use lazylayer_store::{FrontendMode, ImageRecord, Phase};
+
+use crate::images::canonical_reference;
+use crate::{Engine, Error, Result};
+
+/// How lazy layers are served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// fanotify where the store's filesystem takes pre-content marks, FUSE elsewhere.
+    #[default]
+    Auto,
+    /// fanotify pre-content events (Linux 6.14+, store on ext4, xfs or btrfs).
+    Fanotify,
+    /// A FUSE mount per lazy layer, with passthrough once a file is local.
+    Fuse,
+}
+
+/// What to pull, and how.
+#[derive(Clone, Debug, Default)]
+pub struct PullOptions {
+    /// Platform to pick from a multi-platform image (`OS/ARCH[/VARIANT]`; default: this
+    /// machine's).
+    pub platform: Option<String>,
+    /// How new lazy layers are served.
+    pub mode: Mode,
+}
+
+/// Which layer of the image an event is about.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerLabel<'a> {
+    /// Its place in the image, from 1, bottom first.
+    pub position: usize,
+    /// How many layers the image has.
+    pub count: usize,
+    /// Its blob digest.
+    pub digest: &'a Digest,
+}
+
+impl std::fmt::Display for LayerLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "layer {}/{} {}", self.position, self.count, self.digest)
+    }
+}
+
+/// What a pull reports as it goes (see [`Engine::pull`]).
+#[derive(Debug)]
+pub enum PullEvent<'a> {
+    /// The layer is in the store already, lazy or detached.
+    Present {
+        /// The layer.
+        layer: LayerLabel<'a>,
+        /// Where it is.
+        phase: Phase,
+    },
+    /// The registry's lazy index for the layer cannot be used; one is built here instead.
+    IndexUnusable {
+        /// The layer.
+        layer: LayerLabel<'a>,
+        /// Why.
+        reason: String,
+    },
+    /// The layer has no lazy index: it is fetched whole, once, to build one.
+    FetchingWhole {
+        /// The layer.
+        layer: LayerLabel<'a>,
+        /// Its compressed size.
+        size: u64,
+    },
+    /// Bytes of the layer fetched so far (while fetching it whole).
+    Fetched {
+        /// The layer.
+        layer: LayerLabel<'a>,
+        /// Compressed bytes so far.
+        bytes: u64,
+    },
+    /// The whole layer was fetched and indexed.
+    FetchedWhole {
+        /// The layer.
+        layer: LayerLabel<'a>,
+    },
+    /// The layer's placeholder tree is made: it can be mounted.
+    Ready {
+        /// The layer.
+        layer: LayerLabel<'a>,
+        /// Entries in its index.
+        entries: usize,
+        /// How it is served while lazy.
+        frontend: FrontendMode,
+    },
+}
+
+/// A pulled image.
+#[derive(Clone, Debug)]
+pub struct Pulled {
+    /// Its record in the store.
+    pub image: ImageRecord,
+    /// How many layers had no lazy index and were fetched whole to build one.
+    pub built_here: usize,
+}
+
+impl Engine {
+    /// Pulls `image` lazily (see the module docs), reporting progress to `progress`.
+    pub async fn pull(
+        &self,
+        image: &str,
+        options: &PullOptions,
+        progress: &(dyn Fn(PullEvent<'_>) + Sync),
+    ) -> Result<Pulled> {
+        let reference: ImageReference = image.parse()?;
+        let choice = PlatformChoice::from_flag(options.platform.as_deref())?;
+        let client = self.registry_client()?;
+        let source = ImageSource::open(&reference, &client)?;
+        let resolved = source.resolve(&choice).await?;
+        let root = &self.options.root;
+        std::fs::create_dir_all(root)
+            .map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
+        let store = &self.store;
+        // Held until the image record names every layer: `gc` must not remove one meanwhile.
+        let _lock = store.lock_for_pull()?;
+        let frontend = self.frontend_for(options.mode)?;
+        let remote = match &source {
+            ImageSource::Registry { repository, .. } => {
+                Some((repository, find_indexes(repository, &resolved).await?))
+            }
+            ImageSource::Layout { .. } => None,
+        };
+        let mut built_here = 0;
+        let count = resolved.layers.len();
+        for (i, layer) in resolved.layers.iter().enumerate() {
+            let label = LayerLabel {
+                position: i + 1,
+                count,
+                digest: &layer.digest,
+            };
+            // Another pull may be setting this layer up: wait for it, then find it ready.
+            let _layer_lock = {
+                let (store, digest) = (store.clone(), layer.digest.clone());
+                tokio::task::spawn_blocking(move || store.lock_layer(&digest))
+                    .await
+                    .map_err(|e| Error::io("locking a layer", std::io::Error::other(e)))??
+            };
+            if let Some(phase @ (Phase::Lazy | Phase::Detached)) = store.phase(&layer.digest)? {
+                progress(PullEvent::Present {
+                    layer: label,
+                    phase,
+                });
+                continue;
+            }
+            let mut index = store.indexes().get(layer)?;
+            if index.is_none()
+                && let Some((repository, descriptor)) = remote
+                    .as_ref()
+                    .and_then(|(repo, found)| Some((repo, found.by_layer.get(&layer.digest)?)))
+            {
+                match fetch_index(repository, descriptor, layer).await {
+                    Ok((fetched, _)) => {
+                        store.indexes().put(layer, &fetched)?;
+                        index = Some(fetched);
+                    }
+                    Err(e) => progress(PullEvent::IndexUnusable {
+                        layer: label,
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+            let index = match index {
+                Some(index) => index,
+                None => {
+                    progress(PullEvent::FetchingWhole {
+                        layer: label,
+                        size: layer.size,
+                    });
+                    let diff_id = resolved.config_summary.rootfs.diff_ids.get(i);
+                    let index = build_and_cache(
+                        &source,
+                        layer,
+                        diff_id,
+                        BuildOptions::default(),
+                        &store.span_dir(),
+                        &|bytes| {
+                            progress(PullEvent::Fetched {
+                                layer: label,
+                                bytes,
+                            })
+                        },
+                    )
+                    .await?;
+                    progress(PullEvent::FetchedWhole { layer: label });
+                    store.indexes().put(layer, &index)?;
+                    built_here += 1;
+                    index
+                }
+            };
+            let index = Arc::new(index);
+            store.prepare_layer(&index, frontend)?;
+            progress(PullEvent::Ready {
+                layer: label,
+                entries: index.entries.len(),
+                frontend,
+            });
+        }
+        let config: serde_json::Value = serde_json::from_slice(&resolved.config_bytes)
+            .map_err(|e| Error::Refused(format!("the image config is not JSON: {e}")))?;
+        let record = ImageRecord {
+            reference: canonical_reference(&reference),
+            manifest: resolved.manifest.digest.clone(),
+            layers: resolved.layers.clone(),
+            config,
+        };
+        store.save_image(&record)?;
+        self.start_daemon().await?;
+        Ok(Pulled {
+            image: record,
+            built_here,
+        })
+    }
+
+    /// The frontend new lazy layers get in `mode` on this store.
+    fn frontend_for(&self, mode: Mode) -> Result<FrontendMode> {
+        let root = &self.options.root;
+        let pre_content = lazylayer_fanotify::supports_pre_content(root)
+            .map_err(|e| Error::io(format!("probing {}", root.display()), e))?;
+        Ok(match mode {
+            Mode::Fanotify if !pre_content => {
+                return Err(Error::Refused(format!(
+                    "the store {} is on a filesystem without fanotify pre-content support \
+                     (ext4, xfs and btrfs have it on Linux 6.14+; tmpfs and overlayfs do not): \
+                     use a --root on one of those, or --mode fuse",
+                    root.display()
+                )));
+            }
+            Mode::Fanotify => FrontendMode::Fanotify,
+            Mode::Fuse => FrontendMode::Fuse,
+            Mode::Auto if pre_content => FrontendMode::Fanotify,
+            Mode::Auto => FrontendMode::Fuse,
+        })
+    }
+}
