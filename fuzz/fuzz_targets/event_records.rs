@@ -1,11 +1,20 @@
 //! What the daemon decodes from outside its own process: fanotify event buffers (as the kernel
-//! writes them) and the records the holder and worker exchange. Any bytes must decode to
-//! records or be refused, never panic; a decoded relay record survives encoding unchanged.
+//! writes them) and the messages the holder and worker exchange. Any bytes must decode to
+//! messages or be refused, never panic; a decoded message survives encoding unchanged.
 #![no_main]
 
+use lazylayer_daemon::relay::{ToHolder, ToWorker, decode, receive, send};
 use lazylayer_fanotify::group::decode_events;
-use lazylayer_fanotify::relay::{ANSWER_RECORD, EVENT_RECORD, RelayedAnswer, RelayedEvent};
 use libfuzzer_sys::fuzz_target;
+
+fn round_trips<M>(message: M)
+where
+    M: serde::Serialize + for<'de> serde::Deserialize<'de> + PartialEq + std::fmt::Debug,
+{
+    let mut wire = Vec::new();
+    send(&mut wire, &message).expect("encoding into memory");
+    assert_eq!(receive::<M>(&mut wire.as_slice()).expect("decodes"), Some(message));
+}
 
 fuzz_target!(|data: &[u8]| {
     for record in decode_events(data) {
@@ -13,18 +22,18 @@ fuzz_target!(|data: &[u8]| {
             let _ = offset.checked_add(count);
         }
     }
-    for chunk in data.chunks_exact(EVENT_RECORD) {
-        let bytes: &[u8; EVENT_RECORD] = chunk.try_into().expect("exact chunk");
-        if let Some(event) = RelayedEvent::decode(bytes) {
-            assert_eq!(RelayedEvent::decode(&event.encode()), Some(event));
-        }
+    if let Ok(message) = decode::<ToWorker>(data) {
+        round_trips(message);
     }
-    for chunk in data.chunks_exact(ANSWER_RECORD) {
-        let bytes: &[u8; ANSWER_RECORD] = chunk.try_into().expect("exact chunk");
-        if let Some(answer) = RelayedAnswer::decode(bytes) {
-            assert_eq!(RelayedAnswer::decode(&answer.encode()), Some(answer));
-        }
+    if let Ok(message) = decode::<ToHolder>(data) {
+        round_trips(message);
     }
-    let _ = RelayedEvent::receive(&mut &data[..]);
-    let _ = RelayedAnswer::receive(&mut &data[..]);
+    let mut stream = data;
+    while let Ok(Some(message)) = receive::<ToWorker>(&mut stream) {
+        round_trips(message);
+    }
+    let mut stream = data;
+    while let Ok(Some(message)) = receive::<ToHolder>(&mut stream) {
+        round_trips(message);
+    }
 });

@@ -241,4 +241,27 @@ mod tests {
         assert!(decode::<ToHolder>(&trailing).is_err());
         assert_eq!(receive::<ToWorker>(&mut &[][..]).unwrap(), None);
     }
+
+    #[test]
+    fn the_fuzz_seed_holds_messages_of_the_current_format() {
+        let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/corpus/event_records/seed-relay-messages");
+        let bytes = std::fs::read(&seed).unwrap();
+        let mut stream = bytes.as_slice();
+        assert_eq!(
+            receive::<ToWorker>(&mut stream).unwrap(),
+            Some(ToWorker::Fill {
+                id: 7,
+                inode: (2049, 99)
+            })
+        );
+        assert_eq!(
+            receive::<ToHolder>(&mut stream).unwrap(),
+            Some(ToHolder::Answer {
+                id: 3,
+                verdict: Verdict::Deny(5)
+            })
+        );
+        assert!(stream.is_empty());
+    }
 }
