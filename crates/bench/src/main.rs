@@ -6,6 +6,7 @@
 //!   cargo build --release && sudo target/release/lazylayer-bench lazy [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench startup [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench fuse [--runs N]
+#![forbid(unsafe_code)]
 
 mod fuse;
 mod index;

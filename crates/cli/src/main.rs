@@ -1,5 +1,6 @@
 //! `lazylayer`: the command line. Each command lives in `commands/`; this file parses the
 //! options shared by all of them and sets up logging.
+#![forbid(unsafe_code)]
 
 mod commands;
 mod options;

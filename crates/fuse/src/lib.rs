@@ -9,6 +9,7 @@
 //! backing file: its reads and mmaps never come to the daemon ([`filesystem`]). The daemon's
 //! holder process serves these mounts and relays fills to the worker, so the FUSE connections
 //! outlive any worker.
+#![forbid(unsafe_code)]
 
 pub mod filesystem;
 pub mod inodes;

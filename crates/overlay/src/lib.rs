@@ -11,6 +11,7 @@
 //! inode number; `xino=auto`, so that inode numbers stay unique and stable when layers live on
 //! different filesystems. All layers of a store share one filesystem, where overlay reports the
 //! real lower inode numbers, which is what keeps `st_ino` unchanged across population and detach.
+#![forbid(unsafe_code)]
 
 mod in_use;
 

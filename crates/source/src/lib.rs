@@ -5,6 +5,7 @@
 //! and its blobs are read whole (verified against their digests) or by byte range, from a
 //! registry ([`registry`]) or an OCI layout on disk ([`layout`]). [`ImageSource`] puts both
 //! behind one interface for the steps that follow (index, fetcher).
+#![forbid(unsafe_code)]
 
 pub mod blob;
 pub mod digest;

@@ -5,6 +5,7 @@
 //! metadata ([`tree`]), then filled file by file from the index's reader ([`layer`]), with a
 //! population record that is made durable only after the data ([`state`]). Where everything
 //! lives under `--root` is in [`store`].
+#![forbid(unsafe_code)]
 
 pub mod error;
 pub mod gc;

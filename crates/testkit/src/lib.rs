@@ -5,7 +5,8 @@
 //! - [`token_issuer`]: a small bearer-token service, so the Docker Hub/GHCR token flow runs end
 //!   to end against the real registry;
 //! - [`proxy`]: a TCP proxy that shapes bandwidth and latency and injects faults (resets,
-//!   stalls, truncated or corrupted bodies, HTTP 500/503/429);
+//!   stalls, truncated or corrupted bodies, HTTP 500/503/429), and [`layout_registry`], a
+//!   registry embedded in the process (both from `lazylayer-loopback`, which the demo uses);
 //! - [`fixtures`]: images built by tools lazylayer did not write (`scripts/build-fixtures`),
 //!   cached, and pushed into a registry with skopeo;
 //! - [`hostile`]: a corpus of malicious layers, as an OCI layout;
@@ -14,17 +15,15 @@
 //!
 //! Nothing here reaches the internet; the fixture script needs Debian's package mirror once.
 
-mod background;
 pub mod blackhole;
 pub mod daemon;
 pub mod fixtures;
 pub mod hostile;
-mod http_wire;
-pub mod layout_registry;
-pub mod proxy;
 pub mod registry;
 pub mod token_issuer;
 pub mod tree_diff;
+
+pub use lazylayer_loopback::{background, http_wire, layout_registry, proxy};
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use lazylayer_container::baseline::{pull_extract_run, timed};
+use lazylayer_loopback::layout_registry::LayoutRegistry;
+use lazylayer_loopback::proxy::{FaultProxy, Shaping};
 use lazylayer_source::{ClientOptions, ImageSource, PlatformChoice, RegistryClient};
-use lazylayer_testkit::layout_registry::LayoutRegistry;
-use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 
 use crate::options::GlobalArgs;
 use crate::shared::human_size;
