@@ -85,6 +85,10 @@ pub struct LayerStatus {
     /// The last population error, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The layer cannot be completed (its `error` says why): it will not detach, and readers
+    /// of its files not yet local get EIO.
+    #[serde(default)]
+    pub failed: bool,
 }
 
 impl LayerStatus {
@@ -105,6 +109,7 @@ impl LayerStatus {
             bytes_populated: progress.bytes_populated,
             bytes_fetched: progress.bytes_fetched,
             error: None,
+            failed: false,
             state: LayerState::at_rest(phase),
         }
     }

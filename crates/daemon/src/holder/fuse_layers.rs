@@ -134,6 +134,18 @@ impl FuseLayers {
         }
     }
 
+    /// Takes every mount down (the holder is stopping: their connections would die with it
+    /// and leave dead mounts behind). A mount an overlay still uses goes once that overlay
+    /// does.
+    pub fn unmount_all(&self) {
+        let mounts: Vec<(Digest, FuseMount)> =
+            self.mounts.lock().expect("mounts").drain().collect();
+        for (digest, mount) in mounts {
+            tracing::info!("layer {digest}: taking its FUSE mount down");
+            drop(mount);
+        }
+    }
+
     /// READ requests that reached the mounts (zero while every open is passed through).
     pub fn reads(&self) -> u64 {
         self.mounts

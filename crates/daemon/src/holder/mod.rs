@@ -132,31 +132,33 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 _ = terminate.recv() => {}
                 _ = interrupt.recv() => {}
                 _ = drained.notified(), if draining => {
-                    tracing::info!("every mounted lazy layer is detached; stopping");
-                    return stop(worker, &socket).await;
+                    tracing::info!("every lazy layer is detached; stopping");
+                    return stop(worker, &socket, &fuse).await;
                 }
             }
-            // A signal to stop. Without this process and its worker, mounted lazy layers
-            // would read zeros where data is not local yet: fill them first, unless told twice.
-            let busy = mounted_lazy_layers(&store);
-            if busy.is_empty() {
-                return stop(worker, &socket).await;
+            // A signal to stop. Without this process and its worker, a lazy layer reads zeros
+            // where data is not local, through any path to it: an overlay, a bind mount, an
+            // open file or a working directory inside it. Whether it is in use cannot be told
+            // safely, so every lazy layer is filled and detached first, unless told twice.
+            let lazy = lazy_layers(&store);
+            if lazy.is_empty() {
+                return stop(worker, &socket, &fuse).await;
             }
             if draining {
                 tracing::warn!(
-                    "stopping now, as told twice: {} mounted lazy layer(s) will read zeros where \
-                     data is not local",
-                    busy.len()
+                    "stopping now, as told twice: {} lazy layer(s) will read zeros where data is \
+                     not local",
+                    lazy.len()
                 );
-                return stop(worker, &socket).await;
+                return stop(worker, &socket, &fuse).await;
             }
             tracing::warn!(
-                "{} lazy layer(s) are mounted: filling them before stopping (signal again to \
-                 stop now, and have those mounts read zeros where data is not local)",
-                busy.len()
+                "{} lazy layer(s): filling and detaching them before stopping (signal again to \
+                 stop now, and have them read zeros where data is not local)",
+                lazy.len()
             );
             draining = true;
-            tokio::spawn(drain(socket.clone(), busy, drained.clone()));
+            tokio::spawn(drain(socket.clone(), lazy, drained.clone()));
         };
         relay.detach_worker();
         let was_first = std::mem::replace(&mut first, false);
@@ -185,21 +187,6 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     }
 }
 
-/// The lazy layers of the store that an overlay mount uses, in any mount namespace.
-fn mounted_lazy_layers(store: &Store) -> Vec<lazylayer_source::Digest> {
-    let Ok(tables) = lazylayer_overlay::MountTables::scan() else {
-        // Unknown: assume every lazy layer is in use.
-        return lazy_layers(store);
-    };
-    lazy_layers(store)
-        .into_iter()
-        .filter(|digest| {
-            tables.overlay_uses(&store.layer_fs(digest))
-                || tables.overlay_uses(&store.fuse_mountpoint(digest))
-        })
-        .collect()
-}
-
 fn lazy_layers(store: &Store) -> Vec<lazylayer_source::Digest> {
     let mut lazy: Vec<lazylayer_source::Digest> = store
         .layer_digests()
@@ -211,22 +198,66 @@ fn lazy_layers(store: &Store) -> Vec<lazylayer_source::Digest> {
     lazy
 }
 
-/// Asks the worker (whichever runs: it may be restarted meanwhile) to fill `layers` now and
-/// answer once they are detached; then says so.
+/// Has the worker (whichever runs: it may be restarted meanwhile) fill `layers` at full speed,
+/// logs how far it got every few seconds, and says so once each is detached (or has failed:
+/// it can never be).
 async fn drain(
     socket: PathBuf,
     layers: Vec<lazylayer_source::Digest>,
     drained: Arc<tokio::sync::Notify>,
 ) {
-    let request = crate::Request::Detach { layers, wait: true };
+    let urgent = crate::Request::Detach {
+        layers: layers.clone(),
+        wait: false,
+    };
+    let mut last_report = Instant::now();
     loop {
-        match crate::client::request(&socket, &request).await {
-            Ok(response) if response.ok => break,
-            Ok(response) => tracing::warn!(
-                "filling the mounted lazy layers before stopping: {}",
-                response.error.unwrap_or_default()
-            ),
-            Err(e) => tracing::debug!("asking the worker to detach: {e}; retrying"),
+        // Asked again each time: a restarted worker has forgotten the urgency.
+        let answer = match crate::client::request(&socket, &urgent).await {
+            Ok(response) if response.ok => response.status,
+            Ok(response) => {
+                tracing::warn!(
+                    "filling the lazy layers before stopping: {}",
+                    response.error.unwrap_or_default()
+                );
+                None
+            }
+            Err(e) => {
+                tracing::debug!("asking the worker to detach: {e}; retrying");
+                None
+            }
+        };
+        if let Some(status) = answer {
+            let ours: Vec<_> = status
+                .layers
+                .iter()
+                .filter(|l| layers.contains(&l.digest))
+                .collect();
+            let open: Vec<_> = ours
+                .iter()
+                .filter(|l| l.phase != lazylayer_store::Phase::Detached && !l.failed)
+                .collect();
+            if open.is_empty() {
+                for failed in ours.iter().filter(|l| l.failed) {
+                    tracing::error!(
+                        "layer {} cannot be detached ({}): after the stop it reads zeros where \
+                         data is not local",
+                        failed.digest,
+                        failed.error.as_deref().unwrap_or("failed")
+                    );
+                }
+                break;
+            }
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                let (files, filled) = open
+                    .iter()
+                    .fold((0, 0), |(f, p), l| (f + l.files, p + l.files_populated));
+                tracing::warn!(
+                    "stopping: {} lazy layer(s) still filling, {filled} of {files} files",
+                    open.len()
+                );
+                last_report = Instant::now();
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -325,10 +356,12 @@ fn answer_request(relay: &Arc<Relay>, fuse: &Arc<FuseLayers>, request: ToHolder)
     }
 }
 
-/// The worker is told to stop, then the holder stops.
+/// The worker is told to stop (it persists what it filled), the FUSE mounts are taken down,
+/// then the holder stops.
 async fn stop(
     mut worker: tokio::process::Child,
     socket: &std::path::Path,
+    fuse: &FuseLayers,
 ) -> Result<(), ServeError> {
     if let Some(pid) = worker
         .id()
@@ -336,7 +369,8 @@ async fn stop(
     {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), worker.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), worker.wait()).await;
+    fuse.unmount_all();
     let _ = std::fs::remove_file(socket);
     tracing::info!("stopped by a signal");
     Ok(())

@@ -7,7 +7,7 @@
 //! keeps the background off the network while a workload is busy reading.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,10 @@ pub struct Demand {
     /// When a reader last waited, and how many wait right now.
     last_demand: Mutex<Instant>,
     waiting: AtomicUsize,
+    /// Set once the worker has taken up every lazy layer of the store: before that, a file not
+    /// known here may be an unfilled one of a layer not registered yet, so readers wait.
+    ready: AtomicBool,
+    became_ready: tokio::sync::Notify,
 }
 
 impl Demand {
@@ -50,7 +54,26 @@ impl Demand {
             demanded: Mutex::new(Vec::new()),
             last_demand: Mutex::new(Instant::now()),
             waiting: AtomicUsize::new(0),
+            ready: AtomicBool::new(false),
+            became_ready: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Every lazy layer of the store is registered: readers of files not known here may go on
+    /// (those that came before wait until now).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+        self.became_ready.notify_waiters();
+    }
+
+    async fn until_ready(&self) {
+        loop {
+            let notified = self.became_ready.notified();
+            if self.ready.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The frontends.
@@ -148,6 +171,14 @@ impl Demand {
         // writer (another thread) is never waiting on itself.
         if pid == self.own_pid {
             return answer(Verdict::Allow);
+        }
+        if !self.ready.load(Ordering::SeqCst) {
+            let (demand, later) = (self.clone(), runtime.clone());
+            runtime.spawn(async move {
+                demand.until_ready().await;
+                demand.wait_for(inode, pid, &later, answer);
+            });
+            return;
         }
         let Some(inode) = inode else {
             return answer(Verdict::Deny(libc::EIO));

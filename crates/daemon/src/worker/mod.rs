@@ -82,9 +82,9 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
     let listener =
         UnixListener::from_std(listener).map_err(|e| ServeError::io("the control socket", e))?;
     // The relay is read from the start: taking up a FUSE layer waits for the holder's answer.
-    // Every lazy layer is known to `demand` before its frontend makes readers wait, and a
-    // relayed event for a file not known as unfilled is allowed: such events come only from
-    // files that were never marked or are already filled.
+    // Readers relayed before every lazy layer is taken up wait until it is (a file not known
+    // then may belong to a layer not registered yet); after that, an event for a file not
+    // known as unfilled is allowed: it was never marked or is filled already.
     let handle = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("fanotify-relay".into())
@@ -96,6 +96,7 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
         })
         .map_err(|e| ServeError::io("starting the relay thread", e))?;
     worker.refresh().await?;
+    worker.demand.set_ready();
     tracing::info!(
         "worker {} serving {} for holder {}",
         std::process::id(),
@@ -106,8 +107,18 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
     // postpone the check for ever.
     let mut idle_check = tokio::time::interval(Duration::from_secs(1));
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| ServeError::io("catching SIGTERM", e))?;
     loop {
         tokio::select! {
+            _ = terminate.recv() => {
+                // The holder is stopping (or someone signalled this worker): what was filled
+                // is persisted, so `status` and the next worker see it. Not a clean exit: a
+                // holder that is not stopping starts the next worker.
+                worker.persist_all();
+                tracing::info!("worker {} stopped by SIGTERM", std::process::id());
+                std::process::exit(STOPPED_BY_SIGNAL);
+            }
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let worker = worker.clone();
@@ -125,7 +136,26 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
     }
 }
 
+/// The exit status of a worker stopped by SIGTERM (as a shell reports a death by it).
+const STOPPED_BY_SIGNAL: i32 = 128 + 15;
+
 impl Worker {
+    /// Makes durable which files of every served layer hold their data.
+    fn persist_all(&self) {
+        let layers: Vec<Arc<Managed>> = self
+            .layers
+            .lock()
+            .expect("layers")
+            .values()
+            .cloned()
+            .collect();
+        for managed in layers {
+            if let Err(e) = managed.layer.persist() {
+                tracing::error!("layer {}: persisting state: {e}", managed.layer.digest);
+            }
+        }
+    }
+
     /// Whether nothing is lazy: no layer served, no FUSE mount up, no lazy layer in the store.
     fn idle(&self) -> bool {
         if !self.layers.lock().expect("layers").is_empty() || !self.fuse_mounted().is_empty() {

@@ -10,7 +10,7 @@ use lazylayer_store::{Layer, Phase};
 use crate::protocol::{DaemonStatus, LayerState, LayerStatus};
 use crate::relay::{ToHolder, ToWorker};
 use crate::worker::Worker;
-use crate::worker::lifecycle::Managed;
+use crate::worker::lifecycle::{LayerLife, Managed};
 
 impl Worker {
     /// The daemon and every layer; a store that cannot be read is an error, not an empty list.
@@ -112,6 +112,7 @@ fn live_status(managed: &Managed, phase: Phase) -> LayerStatus {
         bytes_populated,
         bytes_fetched: layer.reader().stats().bytes_fetched,
         error: managed.error(),
+        failed: matches!(managed.life(), LayerLife::Failed(_)),
         state: LayerState::served(phase),
     }
 }

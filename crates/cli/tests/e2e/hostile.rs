@@ -4,13 +4,11 @@
 //! the store: the loop filesystem outside the store's root is unchanged, and none of the host
 //! paths an escape would create exists. Pull's memory stays bounded on a decompression bomb.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{EXE, Lazy};
+use crate::common::{EXE, Lazy};
 use lazylayer_testkit::hostile::{self, Expect, HOST_CANARIES};
 use lazylayer_testkit::require_root;
 
@@ -180,7 +178,7 @@ fn a_million_empty_files_in_one_layer_pull_and_detach_in_bounded_memory() {
     hostile::write_layout(&layout, std::slice::from_ref(&layer)).unwrap();
     layer.tar = Vec::new();
     // XFS: its inodes are allocated as needed (an ext4 of this size has too few).
-    let mut lazy = Lazy::on(common::LoopFs::with_size("xfs", "4G"));
+    let mut lazy = Lazy::on(crate::common::LoopFs::with_size("xfs", "4G"));
     let image = format!("oci:{}:{}", layout.display(), layer.name);
     let started = std::time::Instant::now();
     let (success, stderr, rss_kib) = pull(&lazy, &image);
@@ -207,5 +205,9 @@ fn a_million_empty_files_in_one_layer_pull_and_detach_in_bounded_memory() {
         }
     }
     assert_eq!(files, FILES);
-    common::wait_for_status(&lazy, "the layer never detached", common::all_detached);
+    crate::common::wait_for_status(
+        &lazy,
+        "the layer never detached",
+        crate::common::all_detached,
+    );
 }

@@ -2,12 +2,10 @@
 //! errors, EIO and never zeros for readers, resumption once space is freed), and a reboot
 //! (daemon and mounts gone at once), after which the next pull reuses the store.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     Lazy, LoopFs, Reference, all_detached, assert_same_tree, indexed_registry, run, sh,
     wait_for_status, walk,
 };

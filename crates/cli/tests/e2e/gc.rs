@@ -2,13 +2,11 @@
 //! shared with another image, used by a mount (also one in a container's own mount
 //! namespace) or still being filled stay; the store is reusable afterwards.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     EXE, Lazy, Reference, all_detached, assert_same_tree, indexed_registry, run, wait_for_status,
     walk,
 };

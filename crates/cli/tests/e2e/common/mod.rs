@@ -360,3 +360,33 @@ pub fn assert_same_tree(reference: &Path, tree: &Path) {
         &differences[..differences.len().min(20)]
     );
 }
+
+/// Runs the check `fn $check(kind: &str, mode: &'static str)` as three root tests in a module
+/// of its name: fanotify mode on an ext4 store (`$check::ext4`), fanotify mode on an XFS store
+/// (`$check::xfs`) and FUSE mode on an ext4 store (`$check::fuse`).
+macro_rules! on_every_store {
+    ($($check:ident),+ $(,)?) => {$(
+        mod $check {
+            #[test]
+            fn ext4() {
+                if lazylayer_testkit::require_root(concat!(stringify!($check), "::ext4")) {
+                    super::$check("ext4", "fanotify");
+                }
+            }
+
+            #[test]
+            fn xfs() {
+                if lazylayer_testkit::require_root(concat!(stringify!($check), "::xfs")) {
+                    super::$check("xfs", "fanotify");
+                }
+            }
+
+            #[test]
+            fn fuse() {
+                if lazylayer_testkit::require_root(concat!(stringify!($check), "::fuse")) {
+                    super::$check("ext4", "fuse");
+                }
+            }
+        }
+    )+};
+}

@@ -3,14 +3,12 @@
 //! mount with overlayfs, read through the mount while layers are still lazy, every access path,
 //! concurrency, readers of one file sharing its fetch, a registry that goes away, and detach.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     Lazy, Reference, all_detached, indexed_registry, layer_hexes, ok, own_registry, push_indexed,
     run, sh, wait_for_status, walk,
 };
@@ -53,27 +51,6 @@ fn lazy_reads_equal_the_extraction(kind: &str, mode: &'static str) {
         .map(|l| l["bytes_fetched"].as_u64().unwrap())
         .sum();
     assert!(fetched > 0, "{status}");
-}
-
-#[test]
-fn ext4_lazy_reads_equal_the_extraction() {
-    if require_root("ext4_lazy_reads_equal_the_extraction") {
-        lazy_reads_equal_the_extraction("ext4", "fanotify");
-    }
-}
-
-#[test]
-fn xfs_lazy_reads_equal_the_extraction() {
-    if require_root("xfs_lazy_reads_equal_the_extraction") {
-        lazy_reads_equal_the_extraction("xfs", "fanotify");
-    }
-}
-
-#[test]
-fn fuse_lazy_reads_equal_the_extraction() {
-    if require_root("fuse_lazy_reads_equal_the_extraction") {
-        lazy_reads_equal_the_extraction("ext4", "fuse");
-    }
 }
 
 fn python(script: &str, args: &[&Path]) -> Vec<u8> {
@@ -314,48 +291,6 @@ fn access_paths(kind: &str, mode: &'static str) {
     );
 }
 
-#[test]
-fn ext4_access_paths() {
-    if require_root("ext4_access_paths") {
-        access_paths("ext4", "fanotify");
-    }
-}
-
-#[test]
-fn xfs_access_paths() {
-    if require_root("xfs_access_paths") {
-        access_paths("xfs", "fanotify");
-    }
-}
-
-#[test]
-fn fuse_access_paths() {
-    if require_root("fuse_access_paths") {
-        access_paths("ext4", "fuse");
-    }
-}
-
-#[test]
-fn concurrent_readers_during_background_population() {
-    if require_root("concurrent_readers_during_background_population") {
-        concurrent_readers("ext4", "fanotify");
-    }
-}
-
-#[test]
-fn xfs_concurrent_readers_during_background_population() {
-    if require_root("xfs_concurrent_readers_during_background_population") {
-        concurrent_readers("xfs", "fanotify");
-    }
-}
-
-#[test]
-fn fuse_concurrent_readers_during_background_population() {
-    if require_root("fuse_concurrent_readers_during_background_population") {
-        concurrent_readers("ext4", "fuse");
-    }
-}
-
 fn concurrent_readers(kind: &str, mode: &'static str) {
     let registry = indexed_registry();
     let mut lazy = Lazy::with_mode(kind, mode);
@@ -387,27 +322,6 @@ fn concurrent_readers(kind: &str, mode: &'static str) {
             });
         }
     });
-}
-
-#[test]
-fn a_registry_that_goes_away_gives_eio_never_zeros() {
-    if require_root("a_registry_that_goes_away_gives_eio_never_zeros") {
-        registry_goes_away("ext4", "fanotify");
-    }
-}
-
-#[test]
-fn xfs_a_registry_that_goes_away_gives_eio_never_zeros() {
-    if require_root("xfs_a_registry_that_goes_away_gives_eio_never_zeros") {
-        registry_goes_away("xfs", "fanotify");
-    }
-}
-
-#[test]
-fn fuse_a_registry_that_goes_away_gives_eio_never_zeros() {
-    if require_root("fuse_a_registry_that_goes_away_gives_eio_never_zeros") {
-        registry_goes_away("ext4", "fuse");
-    }
 }
 
 fn registry_goes_away(kind: &str, mode: &'static str) {
@@ -516,27 +430,6 @@ fn same_file_readers_share_one_fetch(kind: &str, mode: &'static str) {
         "{gets} blob requests for a file in {} spans",
         last - first + 1
     );
-}
-
-#[test]
-fn ext4_same_file_readers_share_one_fetch() {
-    if require_root("ext4_same_file_readers_share_one_fetch") {
-        same_file_readers_share_one_fetch("ext4", "fanotify");
-    }
-}
-
-#[test]
-fn xfs_same_file_readers_share_one_fetch() {
-    if require_root("xfs_same_file_readers_share_one_fetch") {
-        same_file_readers_share_one_fetch("xfs", "fanotify");
-    }
-}
-
-#[test]
-fn fuse_same_file_readers_share_one_fetch() {
-    if require_root("fuse_same_file_readers_share_one_fetch") {
-        same_file_readers_share_one_fetch("ext4", "fuse");
-    }
 }
 
 /// Whether process `pid` runs (exists and is not a zombie).
@@ -746,27 +639,6 @@ fn detach_leaves_a_plain_directory(kind: &str, mode: &'static str) {
 }
 
 #[test]
-fn ext4_detach_leaves_a_plain_directory() {
-    if require_root("ext4_detach_leaves_a_plain_directory") {
-        detach_leaves_a_plain_directory("ext4", "fanotify");
-    }
-}
-
-#[test]
-fn xfs_detach_leaves_a_plain_directory() {
-    if require_root("xfs_detach_leaves_a_plain_directory") {
-        detach_leaves_a_plain_directory("xfs", "fanotify");
-    }
-}
-
-#[test]
-fn fuse_detach_leaves_a_plain_directory() {
-    if require_root("fuse_detach_leaves_a_plain_directory") {
-        detach_leaves_a_plain_directory("ext4", "fuse");
-    }
-}
-
-#[test]
 fn stores_without_pre_content_support_are_refused_clearly() {
     if !require_root("stores_without_pre_content_support_are_refused_clearly") {
         return;
@@ -888,3 +760,12 @@ fn an_unindexed_image_from_a_registry_is_fetched_once() {
         assert_eq!(gets[0].status, 200);
     }
 }
+
+on_every_store!(
+    lazy_reads_equal_the_extraction,
+    access_paths,
+    concurrent_readers,
+    registry_goes_away,
+    same_file_readers_share_one_fetch,
+    detach_leaves_a_plain_directory,
+);

@@ -2,13 +2,11 @@
 //! after its layers detached), pull and run one image (and two images sharing a layer) many
 //! times at once into one root, and pull while another pull of the same image is half done.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{EXE, Lazy, Reference, all_detached, assert_same_tree, indexed_registry, run};
-use common::{layer_hexes, wait_for_status};
+use crate::common::{EXE, Lazy, Reference, all_detached, assert_same_tree, indexed_registry, run};
+use crate::common::{layer_hexes, wait_for_status};
 use lazylayer_testkit::fixtures::layout_dir;
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 use lazylayer_testkit::require_root;
@@ -153,9 +151,9 @@ fn concurrent_pulls_and_runs_into_one_root_all_succeed() {
         format!("sha256:{}", layer_hexes("bookworm")[0])
     );
     // No temporary file of the writers is left behind.
-    let leftovers: Vec<_> = common::walk(&lazy.root().join("indexes"))
+    let leftovers: Vec<_> = crate::common::walk(&lazy.root().join("indexes"))
         .into_iter()
-        .chain(common::walk(&lazy.root().join("images")))
+        .chain(crate::common::walk(&lazy.root().join("images")))
         .filter(|p| p.to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");

@@ -3,13 +3,11 @@
 //! error), the holder starts a new worker each time, and population completes and detaches.
 //! The holder is killed: the worker keeps the fanotify group and goes on alone.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     Lazy, Reference, all_detached, assert_same_tree, indexed_registry, wait_for_status, walk,
 };
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
@@ -329,7 +327,7 @@ fn upgrading_the_worker_keeps_fuse_mounts_serving() {
     // The daemon runs from a copy of the binary, which the test then replaces.
     let installed = lazy.fs.path().join("bin/lazylayer");
     std::fs::create_dir_all(installed.parent().unwrap()).unwrap();
-    std::fs::copy(common::EXE, &installed).unwrap();
+    std::fs::copy(crate::common::EXE, &installed).unwrap();
     std::fs::create_dir_all(lazy.root()).unwrap();
     lazy.serve = Some(
         std::process::Command::new(&installed)
@@ -360,7 +358,7 @@ fn upgrading_the_worker_keeps_fuse_mounts_serving() {
 
     // Install the new binary (a new file renamed over the old one), then replace the worker.
     let staged = installed.with_extension("new");
-    std::fs::copy(common::EXE, &staged).unwrap();
+    std::fs::copy(crate::common::EXE, &staged).unwrap();
     std::fs::rename(&staged, &installed).unwrap();
     kill(worker);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -2,12 +2,10 @@
 //! filled in the order of their data in the layer), it keeps under `--background-rate`, and a
 //! daemon started on demand goes away once nothing is lazy.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
-use common::{Lazy, indexed_registry, wait_for_status};
+use crate::common::{Lazy, indexed_registry, wait_for_status};
 use lazylayer_testkit::require_root;
 
 /// The regular files of the image's only layer with data, as `(data offset, path)`, from
@@ -128,7 +126,7 @@ fn a_daemon_started_on_demand_exits_once_nothing_is_lazy() {
     let only: serde_json::Value =
         serde_json::from_str(&lazy.ll(&["status", "--json", &image])).unwrap();
     assert_eq!(only["layers"].as_array().unwrap().len(), 1, "{only}");
-    let other = common::run(&[
+    let other = crate::common::run(&[
         "--root",
         &lazy.root_arg(),
         "status",

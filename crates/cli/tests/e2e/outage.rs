@@ -2,11 +2,9 @@
 //! yet local get EIO after the deadline (never zeros), the daemon keeps retrying by itself, and
 //! when the registry is back, population resumes and the layers detach, equal to the extraction.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     Lazy, Reference, all_detached, assert_same_tree, indexed_registry, run, wait_for_status, walk,
 };
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};

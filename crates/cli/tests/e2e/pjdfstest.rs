@@ -3,13 +3,11 @@
 //! layer served through FUSE, and in the same overlay over a plain extraction of the same
 //! layer. lazylayer must add no failure of its own.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Lazy, Reference, indexed_registry, sh};
+use crate::common::{Lazy, Reference, indexed_registry, sh};
 use lazylayer_testkit::require_root;
 
 const PJDFSTEST: &str = "/var/cache/lazylayer-test/pjdfstest-0.2.2/bin/pjdfstest";

@@ -3,12 +3,12 @@
 //! are filled on open and then passed through (the daemon sees no READ); detached layers are
 //! mounted without FUSE, and a FUSE mount goes once no overlay uses it.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Lazy, Reference, all_detached, assert_same_tree, indexed_registry, wait_for_status};
+use crate::common::{
+    Lazy, Reference, all_detached, assert_same_tree, indexed_registry, wait_for_status,
+};
 use lazylayer_testkit::require_root;
 
 fn overlay_lowers_of(target: &Path) -> String {
@@ -97,7 +97,7 @@ fn a_store_on_tmpfs_is_served_with_fuse() {
     }
     let registry = indexed_registry();
     let dir = tempfile::tempdir().unwrap();
-    common::sh(&format!(
+    crate::common::sh(&format!(
         "mount -t tmpfs -o size=1G tmpfs {}",
         dir.path().display()
     ));
@@ -114,7 +114,7 @@ fn a_store_on_tmpfs_is_served_with_fuse() {
     let root = dir.path().join("root");
     let root_arg = root.to_str().unwrap();
     let image = format!("{registry}/test/layers:latest");
-    let out = common::run(&["--root", root_arg, "pull", &image]);
+    let out = crate::common::run(&["--root", root_arg, "pull", &image]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -123,12 +123,14 @@ fn a_store_on_tmpfs_is_served_with_fuse() {
     );
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    common::ok(&["--root", root_arg, "mount", &image, mnt.to_str().unwrap()]);
+    crate::common::ok(&["--root", root_arg, "mount", &image, mnt.to_str().unwrap()]);
     let reference = Reference::new("layers");
     assert_same_tree(&reference.path(), &mnt);
-    common::ok(&["--root", root_arg, "umount", mnt.to_str().unwrap()]);
-    let status: serde_json::Value =
-        serde_json::from_str(&common::ok(&["--root", root_arg, "status", "--json"])).unwrap();
+    crate::common::ok(&["--root", root_arg, "umount", mnt.to_str().unwrap()]);
+    let status: serde_json::Value = serde_json::from_str(&crate::common::ok(&[
+        "--root", root_arg, "status", "--json",
+    ]))
+    .unwrap();
     lazylayer_testkit::daemon::kill_from_status(&status);
 }
 
