@@ -19,6 +19,16 @@ pub fn engine(global: &GlobalArgs) -> anyhow::Result<Engine> {
     }))
 }
 
+/// Fails at once, saying why, unless this process runs as root.
+pub fn require_root(command: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        rustix::process::geteuid().is_root(),
+        "lazylayer {command} needs root: it mounts filesystems, places fanotify marks or serves \
+         FUSE (run it with sudo)"
+    );
+    Ok(())
+}
+
 /// The registry client every command uses, configured from the global options.
 pub fn registry_client(global: &GlobalArgs) -> anyhow::Result<RegistryClient> {
     Ok(engine(global)?.registry_client()?)

@@ -47,10 +47,11 @@ pub async fn ensure_running(
         return Ok(Started::Answering);
     }
     std::fs::create_dir_all(root)?;
+    let log_path = lazylayer_store::Store::new(root).serve_log();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(root.join("serve.log"))?;
+        .open(&log_path)?;
     let mut command = std::process::Command::new(exe);
     command
         .arg("--root")
@@ -79,7 +80,7 @@ pub async fn ensure_running(
             if status.success() {
                 return Ok(Started::ExitedIdle);
             }
-            let log = std::fs::read_to_string(root.join("serve.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let last: Vec<&str> = log.lines().rev().take(5).collect();
             return Err(std::io::Error::other(format!(
                 "lazylayer serve exited ({status}): {}",

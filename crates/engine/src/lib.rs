@@ -1,7 +1,7 @@
 //! # lazylayer-engine: the pipeline as a library
 //!
-//! What the `lazylayer` command line, the benchmarks and long-running services (a containerd
-//! snapshotter, a podman layer store) share: [`Engine::pull`] resolves an image, finds, fetches
+//! What the `lazylayer` command line and long-running services (a containerd snapshotter, a
+//! podman layer store) share: [`Engine::pull`] resolves an image, finds, fetches
 //! or builds each layer's lazy index, makes its placeholder tree and has the daemon take it up;
 //! [`Engine::mount`] composes the layers with overlayfs under a fresh writable layer; and
 //! [`Engine::run`] runs a container on the image in a freshly started helper process. Progress

@@ -172,6 +172,7 @@ impl Engine {
                     }),
                 }
             }
+            let fetched_whole = index.is_none();
             let index = match index {
                 Some(index) => index,
                 None => {
@@ -202,6 +203,10 @@ impl Engine {
             };
             let index = Arc::new(index);
             store.prepare_layer(&index, frontend)?;
+            if fetched_whole {
+                // The registry served the whole blob to index it: status counts it.
+                store.count_fetched(&layer.digest, layer.size)?;
+            }
             progress(PullEvent::Ready {
                 layer: label,
                 entries: index.entries.len(),

@@ -249,8 +249,15 @@ fn parse_events(bytes: &[u8]) -> Vec<Event> {
 /// Whether the filesystem holding `dir` takes pre-content marks (ext4, xfs, btrfs do; tmpfs
 /// and overlayfs do not).
 pub fn supports_pre_content(dir: &std::path::Path) -> std::io::Result<bool> {
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let group = Group::new()?;
-    let probe = dir.join(".lazylayer-probe");
+    // A name of this probe's own: several commands may probe one store at once.
+    let name = format!(
+        ".lazylayer-probe.{}.{}",
+        std::process::id(),
+        PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let probe = dir.join(&name);
     std::fs::write(&probe, b"")?;
     let parent = rustix::fs::open(
         dir,
@@ -259,7 +266,7 @@ pub fn supports_pre_content(dir: &std::path::Path) -> std::io::Result<bool> {
     )?;
     let result = group.add_mark(
         std::os::fd::AsFd::as_fd(&parent),
-        std::ffi::OsStr::new(".lazylayer-probe"),
+        std::ffi::OsStr::new(&name),
     );
     let _ = std::fs::remove_file(&probe);
     match result {

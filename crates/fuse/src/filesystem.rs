@@ -3,6 +3,9 @@
 //! [`LayerContent`]: `EIO` when that fails, never zeros), then replies with a passthrough backing
 //! file so that reads and mmaps go straight to the layer directory. Without passthrough (older kernels)
 //! reads are answered from the same filled file.
+//!
+//! Why one file of this size: it is one `fuser::Filesystem` implementation, whose methods share the
+//! inode table and the open files.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

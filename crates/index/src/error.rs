@@ -38,6 +38,19 @@ pub enum Error {
         end: u64,
     },
 
+    /// A span failed its digest on every one of `attempts` fetches: it is not fetched again.
+    #[error(
+        "layer {layer}: span {span} (bytes {start}..{end}) did not match its digest in {attempts} \
+         fetches: the registry or the index is wrong about it, and the layer cannot be completed"
+    )]
+    SpanCondemned {
+        layer: String,
+        span: usize,
+        start: u64,
+        end: u64,
+        attempts: u32,
+    },
+
     /// A read outside a file, or of a file without data.
     #[error("{0}")]
     BadRead(String),

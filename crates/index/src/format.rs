@@ -6,6 +6,9 @@
 //! meta:    zstd(postcard(Meta))          file table, spans, layer identity
 //! windows: zstd-compressed 32 KiB deflate windows, one per gzip checkpoint, read on demand
 //! ```
+//!
+//! Why one file of this size: the on-disk layout, its encoder and its checked decoder must change
+//! together.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -16,9 +19,12 @@ use lazylayer_source::Digest;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::codec::gzip::WINDOW;
 use crate::entry::{Entry, EntryKind};
 use crate::{Error, Result};
+
+/// Deflate's back-reference distance: the dictionary a gzip checkpoint holds (the index keeps
+/// one per gzip span; `codec/gzip.rs` makes them).
+pub const WINDOW: usize = 32 << 10;
 
 /// First bytes of every index file.
 pub const MAGIC: &[u8; 8] = b"LZLYIDX\0";

@@ -1,5 +1,6 @@
-//! Test servers (proxy, token issuer) run on their own thread and runtime, so that a test may
-//! block (e.g. on a skopeo child process) while they keep answering.
+//! Servers on loopback (the layout registry, the proxy, the test kit's token issuer) run on
+//! their own thread and runtime, so that their caller may block (on a child process, say)
+//! while they keep answering.
 
 use std::future::Future;
 use std::thread::JoinHandle;

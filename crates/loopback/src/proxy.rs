@@ -6,6 +6,8 @@
 //! connection, so faults apply per request, not per connection. Bandwidth is one shared link
 //! (all connections together); latency is added once per request and once per new connection,
 //! i.e. it acts as an added round-trip time. It runs on its own thread, so tests may block.
+//!
+//! Why one file of this size: one request loop, whose faults act on the byte stream it forwards.
 
 use std::io;
 use std::net::SocketAddr;

@@ -195,7 +195,7 @@ impl Store {
             .iter()
             .map(|d| d.hex().to_string())
             .collect();
-        for dir in listing(&self.root().join("fuse"))? {
+        for dir in listing(&self.fuse_dir())? {
             let hex = dir
                 .file_name()
                 .unwrap_or_default()
@@ -283,7 +283,7 @@ fn two_level_listing(dir: &Path) -> Result<Vec<(String, String)>> {
                 .unwrap_or_default()
                 .to_string_lossy()
                 .to_string();
-            if !hex.ends_with(".tmp") {
+            if !hex.ends_with(".tmp") && !lazylayer_durable::is_temporary(&hex) {
                 found.push((name.clone(), hex));
             }
         }

@@ -23,6 +23,8 @@ pub struct Layer {
     state: PopulationState,
     reader: LayerReader,
     record_path: std::path::PathBuf,
+    /// How the layer is served while lazy (fixed when its tree was made).
+    mode: crate::FrontendMode,
     in_flight: std::sync::Mutex<HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -38,6 +40,10 @@ impl Layer {
     ) -> Result<Self> {
         let state = PopulationState::open(state_path, index.entries.len())?;
         let reader = LayerReader::new(index.clone(), source, span_dir)?;
+        let record = LayerRecord::load(record_path)?;
+        if let Some(record) = &record {
+            reader.count_earlier_fetches(record.bytes_fetched);
+        }
         Ok(Layer {
             digest,
             index,
@@ -45,6 +51,7 @@ impl Layer {
             state,
             reader,
             record_path: record_path.to_path_buf(),
+            mode: record.map(|r| r.mode).unwrap_or_default(),
             in_flight: std::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -173,10 +180,12 @@ impl Layer {
         Ok(())
     }
 
-    /// Makes populated data and then the record of it durable.
+    /// Makes populated data and then the record of it durable, and the count of bytes
+    /// fetched for the layer with it.
     pub fn persist(&self) -> Result<()> {
         self.tree.sync()?;
-        self.state.persist()
+        self.state.persist()?;
+        self.set_phase(self.phase()?)
     }
 
     /// The layer's phase on disk.
@@ -199,8 +208,6 @@ impl Layer {
 
     /// How the layer is served while lazy.
     pub fn mode(&self) -> Result<crate::FrontendMode> {
-        Ok(LayerRecord::load(&self.record_path)?
-            .map(|r| r.mode)
-            .unwrap_or_default())
+        Ok(self.mode)
     }
 }

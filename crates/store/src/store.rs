@@ -231,6 +231,17 @@ impl Store {
         Ok(Phase::Lazy)
     }
 
+    /// Adds `bytes` to the bytes fetched for the prepared layer `digest` (what a pull fetched
+    /// to index it: `status` counts every byte the registry served).
+    pub fn count_fetched(&self, digest: &Digest, bytes: u64) -> Result<()> {
+        let path = self.layer_dir(digest).join("record");
+        let Some(mut record) = LayerRecord::load(&path)? else {
+            return Err(Error::Corrupt(format!("{} has no record", path.display())));
+        };
+        record.bytes_fetched += bytes;
+        record.save(&path)
+    }
+
     /// Opens a prepared layer for population, reading from `source`.
     pub fn open_layer(&self, index: Arc<LayerIndex>, source: ImageSource) -> Result<Layer> {
         let dir = self.layer_dir(&index.blob_digest);

@@ -91,7 +91,7 @@ async fn wait_until_detached(
             for (i, digest) in layers.iter().enumerate() {
                 if let Some(layer) = status.layers.iter().find(|l| &l.digest == digest) {
                     if let Some(error) = &layer.error
-                        && layer.files_populated == layer.files
+                        && (layer.failed || layer.files_populated == layer.files)
                         && layer.phase != Phase::Detached
                     {
                         bars.finish();

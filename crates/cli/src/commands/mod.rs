@@ -15,8 +15,27 @@ pub mod verify;
 
 use crate::options::{Cli, Command};
 
+/// The name of `command` if it mounts filesystems, places fanotify marks or serves FUSE:
+/// those need root, and say so at once instead of failing half way.
+fn needs_root(command: &Command) -> Option<&'static str> {
+    Some(match command {
+        Command::Run(_) => "run",
+        Command::Pull(_) => "pull",
+        Command::Serve(_) => "serve",
+        Command::Mount(_) => "mount",
+        Command::Umount(_) => "umount",
+        Command::Detach(_) => "detach",
+        Command::Rmi(_) => "rmi",
+        Command::Gc(_) => "gc",
+        _ => return None,
+    })
+}
+
 /// Runs the chosen command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Some(name) = needs_root(&cli.command) {
+        crate::shared::require_root(name)?;
+    }
     if let Command::Run(args) = cli.command {
         return run::run(&cli.global, args).await;
     }

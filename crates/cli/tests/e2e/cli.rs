@@ -655,3 +655,36 @@ fn sha256_of(bytes: &[u8]) -> impl std::fmt::LowerHex {
     use sha2::Digest as _;
     sha2::Sha256::digest(bytes)
 }
+
+/// A user who is not root is told at once what is needed, instead of retrying a registry for
+/// seconds and failing somewhere else.
+#[test]
+fn commands_that_need_root_say_so_at_once() {
+    if !lazylayer_testkit::require_root("commands_that_need_root_say_so_at_once") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    for command in [
+        vec!["pull", "127.0.0.1:9/test/debian:bookworm"],
+        vec!["run", "127.0.0.1:9/test/debian:bookworm", "--", "true"],
+        vec!["detach", "anything"],
+    ] {
+        let started = std::time::Instant::now();
+        let output = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_lazylayer"))
+            .arg("--root")
+            .arg(root.path())
+            .args(&command)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{command:?}: {stderr}");
+        assert!(stderr.contains("needs root"), "{command:?}: {stderr}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "{command:?} took {:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -745,8 +745,17 @@ fn an_unindexed_image_from_a_registry_is_fetched_once() {
     let exchanges = proxy.exchanges();
     let inspect: serde_json::Value =
         serde_json::from_str(&lazy.ll(&["inspect", "--json", &image])).unwrap();
+    let status = lazy.status();
     for layer in inspect["layers"].as_array().unwrap() {
         let digest = layer["digest"].as_str().unwrap();
+        // Every byte the registry served is counted, also those fetched to build the index.
+        let shown = status["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["digest"] == digest)
+            .unwrap();
+        assert_eq!(shown["bytes_fetched"], layer["size"], "{status}");
         let gets: Vec<_> = exchanges
             .iter()
             .filter(|e| e.method == "GET" && e.target.ends_with(&format!("/blobs/{digest}")))

@@ -20,4 +20,5 @@ mod lazy;
 mod outage;
 mod pjdfstest;
 mod run;
+mod stopping;
 mod store_recovery;

@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use lazylayer_fanotify::group::Answer;
 use lazylayer_fuse::{Errno, FuseMount, FuseStats, LayerContent, LayerFs};
 use lazylayer_index::{EntryKind, LayerIndex};
 use lazylayer_source::Digest;
 use lazylayer_store::{FrontendMode, LayerTree, Phase, Store};
 
 use crate::holder::pending::Relay;
+use crate::relay::Verdict;
 
 /// The FUSE filesystem of the magic number `statfs` reports.
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -63,8 +63,8 @@ impl LayerContent for RelayedContent {
             Errno::EIO
         })?;
         match self.relay.request_fill(inode) {
-            Answer::Allow => Ok(()),
-            Answer::Deny(_) => Err(Errno::EIO),
+            Verdict::Allow => Ok(()),
+            Verdict::Deny(_) => Err(Errno::EIO),
         }
     }
 }

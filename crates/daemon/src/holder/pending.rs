@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use lazylayer_fanotify::group::{Answer, Event, Group};
 
-use crate::relay::{self, RelayedEvent, ToHolder, ToWorker};
+use crate::relay::{self, RelayedEvent, ToHolder, ToWorker, Verdict};
 
 /// An event or fill request the worker has not answered yet.
 struct Pending {
@@ -28,7 +28,7 @@ enum Waiter {
     /// A fanotify permission event, answered to the group.
     Event(Event),
     /// A FUSE open served by this process, waiting for its file to be filled.
-    Fill(std::sync::mpsc::Sender<Answer>),
+    Fill(std::sync::mpsc::Sender<Verdict>),
 }
 
 impl Waiter {
@@ -135,7 +135,7 @@ impl Relay {
     /// layer directory) and waits for the answer: the FUSE frontend's open, served by this
     /// process. Survives worker restarts like a fanotify event; denied with EIO when no worker
     /// answers within the budget.
-    pub fn request_fill(&self, inode: (u64, u64)) -> Answer {
+    pub fn request_fill(&self, inode: (u64, u64)) -> Verdict {
         let (sender, receiver) = std::sync::mpsc::channel();
         let mut worker = self.worker.lock().expect("worker link");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -143,7 +143,7 @@ impl Relay {
         self.relay(&mut worker, id, message, Waiter::Fill(sender));
         drop(worker);
         // `expire` answers it at the latest after the budget.
-        receiver.recv().unwrap_or(Answer::Deny(libc::EIO))
+        receiver.recv().unwrap_or(Verdict::Deny(libc::EIO))
     }
 
     /// A worker that cannot take events is killed; the supervisor starts the next one, which
@@ -259,7 +259,7 @@ impl Relay {
         match waiter {
             Waiter::Event(event) => self.answer_event(&event, answer),
             Waiter::Fill(sender) => {
-                let _ = sender.send(answer);
+                let _ = sender.send(answer.into());
             }
         }
     }

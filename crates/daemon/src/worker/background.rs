@@ -67,7 +67,11 @@ impl Worker {
     ) {
         self.prefetch_profile(&managed, first).await;
         managed.become_(LayerLife::Streaming);
-        self.stream(&managed).await;
+        if let Err(reason) = self.stream(&managed).await {
+            tracing::error!("layer {}: {reason}", managed.layer.digest);
+            managed.become_(LayerLife::Failed(reason));
+            return;
+        }
         managed.become_(LayerLife::Verifying);
         match self.detach(&managed).await {
             Ok(()) => managed.become_(LayerLife::Detached),
@@ -103,8 +107,10 @@ impl Worker {
         }
     }
 
-    /// Every file not filled yet, in stream order.
-    async fn stream(&self, managed: &Managed) {
+    /// Every file not filled yet, in stream order; an error (the reason) when the layer cannot
+    /// be completed: a span failed its digest on every fetch (nothing fetches it again, and
+    /// readers of the files it holds get EIO at once).
+    async fn stream(&self, managed: &Managed) -> Result<(), String> {
         let layer = &managed.layer;
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
@@ -154,6 +160,9 @@ impl Worker {
                     since_persist += 1;
                 }
                 Err(e) => {
+                    if layer.reader().condemned_span().is_some() {
+                        return Err(e.to_string());
+                    }
                     tracing::warn!(
                         "layer {}: background fill: {e}; retrying in {backoff:?}",
                         layer.digest
@@ -172,6 +181,7 @@ impl Worker {
                 last_persist = Instant::now();
             }
         }
+        Ok(())
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use lazylayer_source::Digest;
-use lazylayer_store::Layer;
+use lazylayer_store::{FrontendMode, Layer};
 use tokio::runtime::Handle;
 
 use crate::relay::Verdict;
@@ -23,6 +23,8 @@ use crate::worker::frontends::Frontends;
 struct Target {
     layer: Arc<Layer>,
     entry: usize,
+    /// How the layer is served (read once, at registration).
+    mode: FrontendMode,
 }
 
 /// The unfilled files of every lazy layer the worker serves, and the readers waiting for them.
@@ -81,9 +83,9 @@ impl Demand {
         &self.frontends
     }
 
-    /// Learns the files of `layer` that still lack data (by their placeholders' inodes), and
-    /// returns them: the frontend then makes their readers wait.
-    pub fn register(&self, layer: &Arc<Layer>) -> std::io::Result<Vec<usize>> {
+    /// Learns the files of `layer` (served in `mode`) that still lack data, by their
+    /// placeholders' inodes, and returns them: the frontend then makes their readers wait.
+    pub fn register(&self, layer: &Arc<Layer>, mode: FrontendMode) -> std::io::Result<Vec<usize>> {
         let pending = layer.pending_files();
         let mut targets = self.targets.write().expect("targets");
         for &i in &pending {
@@ -96,6 +98,7 @@ impl Demand {
                 Target {
                     layer: layer.clone(),
                     entry: i,
+                    mode,
                 },
             );
         }
@@ -106,20 +109,18 @@ impl Demand {
     /// readers need not wait any more.
     pub fn populated(&self, layer: &Layer, i: usize) {
         let entry = &layer.index.entries[i];
-        if let Ok(inode) = layer.tree.inode(&entry.path)
-            && self
-                .targets
-                .write()
-                .expect("targets")
-                .remove(&inode)
-                .is_some()
-        {
-            self.frontends.of(layer).populated(layer, i);
+        let Ok(inode) = layer.tree.inode(&entry.path) else {
+            return;
+        };
+        let removed = self.targets.write().expect("targets").remove(&inode);
+        if let Some(target) = removed {
+            self.frontends.of(target.mode).populated(layer, i);
         }
     }
 
     /// Forgets a layer entirely (detach): whatever of it still waited stops waiting.
     pub fn detach(&self, layer: &Layer) {
+        let mut mode = None;
         let unfilled: Vec<usize> = {
             let mut targets = self.targets.write().expect("targets");
             let mut unfilled = Vec::new();
@@ -127,12 +128,15 @@ impl Demand {
                 let ours = t.layer.digest == layer.digest;
                 if ours {
                     unfilled.push(t.entry);
+                    mode = Some(t.mode);
                 }
                 !ours
             });
             unfilled
         };
-        self.frontends.of(layer).detach(layer, &unfilled);
+        if let Some(mode) = mode {
+            self.frontends.of(mode).detach(layer, &unfilled);
+        }
     }
 
     /// How many files readers would still wait for.

@@ -44,9 +44,9 @@ pub struct Frontends {
 }
 
 impl Frontends {
-    /// The frontend that serves `layer`.
-    pub fn of(&self, layer: &Layer) -> &dyn LayerFrontend {
-        match layer.mode().unwrap_or_default() {
+    /// The frontend of layers served in `mode`.
+    pub fn of(&self, mode: FrontendMode) -> &dyn LayerFrontend {
+        match mode {
             FrontendMode::Fanotify => &self.fanotify,
             FrontendMode::Fuse => &self.fuse,
         }

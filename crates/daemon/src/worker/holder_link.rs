@@ -134,6 +134,13 @@ impl HolderLink {
                     }
                 }
                 Ok(None) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    // The holder lives but speaks another language (an upgrade changed the
+                    // messages): taking over its group beside it would answer events twice.
+                    // Leave; the holder starts the next worker.
+                    tracing::error!("a message from the holder that this worker cannot read: {e}");
+                    std::process::exit(1);
+                }
                 Err(e) => {
                     tracing::error!("reading relayed events: {e}");
                     break;

@@ -43,6 +43,8 @@ struct Worker {
     layers: Mutex<HashMap<Digest, Arc<Managed>>>,
     /// Told whenever a layer detaches.
     changed: tokio::sync::Notify,
+    /// Held while layers are taken up: two pulls' refreshes at once take a layer up once.
+    taking_up: tokio::sync::Mutex<()>,
     /// The holder's pid (the daemon's pid as commands see it).
     holder_pid: u32,
 }
@@ -73,6 +75,7 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
         options: options.clone(),
         layers: Mutex::new(HashMap::new()),
         changed: tokio::sync::Notify::new(),
+        taking_up: tokio::sync::Mutex::new(()),
         holder_pid: std::os::unix::process::parent_id(),
     });
     let listener = std::os::unix::net::UnixListener::from(fds.listener);

@@ -15,6 +15,7 @@ use crate::worker::lifecycle::Managed;
 impl Worker {
     /// Takes up every lazy layer of the store not yet served.
     pub(super) async fn refresh(self: &Arc<Self>) -> Result<(), ServeError> {
+        let _one_at_a_time = self.taking_up.lock().await;
         for image in self.store.images()? {
             for blob in &image.layers {
                 let store_error = |cause| LayerError::Store {
@@ -47,16 +48,17 @@ impl Worker {
                 let reference: ImageReference = image.reference.parse().map_err(source_error)?;
                 let source = ImageSource::open(&reference, &self.client).map_err(source_error)?;
                 let layer = Arc::new(self.store.open_layer(index, source).map_err(store_error)?);
-                let unfilled = self
-                    .demand
-                    .register(&layer)
-                    .map_err(|cause| LayerError::Marks {
-                        layer: blob.digest.clone(),
-                        cause,
-                    })?;
+                let mode = layer.mode().map_err(store_error)?;
+                let unfilled =
+                    self.demand
+                        .register(&layer, mode)
+                        .map_err(|cause| LayerError::Marks {
+                            layer: blob.digest.clone(),
+                            cause,
+                        })?;
                 self.demand
                     .frontends()
-                    .of(&layer)
+                    .of(mode)
                     .take_up(&layer, &unfilled)
                     .await?;
                 let managed = Arc::new(Managed::new(layer));

@@ -1,6 +1,9 @@
 //! Building a layer's index in one streaming pass: the blob is decompressed once (cutting
 //! spans and hashing them), the uncompressed stream is hashed (diff_id) and walked as a tar
 //! (the file table). Nothing of the blob is kept; memory stays bounded by the buffers.
+//!
+//! Why one file of this size: one streaming pass and the tests of its bounds (the tar walk is in
+//! `table.rs`, the header guard in `header_guard.rs`).
 
 pub mod header_guard;
 pub mod table;

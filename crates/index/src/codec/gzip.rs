@@ -7,10 +7,8 @@ use std::io::{self, Read};
 
 use super::inflate::{Inflater, Wrapper};
 use super::{CompressedInput, Indexer, WindowSpill, corrupt};
+pub use crate::format::WINDOW;
 use crate::format::{Span, SpanStart};
-
-/// Deflate's back-reference distance: the dictionary a checkpoint needs.
-pub const WINDOW: usize = 32 << 10;
 
 /// The last [`WINDOW`] bytes of output, to copy into checkpoints.
 struct Ring {

@@ -3,6 +3,9 @@
 //! its digest before anything is decompressed from it, and decompression starts at the first
 //! span's checkpoint. Fetched spans stay in the [`cache::SpanCache`], so nothing is fetched twice,
 //! and a run's whole output is available to callers that populate every file it covers.
+//!
+//! Why one file of this size: fetching, verifying and decompressing spans share the per-span locks,
+//! the condemned spans and the recent-span cache.
 
 pub mod cache;
 
@@ -34,6 +37,9 @@ const RECENT_BYTES: usize = 512 << 20;
 pub const LARGE_SPAN_OUTPUT: u64 = 256 << 20;
 /// Chunks of a streamed span in flight between the decompressor and the consumer.
 const STREAM_CHUNKS: usize = 4;
+/// Fetches of a span that did not match its digest before the span is given up on: the
+/// registry (or the index) is wrong about it, and fetching it again would only repeat that.
+pub const SPAN_ATTEMPTS: u32 = 3;
 
 /// Counters of what a reader fetched.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,6 +66,8 @@ pub struct LayerReader {
     /// One lock per span being fetched, so that concurrent reads needing the same span fetch
     /// it once (taken in ascending order: overlapping runs cannot deadlock).
     fetching: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
+    /// How many fetches of each span did not match its digest (see [`SPAN_ATTEMPTS`]).
+    mismatches: Mutex<std::collections::HashMap<usize, u32>>,
 }
 
 impl LayerReader {
@@ -76,12 +84,51 @@ impl LayerReader {
             recent: Mutex::new(VecDeque::new()),
             large_span_output: AtomicU64::new(LARGE_SPAN_OUTPUT),
             fetching: Mutex::new(std::collections::HashMap::new()),
+            mismatches: Mutex::new(std::collections::HashMap::new()),
         })
+    }
+
+    /// The first span given up on (it failed its digest [`SPAN_ATTEMPTS`] times), if any: the
+    /// layer cannot be completed from this source.
+    pub fn condemned_span(&self) -> Option<usize> {
+        self.mismatches
+            .lock()
+            .expect("mismatches")
+            .iter()
+            .filter(|(_, n)| **n >= SPAN_ATTEMPTS)
+            .map(|(i, _)| *i)
+            .min()
+    }
+
+    fn is_condemned(&self, i: usize) -> bool {
+        self.mismatches
+            .lock()
+            .expect("mismatches")
+            .get(&i)
+            .is_some_and(|n| *n >= SPAN_ATTEMPTS)
+    }
+
+    fn condemned(&self, i: usize) -> Error {
+        let span = &self.index.spans[i];
+        Error::SpanCondemned {
+            layer: self.index.blob_digest.to_string(),
+            span: i,
+            start: span.compressed_start,
+            end: span.compressed_end,
+            attempts: SPAN_ATTEMPTS,
+        }
     }
 
     /// The index.
     pub fn index(&self) -> &Arc<LayerIndex> {
         &self.index
+    }
+
+    /// Counts `bytes` fetched for this layer before this reader existed (by the pull that
+    /// indexed it, or an earlier daemon), so that [`stats`](Self::stats) covers every byte the
+    /// registry served for the layer.
+    pub fn count_earlier_fetches(&self, bytes: u64) {
+        self.bytes_fetched.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// What has been fetched so far.
@@ -338,6 +385,9 @@ impl LayerReader {
             if self.cache.has(i) {
                 continue;
             }
+            if self.is_condemned(i) {
+                return Err(self.condemned(i));
+            }
             match runs.last_mut() {
                 Some(run) if *run.end() + 1 == i => *run = *run.start()..=i,
                 _ => runs.push(i..=i),
@@ -450,7 +500,14 @@ impl LayerReader {
             let slice = &bytes
                 [(span.compressed_start - start) as usize..(span.compressed_end - start) as usize];
             if sha256(slice) != span.digest {
-                return Err(self.mismatch(i));
+                let mut mismatches = self.mismatches.lock().expect("mismatches");
+                let count = mismatches.entry(i).or_insert(0);
+                *count += 1;
+                return Err(if *count >= SPAN_ATTEMPTS {
+                    self.condemned(i)
+                } else {
+                    self.mismatch(i)
+                });
             }
             self.cache.store(i, span.compressed_start, slice)?;
             self.spans_fetched.fetch_add(1, Ordering::Relaxed);

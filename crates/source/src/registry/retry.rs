@@ -137,7 +137,18 @@ pub fn is_transient_error(error: &reqwest::Error) -> bool {
     if chain.contains("certificate") || chain.contains("invalid dns name") {
         return false;
     }
+    if unknown_host(&chain) {
+        return false;
+    }
     error.is_timeout() || error.is_connect() || error.is_request() || error.is_body()
+}
+
+/// Whether a (lower-cased) error chain says the host name does not exist: the resolver's
+/// answer, not a passing failure (a temporary failure in name resolution is retried).
+fn unknown_host(chain: &str) -> bool {
+    chain.contains("name or service not known")
+        || chain.contains("no address associated with hostname")
+        || chain.contains("nodename nor servname provided")
 }
 
 /// A transport error in words, with a hint when the server answered TLS with something else
@@ -151,6 +162,10 @@ pub fn describe_error(error: &reqwest::Error) -> String {
                  name it with --insecure-registry)"
             )
         }
+        _ if unknown_host(&chain.to_ascii_lowercase()) => format!(
+            "{chain} (the registry's host name does not resolve: check the image reference, or \
+             this machine's DNS)"
+        ),
         _ => chain,
     }
 }
@@ -178,6 +193,16 @@ fn tls_error(error: &reqwest::Error) -> Option<&rustls::Error> {
 mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
+
+    #[test]
+    fn an_unknown_host_is_told_apart_from_a_passing_resolver_failure() {
+        assert!(unknown_host(
+            "dns error: failed to lookup address information: name or service not known"
+        ));
+        assert!(!unknown_host(
+            "dns error: failed to lookup address information: temporary failure in name resolution"
+        ));
+    }
 
     #[test]
     fn budget_ends_in_a_clear_error() {

@@ -1,6 +1,9 @@
 //! Registry authentication: anonymous, HTTP Basic, and the bearer-token flow Docker Hub, GHCR
 //! and CNCF distribution use. Tokens are cached per registry and scope and fetched again when
 //! they expire or the registry rejects them, so long populations survive token expiry.
+//!
+//! Why one file of this size: the token cache, the challenge flow and the retry on 401 are one
+//! state machine.
 
 pub mod challenge;
 pub mod credentials;
