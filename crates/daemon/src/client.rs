@@ -21,6 +21,19 @@ pub async fn request(socket: &Path, request: &Request) -> std::io::Result<Respon
     serde_json::from_str(&answer).map_err(std::io::Error::other)
 }
 
+/// A duplicate of the daemon's fanotify group fd (for a keeper: see `crate::keeper`).
+pub fn group_fd(socket: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_string(&Request::GroupFd).expect("request serialises");
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = [0u8; 4096];
+    let (fd, _) = crate::keeper::recv_fd(std::os::fd::AsFd::as_fd(&stream), &mut answer)?;
+    Ok(fd)
+}
+
 /// Whether a daemon answers on `socket`.
 pub async fn is_running(socket: &Path) -> bool {
     UnixStream::connect(socket).await.is_ok()

@@ -12,6 +12,7 @@ pub mod client;
 pub mod error;
 pub mod handover;
 pub mod holder;
+pub mod keeper;
 pub mod options;
 pub mod protocol;
 pub mod relay;

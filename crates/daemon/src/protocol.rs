@@ -19,6 +19,9 @@ pub enum Request {
     Demanded { since: usize },
     /// Stop (marks go with the group: only safe when no lazy layer is in use).
     Shutdown,
+    /// A duplicate of the fanotify group fd, sent with the answer (SCM_RIGHTS), for a keeper
+    /// (see `keeper`).
+    GroupFd,
 }
 
 /// The daemon's answer.

@@ -120,10 +120,8 @@ impl Engine {
         let client = self.registry_client()?;
         let source = ImageSource::open(&reference, &client)?;
         let resolved = source.resolve(&choice).await?;
-        let root = &self.options.root;
-        std::fs::create_dir_all(root)
-            .map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
         let store = &self.store;
+        store.make_private()?;
         // Held until the image record names every layer: `gc` must not remove one meanwhile.
         let _lock = store.lock_for_pull()?;
         let frontend = self.frontend_for(options.mode)?;

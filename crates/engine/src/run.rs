@@ -8,8 +8,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
 use lazylayer_container::{ContainerSpec, HELPER_ARGUMENT, ImageRuntimeConfig};
+use lazylayer_daemon::keeper::Keeper;
 use lazylayer_daemon::{Request, client};
-use lazylayer_store::{Profile, ProfileEntry, Store};
+use lazylayer_source::Digest;
+use lazylayer_store::{FrontendMode, ImageRecord, Profile, ProfileEntry, Store};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::pull::{PullEvent, PullOptions};
@@ -158,7 +160,17 @@ impl Engine {
         let spec_path = dir.path.join("spec.json");
         let spec_bytes = serde_json::to_vec(&spec).expect("a container spec serialises");
         std::fs::write(&spec_path, spec_bytes).map_err(io("writing", &spec_path))?;
-        let exit_code = self.run_helper(&spec_path).await?;
+        let keeper = self.keep_group(&image, &lazy);
+        let watchdog = keeper.as_ref().map(|_| {
+            let engine = self.clone();
+            tokio::spawn(async move { engine.restart_daemon_when_gone().await })
+        });
+        let exit_code = self.run_helper(&spec_path).await;
+        if let Some(watchdog) = watchdog {
+            watchdog.abort();
+        }
+        drop(keeper);
+        let exit_code = exit_code?;
         let kept = options.keep.then(|| dir.path.join("upper"));
         let recorded = if record {
             let files: Vec<ProfileEntry> = demanded(store, demanded_before)
@@ -183,6 +195,54 @@ impl Engine {
             recorded,
             nothing_to_record: options.record && !record,
         })
+    }
+
+    /// While the container reads lazy fanotify layers of `image`, this process keeps the
+    /// daemon's fanotify group: if both daemon processes die, readers wait instead of reading
+    /// zeros, and the next daemon takes the group over (see `lazylayer_daemon::keeper`).
+    fn keep_group(&self, image: &ImageRecord, lazy: &[Digest]) -> Option<Keeper> {
+        let fanotify = image.layers.iter().any(|l| {
+            lazy.contains(&l.digest)
+                && matches!(self.store.mode(&l.digest), Ok(FrontendMode::Fanotify))
+        });
+        if !fanotify {
+            return None;
+        }
+        match client::group_fd(&self.store.socket()).and_then(|fd| Keeper::start(&self.store, fd)) {
+            Ok(keeper) => Some(keeper),
+            Err(e) => {
+                tracing::warn!(
+                    "keeping the fanotify group for the container: {e}; if both daemon \
+                     processes die, its lazy files read as zeros"
+                );
+                None
+            }
+        }
+    }
+
+    /// Starts a daemon again whenever none answers while a layer is lazy (both processes died:
+    /// the group this process keeps makes readers wait for it).
+    async fn restart_daemon_when_gone(&self) {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if client::is_running(&self.store.socket()).await {
+                continue;
+            }
+            match self.store.lazy_image_layers() {
+                Ok(lazy) if lazy.is_empty() => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("reading the store: {e}");
+                    continue;
+                }
+            }
+            tracing::warn!(
+                "the daemon is gone while a container reads lazy layers: starting another"
+            );
+            if let Err(e) = self.start_daemon().await {
+                tracing::warn!("starting the daemon again: {e}");
+            }
+        }
     }
 
     /// Runs the container helper on `spec_path` (a fresh single-threaded process: this one

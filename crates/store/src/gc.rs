@@ -171,12 +171,11 @@ impl Store {
         // Span caches are only needed by lazy layers.
         for (stem, path) in listing_by_stem(&self.span_dir())? {
             let digest = format!("sha256:{stem}");
+            // A layer whose record cannot be read keeps its spans: it may be lazy.
             let lazy = wanted(&digest)
-                && digest
-                    .parse::<Digest>()
-                    .ok()
-                    .and_then(|d| self.phase(&d).ok().flatten())
-                    == Some(Phase::Lazy);
+                && digest.parse::<Digest>().is_ok_and(
+                    |d| !matches!(self.phase(&d), Ok(Some(phase)) if phase != Phase::Lazy),
+                );
             if !lazy {
                 remove("spans", path, &mut report)?;
             }

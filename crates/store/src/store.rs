@@ -12,6 +12,7 @@
 //! ROOT/mounts/<name>/{upper,work}      writable layers of mounts
 //! ROOT/run/<id>/                       containers of `lazylayer run`
 //! ROOT/fuse/<hex>                      FUSE mounts of lazy layers in FUSE mode
+//! ROOT/keepers/<pid>.sock              processes holding the fanotify group for the next daemon
 //! ROOT/lazylayer.sock, serve.lock, serve.log   the daemon's socket, lock and log
 //! ```
 
@@ -55,6 +56,11 @@ pub struct ImageRecord {
     pub config: serde_json::Value,
 }
 
+/// The directories under the root, each private to root (see [`Store::make_private`]).
+const PRIVATE_DIRS: [&str; 10] = [
+    "layers", "spans", "indexes", "images", "profiles", "mounts", "run", "fuse", "trash", "keepers",
+];
+
 /// The right to set up one layer, from [`Store::lock_layer`].
 #[derive(Debug)]
 pub struct LayerLock {
@@ -78,6 +84,24 @@ impl Store {
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Creates the root (mode 0711, as containerd keeps its own) and the directories under it
+    /// (mode 0700), or gives existing ones these modes: what the store holds (file lists,
+    /// image configs, span caches with every byte of the layers) is for root only, whatever
+    /// the umask of the command that made it.
+    pub fn make_private(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |dir: &Path, mode: u32| -> Result<()> {
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)))
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))
+        };
+        set(&self.root, 0o711)?;
+        for dir in PRIVATE_DIRS {
+            set(&self.root.join(dir), 0o700)?;
+        }
+        Ok(())
     }
 
     fn layer_dir(&self, digest: &Digest) -> PathBuf {
@@ -122,6 +146,11 @@ impl Store {
     /// Where `lazylayer run` keeps each container's run directory.
     pub fn runs_dir(&self) -> PathBuf {
         self.root.join("run")
+    }
+
+    /// Where keepers of the fanotify group offer it to the next daemon.
+    pub fn keepers_dir(&self) -> PathBuf {
+        self.root.join("keepers")
     }
 
     /// The daemon's lock: one daemon per store.

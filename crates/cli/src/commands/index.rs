@@ -78,6 +78,11 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
     let client = registry_client(global)?;
     let source = ImageSource::open(&reference, &client)?;
     let image = source.resolve(&choice).await?;
+    // As root, the store is made private to root; another user indexing into a --root of
+    // their own keeps what they own (chmod would fail only on a root they do not own).
+    if rustix::process::geteuid().is_root() {
+        lazylayer_store::Store::new(&global.root).make_private()?;
+    }
     let store = IndexStore::new(&global.root);
     let count = image.layers.len();
     let mut built = Vec::with_capacity(count);

@@ -385,3 +385,125 @@ fn upgrading_the_worker_keeps_fuse_mounts_serving() {
     // The overlay made before the upgrade reads every file right, through the same FUSE mount.
     assert_same_tree(&reference.path(), &mnt);
 }
+
+/// md5 of every regular file under `dirs` of `root`, by path relative to it (from md5sum, an
+/// independent tool).
+fn md5sums(root: &Path, dirs: &str) -> std::collections::HashMap<String, String> {
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find {dirs} -xdev -type f -print0 | xargs -0 md5sum",
+            root.display()
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_once("  "))
+        .map(|(sum, path)| (path.trim_start_matches('/').to_string(), sum.to_string()))
+        .collect()
+}
+
+/// Both daemon processes killed (SIGKILL) while a container started by `lazylayer run` reads
+/// every file of a lazy image: the `run` process keeps a duplicate of the fanotify group, so
+/// the group does not fail open; it starts a new daemon, which takes the group over and denies
+/// the accesses the dead one had read and not answered. Not one file reads wrong bytes (a few
+/// get EIO), and no reader is left waiting.
+#[test]
+fn killing_both_daemon_processes_during_a_run_shows_no_reader_wrong_data() {
+    if !require_root("killing_both_daemon_processes_during_a_run_shows_no_reader_wrong_data") {
+        return;
+    }
+    use std::io::Read;
+    let registry = indexed_registry();
+    let proxy = FaultProxy::start(registry.parse().unwrap(), Shaping::link(100, 5)).unwrap();
+    let mut lazy = Lazy::new("ext4");
+    lazy.serve(&["--background-rate", "1"]);
+    let image = format!("{}/test/debian:bookworm", proxy.host());
+    lazy.ll(&["pull", &image]);
+    let reference = Reference::new("bookworm");
+    let expected = md5sums(&reference.path(), "etc usr");
+    let mut container = std::process::Command::new(crate::common::EXE)
+        .args([
+            "--root",
+            &lazy.root_arg(),
+            "run",
+            &image,
+            "--",
+            "/bin/sh",
+            "-c",
+        ])
+        .arg("find /etc /usr -xdev -type f -print0 | xargs -0 md5sum 2>&1; echo done")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = container.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    // Kill both once the container is well into its reads.
+    wait_for_status(&lazy, "the container read nothing", |status| {
+        status["demanded_files"].as_u64().unwrap_or(0) > 100
+    });
+    let (holder, worker) = pids(&lazy);
+    kill(holder);
+    kill(worker);
+    if let Some(mut serve) = lazy.serve.take() {
+        let _ = serve.wait();
+    }
+    let deadline = Instant::now() + Duration::from_secs(400);
+    let status = loop {
+        if let Some(status) = container.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "a reader was left waiting");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = reader.join().unwrap();
+    assert!(
+        status.success(),
+        "{status}: {}",
+        &text[text.len().saturating_sub(2000)..]
+    );
+    assert!(
+        text.ends_with("done\n"),
+        "{}",
+        &text[text.len().saturating_sub(2000)..]
+    );
+    let (mut right, mut wrong, mut denied) = (0, Vec::new(), 0);
+    for line in text.lines() {
+        if line.contains("Input/output error") {
+            denied += 1;
+        } else if let Some((sum, path)) = line.split_once("  ") {
+            match expected.get(path.trim_start_matches('/')) {
+                Some(want) if want == sum => right += 1,
+                Some(_) => wrong.push(path.to_string()),
+                None => {}
+            }
+        }
+    }
+    eprintln!(
+        "kill -9 of both daemon processes during a run: {right} files right, {} wrong, {denied} EIO",
+        wrong.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} files read wrong bytes: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    assert!(
+        right > expected.len() / 2,
+        "only {right} of {} files read",
+        expected.len()
+    );
+    // The new daemon serves the store and the layer completes.
+    wait_for_status(
+        &lazy,
+        "the layer never detached after the takeover",
+        all_detached,
+    );
+}

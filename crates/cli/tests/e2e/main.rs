@@ -19,6 +19,7 @@ mod hostile;
 mod lazy;
 mod outage;
 mod pjdfstest;
+mod privacy;
 mod run;
 mod stopping;
 mod store_recovery;

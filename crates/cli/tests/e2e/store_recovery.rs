@@ -145,3 +145,103 @@ fn after_a_simulated_reboot_the_next_pull_reuses_the_store() {
     assert_same_tree(&reference.path(), &mnt);
     lazy.ll(&["verify", &image]);
 }
+
+/// A store too small for the image, with the daemon started on demand, so that its own log
+/// (ROOT/serve.log) is on the disk that fills up. Logging must not take the daemon down: a
+/// reader of a file not yet local gets EIO at the fetch deadline, `status` names the error,
+/// and once space is freed, population resumes by itself. (Before, the log's failed write made
+/// the logging thread panic, and with it the fill that was to answer the reader.)
+#[test]
+fn a_store_that_fills_up_with_its_own_log_on_it_gives_eio_and_resumes_when_freed() {
+    if !require_root(
+        "a_store_that_fills_up_with_its_own_log_on_it_gives_eio_and_resumes_when_freed",
+    ) {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let registry = indexed_registry();
+    // 512 MiB, of which ballast leaves 60 MiB free: too little for the image (164 MiB of files
+    // and a 60 MiB span cache), as on a store of 120 MiB.
+    let lazy = Lazy::on(LoopFs::with_size("ext4", "512M"));
+    let free = rustix::fs::statvfs(lazy.fs.path()).unwrap();
+    let ballast = lazy.fs.path().join("ballast");
+    sh(&format!(
+        "fallocate -l {} {}",
+        (free.f_bavail * free.f_frsize).saturating_sub(60 << 20),
+        ballast.display()
+    ));
+    let image = format!("{registry}/test/debian:bookworm");
+    let pulled = std::process::Command::new(crate::common::EXE)
+        .args(["--root", &lazy.root_arg(), "pull", &image])
+        .env("LAZYLAYER_FETCH_DEADLINE", "5")
+        .output()
+        .unwrap();
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    let mnt = lazy.fs.path().join("mnt-debian");
+    std::fs::create_dir_all(&mnt).unwrap();
+    lazy.ll(&["mount", &image, mnt.to_str().unwrap()]);
+    let _unmount = Unmount(mnt.clone());
+    wait_for_status(&lazy, "population never hit the full disk", |status| {
+        status["layers"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left"))
+    });
+    // A file whose placeholder holds no data yet.
+    let layer = lazy.layer_fs(&crate::common::layer_hexes("bookworm")[0]);
+    let unfilled = walk(&layer)
+        .into_iter()
+        .find(|p| {
+            let meta = std::fs::symlink_metadata(p).unwrap();
+            meta.is_file() && meta.len() > 64 << 10 && meta.blocks() == 0
+        })
+        .expect("a file not filled on the full disk");
+    let path = mnt.join(unfilled.strip_prefix(&layer).unwrap());
+    let started = Instant::now();
+    let read = std::process::Command::new("timeout")
+        .arg("40")
+        .arg("cat")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&read.stderr);
+    assert_ne!(
+        read.status.code(),
+        Some(124),
+        "the reader waited 40 s for {}",
+        path.display()
+    );
+    assert!(
+        stderr.contains("Input/output error"),
+        "{}: {} {stderr}",
+        path.display(),
+        read.status
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Free the disk: population resumes by itself and the layer detaches, verified.
+    std::fs::remove_file(&ballast).unwrap();
+    wait_for_status(
+        &lazy,
+        "population did not resume after space was freed",
+        all_detached,
+    );
+    assert_same_tree(&Reference::new("bookworm").path(), &mnt);
+}
+
+/// Unmounts an overlay when dropped (before the loop filesystem under it goes).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}

@@ -119,7 +119,8 @@ impl FuseLayers {
             .lock()
             .expect("mounts")
             .keys()
-            .filter(|d| self.store.phase(d).ok().flatten() != Some(Phase::Lazy))
+            // Only layers known to be detached (or gone): one whose record cannot be read keeps it.
+            .filter(|d| matches!(self.store.phase(d), Ok(Some(Phase::Detached) | None)))
             .cloned()
             .collect();
         if !done.is_empty()

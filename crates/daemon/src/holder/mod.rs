@@ -33,9 +33,8 @@ const HEALTHY_RUN: Duration = Duration::from_secs(10);
 /// Runs the holder until the worker exits cleanly (shutdown, or idle with `exit_when_idle`) or
 /// a SIGTERM/SIGINT arrives (passed on to the worker).
 pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&options.root)
-        .map_err(|e| ServeError::io(format!("creating {}", options.root.display()), e))?;
     let store = Store::new(&options.root);
+    store.make_private()?;
     let socket = store.socket();
     worker_program().map_err(|e| ServeError::io("finding this program", e))?;
     // One daemon per store: an exclusive lock held for the holder's life.
@@ -59,10 +58,19 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             options.root.display()
         );
     }
-    let group = Group::new().map_err(|e| ServeError::io("fanotify_init", e))?;
-    let _ = std::fs::remove_file(&socket);
-    let listener = std::os::unix::net::UnixListener::bind(&socket)
-        .map_err(|e| ServeError::io(format!("binding {}", socket.display()), e))?;
+    // The group a keeper held through the last daemon's death, or a new one.
+    let group = match crate::keeper::collect_group(&store) {
+        Some(group) => {
+            let denied = crate::keeper::deny_orphans(&group, crate::keeper::fd_limit());
+            tracing::warn!(
+                "{denied} access(es) the dead daemon had read and not answered get EIO; the \
+                 others are served as usual"
+            );
+            group
+        }
+        None => Group::new().map_err(|e| ServeError::io("fanotify_init", e))?,
+    };
+    let listener = bind_private(&store)?;
     // An event no worker answered within twice the readers' deadline is denied.
     let relay = Relay::new(group, options.deadline * 2);
     let thread = |name: &str, body: Box<dyn FnOnce() + Send>| {
@@ -91,7 +99,12 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             Box::new(move || {
                 loop {
                     std::thread::sleep(Duration::from_secs(1));
-                    relay.expire();
+                    // The last safety net of every waiting reader: it must not die.
+                    let expired =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay.expire()));
+                    if expired.is_err() {
+                        tracing::error!("denying expired events panicked; trying again");
+                    }
                 }
             }),
         )?;
@@ -187,12 +200,26 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     }
 }
 
+/// The store's lazy layers; a layer whose record cannot be read counts as lazy (stopping as if
+/// it were not could leave it to read zeros).
 fn lazy_layers(store: &Store) -> Vec<lazylayer_source::Digest> {
-    let mut lazy: Vec<lazylayer_source::Digest> = store
-        .layer_digests()
-        .unwrap_or_default()
+    use lazylayer_store::Phase;
+    let digests = match store.layer_digests() {
+        Ok(digests) => digests,
+        Err(e) => {
+            tracing::error!("listing the store's layers before stopping: {e}");
+            return Vec::new();
+        }
+    };
+    let mut lazy: Vec<lazylayer_source::Digest> = digests
         .into_iter()
-        .filter(|d| store.phase(d).ok().flatten() == Some(lazylayer_store::Phase::Lazy))
+        .filter(|d| match store.phase(d) {
+            Ok(phase) => phase == Some(Phase::Lazy),
+            Err(e) => {
+                tracing::error!("layer {d}: {e}; taken for lazy");
+                true
+            }
+        })
         .collect();
     lazy.dedup();
     lazy
@@ -374,4 +401,22 @@ async fn stop(
     let _ = std::fs::remove_file(socket);
     tracing::info!("stopped by a signal");
     Ok(())
+}
+
+/// Binds the control socket with mode 0600 (only root may ask the daemon anything), with no
+/// moment in which it exists with other modes: it is bound in a directory only root may enter,
+/// made 0600, then renamed into place.
+fn bind_private(store: &Store) -> Result<std::os::unix::net::UnixListener, ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let socket = store.socket();
+    let aside = store
+        .runs_dir()
+        .join(format!(".lazylayer.sock.{}", std::process::id()));
+    let _ = std::fs::remove_file(&aside);
+    let listener = std::os::unix::net::UnixListener::bind(&aside)
+        .map_err(|e| ServeError::io(format!("binding {}", aside.display()), e))?;
+    std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&aside, &socket))
+        .map_err(|e| ServeError::io(format!("placing {}", socket.display()), e))?;
+    Ok(listener)
 }

@@ -163,11 +163,12 @@ impl Worker {
                     if layer.reader().condemned_span().is_some() {
                         return Err(e.to_string());
                     }
+                    // Kept for `status` first: on a full disk the log may not be written.
+                    managed.set_error(&e);
                     tracing::warn!(
                         "layer {}: background fill: {e}; retrying in {backoff:?}",
                         layer.digest
                     );
-                    managed.set_error(&e);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;

@@ -19,6 +19,23 @@ impl Worker {
         let mut lines = BufReader::new(reader).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             let response = match serde_json::from_str::<Request>(&line) {
+                Ok(Request::GroupFd) => {
+                    // The answer carries the descriptor.
+                    let group = self.demand.frontends().fanotify.group().clone();
+                    let text = b"{\"ok\":true}\n";
+                    let sent = writer.as_ref().writable().await.and_then(|()| {
+                        crate::keeper::send_fd(
+                            std::os::fd::AsFd::as_fd(writer.as_ref()),
+                            group.as_fd(),
+                            text,
+                        )
+                    });
+                    if let Err(e) = sent {
+                        tracing::warn!("handing the fanotify group to a keeper: {e}");
+                        return;
+                    }
+                    continue;
+                }
                 Ok(request) => self.answer(request).await,
                 Err(e) => failure(format!("bad request: {e}")),
             };
@@ -78,6 +95,7 @@ impl Worker {
                 }
                 self.status_response().await
             }
+            Request::GroupFd => failure("answered in converse".into()),
             Request::Shutdown => {
                 let _ = std::fs::remove_file(self.store.socket());
                 tokio::spawn(async {

@@ -198,9 +198,10 @@ impl Demand {
         self.note(&target.layer.digest, target.entry);
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let demand = self.clone();
+        let answer = AnswerOnce(Some(answer));
         runtime.spawn(async move {
             let verdict = demand.fill(&target).await;
-            answer(verdict);
+            answer.give(verdict);
             *demand.last_demand.lock().expect("last demand") = Instant::now();
             demand.waiting.fetch_sub(1, Ordering::SeqCst);
         });
@@ -245,5 +246,25 @@ impl Demand {
             }
         }
         *self.last_demand.lock().expect("last demand") = Instant::now();
+    }
+}
+
+/// A reader's answer, given once: dropped unanswered (the task filling the file panicked), it
+/// answers EIO, so that no reader waits for an answer nobody will give.
+struct AnswerOnce<F: FnOnce(Verdict)>(Option<F>);
+
+impl<F: FnOnce(Verdict)> AnswerOnce<F> {
+    fn give(mut self, verdict: Verdict) {
+        if let Some(answer) = self.0.take() {
+            answer(verdict);
+        }
+    }
+}
+
+impl<F: FnOnce(Verdict)> Drop for AnswerOnce<F> {
+    fn drop(&mut self) {
+        if let Some(answer) = self.0.take() {
+            answer(Verdict::Deny(libc::EIO));
+        }
     }
 }
