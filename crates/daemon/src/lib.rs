@@ -16,6 +16,7 @@ pub mod keeper;
 pub mod options;
 pub mod protocol;
 pub mod relay;
+pub mod systemd;
 pub mod worker;
 
 pub use error::{LayerError, ServeError};

@@ -69,6 +69,10 @@ pub fn clean_stale_runs(store: &Store) {
     };
     for entry in listing.flatten() {
         let path = entry.path();
+        // Dot files are not runs (the daemon binds its socket here before moving it).
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         if !run_is_alive(&path) && !path.join("keep").exists() {
             let _ = std::fs::remove_dir_all(&path);
         }

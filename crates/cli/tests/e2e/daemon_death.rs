@@ -507,3 +507,122 @@ fn killing_both_daemon_processes_during_a_run_shows_no_reader_wrong_data() {
         all_detached,
     );
 }
+
+/// Under systemd's file descriptor store (a notify socket this test serves, as systemd would):
+/// the holder says it is ready and stores the fanotify group; both daemon processes are killed
+/// while a workload reads the lazy image; the daemon started again with the stored group
+/// (`LISTEN_FDS`, as systemd restarts a unit) takes it over. Every read gives the right bytes
+/// or EIO, never zeros, and no reader is left waiting.
+#[test]
+fn under_systemd_the_fd_store_keeps_the_group_through_the_death_of_both() {
+    if !require_root("under_systemd_the_fd_store_keeps_the_group_through_the_death_of_both") {
+        return;
+    }
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::process::CommandExt;
+    use std::sync::atomic::AtomicUsize;
+    let registry = indexed_registry();
+    let proxy = FaultProxy::start(registry.parse().unwrap(), Shaping::link(100, 5)).unwrap();
+    let mut lazy = Lazy::new("ext4");
+    std::fs::create_dir_all(lazy.root()).unwrap();
+    let notify_dir = tempfile::tempdir().unwrap();
+    let notify_path = notify_dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let holder = std::process::Command::new(crate::common::EXE)
+        .args([
+            "--root",
+            &lazy.root_arg(),
+            "serve",
+            "--background-rate",
+            "1",
+        ])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    lazy.serve = Some(holder);
+    let mut message = [0u8; 256];
+    let (stored, n) = lazylayer_daemon::keeper::recv_fd(notify.as_fd(), &mut message).unwrap();
+    let message = String::from_utf8_lossy(&message[..n]).into_owned();
+    for line in ["READY=1", "FDSTORE=1", "FDNAME=fanotify-group"] {
+        assert!(message.lines().any(|l| l == line), "{message}");
+    }
+    let image = format!("{}/test/debian:bookworm", proxy.host());
+    let mnt = lazy.pull_and_mount(&image, "debian");
+    let reference = Reference::new("bookworm");
+    let files = regular_files(&reference.path());
+    let (wrong, denied) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            for file in &files {
+                let want = std::fs::read(reference.path().join(file)).unwrap();
+                match std::fs::read(mnt.join(file)) {
+                    Ok(got) if got == want => {}
+                    Ok(_) => {
+                        wrong.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                        denied.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => panic!("{}: {e}", file.display()),
+                }
+            }
+        });
+        wait_for_status(&lazy, "the workload read nothing", |status| {
+            status["demanded_files"].as_u64().unwrap_or(0) > 50
+        });
+        let (holder, worker) = pids(&lazy);
+        kill(holder);
+        kill(worker);
+        if let Some(mut serve) = lazy.serve.take() {
+            let _ = serve.wait();
+        }
+        assert!(
+            !reader.is_finished(),
+            "the workload finished before the kill"
+        );
+        // The service manager starts the unit again, handing it the stored group as fd 3.
+        let raw = stored.as_raw_fd();
+        let mut again = std::process::Command::new("sh");
+        again
+            .arg("-c")
+            .arg(format!(
+                "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=fanotify-group; exec {} --root {} serve",
+                crate::common::EXE,
+                lazy.root_arg()
+            ))
+            .stdout(std::process::Stdio::null());
+        // SAFETY: between fork and exec: dup2 and fcntl are async-signal-safe; fd 3 becomes the
+        // stored group, inherited across exec as systemd passes it.
+        unsafe {
+            again.pre_exec(move || {
+                if raw != 3 && libc::dup2(raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        lazy.serve = Some(again.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !reader.is_finished() {
+            assert!(Instant::now() < deadline, "a reader was left waiting");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        reader.join().unwrap();
+    });
+    let (wrong, denied) = (wrong.into_inner(), denied.into_inner());
+    eprintln!(
+        "kill -9 of both daemon processes under the fd store: {} files, {wrong} wrong, {denied} EIO",
+        files.len()
+    );
+    assert_eq!(wrong, 0, "files read wrong bytes");
+    assert!(denied < files.len() / 10, "{denied} reads denied");
+    lazy.ll(&["detach", "--wait", &image]);
+    assert_same_tree(&reference.path(), &mnt);
+}

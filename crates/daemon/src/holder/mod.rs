@@ -58,8 +58,11 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             options.root.display()
         );
     }
-    // The group a keeper held through the last daemon's death, or a new one.
-    let group = match crate::keeper::collect_group(&store) {
+    // The group the service manager or a keeper held through the last daemon's death, or a
+    // new one (then stored with the service manager, if there is one).
+    let from_manager = crate::systemd::stored_group();
+    let store_it = from_manager.is_none();
+    let group = match from_manager.or_else(|| crate::keeper::collect_group(&store)) {
         Some(group) => {
             let denied = crate::keeper::deny_orphans(&group, crate::keeper::fd_limit());
             tracing::warn!(
@@ -73,6 +76,9 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     let listener = bind_private(&store)?;
     // An event no worker answered within twice the readers' deadline is denied.
     let relay = Relay::new(group, options.deadline * 2);
+    if store_it {
+        crate::systemd::notify_ready_and_store(relay.group());
+    }
     let thread = |name: &str, body: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(name.into())
@@ -323,6 +329,10 @@ fn spawn_worker(
         .arg("--worker-fds")
         .arg(WorkerFds::to_arg(fds[0], fds[1], fds[2]))
         .stdin(std::process::Stdio::null());
+    // The service manager's variables are the holder's, not the worker's.
+    for variable in crate::systemd::MANAGER_VARIABLES {
+        command.env_remove(variable);
+    }
     // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe and only
     // clears close-on-exec on the three descriptors the worker is to inherit.
     unsafe {
