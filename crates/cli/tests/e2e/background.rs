@@ -48,23 +48,35 @@ fn background_population_follows_the_stream_and_keeps_under_the_cap() {
         .replace(':', "/");
     let layer_dir = lazy.root().join("layers").join(digest).join("fs");
 
-    std::thread::sleep(Duration::from_secs(12));
     // Nothing reads the layer: whatever is filled, the background filled. A filled file has
     // blocks; a placeholder has none. Read the filled set before the fetched count, so that
-    // the count covers it.
-    let filled: Vec<bool> = files
-        .iter()
-        .map(|(_, path)| {
-            std::fs::symlink_metadata(layer_dir.join(path))
-                .unwrap()
-                .blocks()
-                > 0
-        })
-        .collect();
-    let fetched = lazy.status()["layers"][0]["bytes_fetched"]
-        .as_u64()
-        .unwrap();
-    let elapsed = started.elapsed().as_secs_f64();
+    // the count covers it. Wait for some progress rather than a fixed time: the test binary
+    // runs many tests at once on two cores, and a starved worker is slow, not wrong.
+    let snapshot = || {
+        let filled: Vec<bool> = files
+            .iter()
+            .map(|(_, path)| {
+                std::fs::symlink_metadata(layer_dir.join(path))
+                    .unwrap()
+                    .blocks()
+                    > 0
+            })
+            .collect();
+        let fetched = lazy.status()["layers"][0]["bytes_fetched"]
+            .as_u64()
+            .unwrap();
+        (filled, fetched, started.elapsed().as_secs_f64())
+    };
+    std::thread::sleep(Duration::from_secs(8));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (filled, fetched, elapsed) = loop {
+        let (filled, fetched, elapsed) = snapshot();
+        let count = filled.iter().filter(|f| **f).count();
+        if (fetched > 2 * RATE && count > 10) || Instant::now() > deadline {
+            break (filled, fetched, elapsed);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
 
     // The cap: what was fetched fits the rate over the time since the pull began, plus the
     // last file's spans (a fill is not cut short). Uncapped, the loopback registry delivers
