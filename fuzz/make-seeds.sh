@@ -17,6 +17,9 @@
 #   seed-pax-nodes-xattrs.tar  --format=pax --xattrs: char and block devices, a fifo, user.*
 #                              xattrs, sub-second times, setuid/setgid/sticky modes
 #
+# The index_decode seeds with lying file tables (seed-lying-*.idx) come from
+#   cargo test -p lazylayer-index --lib -- --ignored lying_table_seeds
+#
 # Each seed must stay small (under 20 KiB): libFuzzer mutates them byte by byte.
 set -euo pipefail
 

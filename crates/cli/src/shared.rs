@@ -63,6 +63,13 @@ impl PullReport {
             PullEvent::Present { layer, phase } => {
                 eprintln!("{layer}: already in the store ({phase:?})")
             }
+            PullEvent::IndexUnbound { layer } => {
+                eprintln!(
+                    "{layer}: the registry's lazy index is an unbound referrer, which nothing \
+                     the image reference names vouches for; building one here from the \
+                     verified blob instead (--index-trust referrer would use it)"
+                )
+            }
             PullEvent::IndexUnusable { layer, reason } => {
                 eprintln!(
                     "{layer}: the registry's lazy index is unusable ({reason}); building one here"
@@ -70,7 +77,7 @@ impl PullReport {
             }
             PullEvent::FetchingWhole { layer, size } => {
                 eprintln!(
-                    "{layer}: no lazy index; fetching the layer once ({}) to build one",
+                    "{layer}: no usable lazy index; fetching the layer once ({}) to build one",
                     human_size(size)
                 );
                 let label = format!("layer {}/{}", layer.position, layer.count);
@@ -89,8 +96,13 @@ impl PullReport {
             PullEvent::Ready {
                 layer,
                 entries,
+                origin,
                 frontend,
-            } => eprintln!("{layer}: {entries} entries ready ({})", frontend.name()),
+            } => eprintln!(
+                "{layer}: {entries} entries ready ({}, {} index)",
+                frontend.name(),
+                origin.name()
+            ),
         }
     }
 }

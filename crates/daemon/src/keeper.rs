@@ -94,6 +94,10 @@ impl Keeper {
             .spawn(move || {
                 for stream in listener.incoming() {
                     let Ok(stream) = stream else { continue };
+                    if let Err(refusal) = crate::peer::check_peer(&stream) {
+                        tracing::warn!("{refusal}: not handing it the fanotify group");
+                        continue;
+                    }
                     if let Err(e) = send_fd(stream.as_fd(), offered.as_fd(), b"g") {
                         tracing::warn!("handing the fanotify group to a new daemon: {e}");
                     }

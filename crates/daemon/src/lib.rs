@@ -14,6 +14,7 @@ pub mod handover;
 pub mod holder;
 pub mod keeper;
 pub mod options;
+pub mod peer;
 pub mod protocol;
 pub mod relay;
 pub mod systemd;

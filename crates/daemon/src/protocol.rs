@@ -101,6 +101,7 @@ impl LayerStatus {
         phase: Phase,
         mode: lazylayer_store::FrontendMode,
         progress: lazylayer_store::Progress,
+        failure: Option<String>,
     ) -> Self {
         LayerStatus {
             digest,
@@ -111,8 +112,8 @@ impl LayerStatus {
             bytes: progress.bytes,
             bytes_populated: progress.bytes_populated,
             bytes_fetched: progress.bytes_fetched,
-            error: None,
-            failed: false,
+            failed: failure.is_some(),
+            error: failure,
             state: LayerState::at_rest(phase),
         }
     }
@@ -132,6 +133,8 @@ pub enum LayerState {
     Populating,
     /// Complete, verified and detached.
     Detached,
+    /// Its index proved wrong: never mounted again (`error` says why).
+    Failed,
 }
 
 impl LayerState {
@@ -141,6 +144,7 @@ impl LayerState {
             Phase::Creating => LayerState::Creating,
             Phase::Lazy => LayerState::Lazy,
             Phase::Detached => LayerState::Detached,
+            Phase::Failed => LayerState::Failed,
         }
     }
 
@@ -159,6 +163,7 @@ impl LayerState {
             LayerState::Lazy => "lazy",
             LayerState::Populating => "populating",
             LayerState::Detached => "detached",
+            LayerState::Failed => "failed",
         }
     }
 }

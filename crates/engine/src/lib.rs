@@ -22,6 +22,7 @@ use std::path::PathBuf;
 
 pub use error::{Error, Result};
 pub use images::canonical_reference;
+pub use lazylayer_index::distribution::{IndexOrigin, IndexTrust};
 pub use pull::{LayerLabel, Mode, PullEvent, PullOptions, Pulled};
 pub use run::{RunOptions, RunOutcome, clean_stale_runs, container_helper_main};
 

@@ -24,6 +24,7 @@ impl Engine {
         let target = target
             .canonicalize()
             .map_err(|e| Error::io(target.display().to_string(), e))?;
+        store.check_not_failed(&image)?;
         let mut lazy = false;
         for layer in &image.layers {
             match store.phase(&layer.digest)? {

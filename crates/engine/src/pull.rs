@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use lazylayer_index::distribution::{fetch_index, find_indexes};
+use lazylayer_index::distribution::{
+    IndexOrigin, IndexTrust, RemoteIndexes, fetch_index, find_bound_indexes, find_referrer_indexes,
+};
 use lazylayer_index::{BuildOptions, build_and_cache};
 use lazylayer_source::{Digest, ImageReference, ImageSource, PlatformChoice};
 use lazylayer_store::{FrontendMode, ImageRecord, Phase};
@@ -32,6 +34,8 @@ pub struct PullOptions {
     pub platform: Option<String>,
     /// How new lazy layers are served.
     pub mode: Mode,
+    /// Which of the registry's lazy indexes may be used.
+    pub index_trust: IndexTrust,
 }
 
 /// Which layer of the image an event is about.
@@ -60,6 +64,12 @@ pub enum PullEvent<'a> {
         layer: LayerLabel<'a>,
         /// Where it is.
         phase: Phase,
+    },
+    /// The registry has a lazy index for the layer only as an unbound referrer, which the
+    /// index trust policy does not accept: one is built here instead.
+    IndexUnbound {
+        /// The layer.
+        layer: LayerLabel<'a>,
     },
     /// The registry's lazy index for the layer cannot be used; one is built here instead.
     IndexUnusable {
@@ -93,6 +103,8 @@ pub enum PullEvent<'a> {
         layer: LayerLabel<'a>,
         /// Entries in its index.
         entries: usize,
+        /// Where its index came from.
+        origin: IndexOrigin,
         /// How it is served while lazy.
         frontend: FrontendMode,
     },
@@ -125,12 +137,11 @@ impl Engine {
         // Held until the image record names every layer: `gc` must not remove one meanwhile.
         let _lock = store.lock_for_pull()?;
         let frontend = self.frontend_for(options.mode)?;
-        let remote = match &source {
-            ImageSource::Registry { repository, .. } => {
-                Some((repository, find_indexes(repository, &resolved).await?))
-            }
+        let repository = match &source {
+            ImageSource::Registry { repository, .. } => Some(repository),
             ImageSource::Layout { .. } => None,
         };
+        let mut remote = RemoteLookup::default();
         let mut built_here = 0;
         let count = resolved.layers.len();
         for (i, layer) in resolved.layers.iter().enumerate() {
@@ -146,6 +157,14 @@ impl Engine {
                     .await
                     .map_err(|e| Error::io("locking a layer", std::io::Error::other(e)))??
             };
+            if let Some(reason) = store.failure(&layer.digest)? {
+                return Err(lazylayer_store::Error::LayerFailed {
+                    image: canonical_reference(&reference),
+                    layer: layer.digest.clone(),
+                    reason,
+                }
+                .into());
+            }
             if let Some(phase @ (Phase::Lazy | Phase::Detached)) = store.phase(&layer.digest)? {
                 progress(PullEvent::Present {
                     layer: label,
@@ -153,26 +172,31 @@ impl Engine {
                 });
                 continue;
             }
-            let mut index = store.indexes().get(layer)?;
+            let mut index = store.indexes().get_trusted(layer, options.index_trust)?;
             if index.is_none()
-                && let Some((repository, descriptor)) = remote
-                    .as_ref()
-                    .and_then(|(repo, found)| Some((repo, found.by_layer.get(&layer.digest)?)))
+                && let Some(repository) = repository
             {
-                match fetch_index(repository, descriptor, layer).await {
-                    Ok((fetched, _)) => {
-                        store.indexes().put(layer, &fetched)?;
-                        index = Some(fetched);
+                match remote
+                    .index_of(repository, &resolved, layer, options.index_trust)
+                    .await
+                {
+                    Ok(Some((fetched, origin))) => {
+                        store.indexes().put(layer, &fetched, origin)?;
+                        index = Some((fetched, origin));
                     }
-                    Err(e) => progress(PullEvent::IndexUnusable {
+                    Ok(None) => {}
+                    Err(RemoteIndexError::Unbound) => {
+                        progress(PullEvent::IndexUnbound { layer: label })
+                    }
+                    Err(RemoteIndexError::Unusable(reason)) => progress(PullEvent::IndexUnusable {
                         layer: label,
-                        reason: e.to_string(),
+                        reason,
                     }),
                 }
             }
             let fetched_whole = index.is_none();
-            let index = match index {
-                Some(index) => index,
+            let (index, origin) = match index {
+                Some(found) => found,
                 None => {
                     progress(PullEvent::FetchingWhole {
                         layer: label,
@@ -194,9 +218,9 @@ impl Engine {
                     )
                     .await?;
                     progress(PullEvent::FetchedWhole { layer: label });
-                    store.indexes().put(layer, &index)?;
+                    store.indexes().put(layer, &index, IndexOrigin::Local)?;
                     built_here += 1;
-                    index
+                    (index, IndexOrigin::Local)
                 }
             };
             let index = Arc::new(index);
@@ -208,6 +232,7 @@ impl Engine {
             progress(PullEvent::Ready {
                 layer: label,
                 entries: index.entries.len(),
+                origin,
                 frontend,
             });
         }
@@ -246,5 +271,71 @@ impl Engine {
             Mode::Auto if pre_content => FrontendMode::Fanotify,
             Mode::Auto => FrontendMode::Fuse,
         })
+    }
+}
+
+/// Why a registry index is not used for a layer.
+enum RemoteIndexError {
+    /// Only an unbound referrer has one, and the policy does not accept those.
+    Unbound,
+    /// The registry's index is broken or foreign (why).
+    Unusable(String),
+}
+
+/// The registry's lazy indexes of the image being pulled, looked up once each: the bound ones
+/// first, the referrers only when a layer has no bound index.
+#[derive(Default)]
+struct RemoteLookup {
+    bound: Option<std::result::Result<RemoteIndexes, String>>,
+    referrers: Option<std::result::Result<RemoteIndexes, String>>,
+}
+
+impl RemoteLookup {
+    /// The index of `layer` that `trust` accepts, fetched and verified, if the registry has
+    /// one.
+    async fn index_of(
+        &mut self,
+        repository: &lazylayer_source::Repository,
+        image: &lazylayer_source::ResolvedImage,
+        layer: &lazylayer_source::BlobDescriptor,
+        trust: IndexTrust,
+    ) -> std::result::Result<Option<(lazylayer_index::LayerIndex, IndexOrigin)>, RemoteIndexError>
+    {
+        if self.bound.is_none() {
+            let found = find_bound_indexes(repository, image).await;
+            self.bound = Some(found.map_err(|e| e.to_string()));
+        }
+        let descriptor = match self.bound.as_ref().expect("looked up") {
+            Ok(bound) => bound.by_layer.get(&layer.digest).cloned(),
+            Err(reason) => return Err(RemoteIndexError::Unusable(reason.clone())),
+        };
+        let (descriptor, origin) = match descriptor {
+            Some(descriptor) => (descriptor, IndexOrigin::Bound),
+            None => {
+                if self.referrers.is_none() {
+                    let found = find_referrer_indexes(repository, image).await;
+                    self.referrers = Some(found.map_err(|e| e.to_string()));
+                }
+                let descriptor = match self.referrers.as_ref().expect("looked up") {
+                    Ok(referrers) => referrers.by_layer.get(&layer.digest).cloned(),
+                    // A broken referrer is said only to those who would have used it.
+                    Err(reason) if trust.accepts(IndexOrigin::Referrer) => {
+                        return Err(RemoteIndexError::Unusable(reason.clone()));
+                    }
+                    Err(_) => None,
+                };
+                match descriptor {
+                    None => return Ok(None),
+                    Some(_) if !trust.accepts(IndexOrigin::Referrer) => {
+                        return Err(RemoteIndexError::Unbound);
+                    }
+                    Some(descriptor) => (descriptor, IndexOrigin::Referrer),
+                }
+            }
+        };
+        match fetch_index(repository, &descriptor, layer).await {
+            Ok((index, _)) => Ok(Some((index, origin))),
+            Err(e) => Err(RemoteIndexError::Unusable(e.to_string())),
+        }
     }
 }

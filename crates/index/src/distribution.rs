@@ -3,12 +3,19 @@
 //! which is found through the referrers API or, where a registry lacks it (CNCF distribution
 //! 2.8), through the referrers tag schema (`sha256-<hex>` tag holding an index of referrers).
 //!
-//! Trust: an index from a registry is checked against the artifact manifest's digest for it,
-//! and must name the layer it is used for (digest and size). It decides which compressed bytes
-//! are fetched for a read and what digests they are checked against, so a registry that can
-//! forge both the index and the blob's bytes can make reads return wrong data until the layer
-//! is complete and its blob digest is checked end to end. Indexes built locally (from the
-//! digest-verified blob) carry no such risk. See docs/architecture.md.
+//! Binding: `index --push` also re-points the image's tag at an OCI image index that lists
+//! the image manifest (unchanged, so its digest and signatures stay valid) and the index
+//! artifact (platform `unknown/unknown`, as attestations ride, annotated with the manifest it
+//! indexes). The digest of that image index covers the lazy index: such an index is *bound*.
+//! A referrer found through the referrers API is *not*: anyone who may push to the repository
+//! can attach one to any manifest, even one a user pinned by digest.
+//!
+//! Trust: an index decides which compressed bytes are fetched for a read, what digests they
+//! are checked against, and what the tree looks like (names, modes, owners, link targets). A
+//! bound index is as trustworthy as the image reference that names it; an unbound referrer is
+//! used only where the user opts in (`--index-trust referrer`), and every index must name the
+//! layer it is used for (digest and size). Indexes built locally from the digest-verified blob
+//! carry no such risk. See docs/architecture.md, "Distribution and trust".
 
 use std::collections::HashMap;
 
@@ -16,7 +23,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use lazylayer_source::manifest::media_type;
 use lazylayer_source::registry::Body;
-use lazylayer_source::{BlobDescriptor, Digest, Repository, ResolvedImage};
+use lazylayer_source::{BlobDescriptor, Digest, Platform, Repository, ResolvedImage};
 use serde_json::json;
 
 use crate::format::{INDEX_MEDIA_TYPE, LayerIndex};
@@ -28,16 +35,74 @@ pub const ARTIFACT_TYPE: &str = "application/vnd.lazylayer.index.v1";
 pub const LAYER_ANNOTATION: &str = "dev.lazylayer.layer.digest";
 /// The OCI empty config (`{}`).
 const EMPTY_CONFIG_TYPE: &str = "application/vnd.oci.empty.v1+json";
+/// Annotation on a bound index artifact's entry in an image index: the manifest it indexes.
+pub const SUBJECT_ANNOTATION: &str = "dev.lazylayer.index.subject";
 /// Largest index blob accepted from a registry.
 pub const INDEX_SIZE_LIMIT: u64 = 512 << 20;
 
+/// Where a lazy index came from, which decides whether it may be used lazily.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexOrigin {
+    /// Built on this machine from the digest-verified blob.
+    Local,
+    /// From the registry, named by the image index the image reference resolved through.
+    Bound,
+    /// From the registry's referrers of the manifest: vouched for by nobody.
+    Referrer,
+}
+
+impl IndexOrigin {
+    /// The name `inspect` and `status` show.
+    pub fn name(self) -> &'static str {
+        match self {
+            IndexOrigin::Local => "local",
+            IndexOrigin::Bound => "bound",
+            IndexOrigin::Referrer => "referrer",
+        }
+    }
+}
+
+/// Which registry indexes `pull` may use lazily.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IndexTrust {
+    /// Only indexes the image reference covers (bound); others are rebuilt here.
+    #[default]
+    Bound,
+    /// Bound indexes, else unbound referrers (anyone who may push a referrer then decides
+    /// what the layer's tree looks like until it is checked at detach).
+    Referrer,
+}
+
+impl IndexTrust {
+    /// Whether an index of `origin` may be used under this policy.
+    pub fn accepts(self, origin: IndexOrigin) -> bool {
+        match origin {
+            IndexOrigin::Local | IndexOrigin::Bound => true,
+            IndexOrigin::Referrer => self == IndexTrust::Referrer,
+        }
+    }
+}
+
 /// The index blobs a registry has for an image's layers.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RemoteIndexes {
     /// Digest of the artifact manifest they came from.
     pub artifact: Option<Digest>,
+    /// How it was found: bound, or as a referrer.
+    pub origin: IndexOrigin,
     /// Index blob per layer digest.
     pub by_layer: HashMap<Digest, BlobDescriptor>,
+}
+
+impl RemoteIndexes {
+    fn none(origin: IndexOrigin) -> Self {
+        RemoteIndexes {
+            artifact: None,
+            origin,
+            by_layer: HashMap::new(),
+        }
+    }
 }
 
 /// The OCI empty config's content.
@@ -123,12 +188,12 @@ pub struct IndexUpload {
 }
 
 /// Pushes the indexes of `image`'s layers as an artifact referring to the image, and makes it
-/// findable (referrers API, else the tag schema). Returns the artifact's digest.
+/// findable (referrers API, else the tag schema). Returns the artifact manifest's descriptor.
 pub async fn push_indexes(
     repository: &Repository,
     image: &ResolvedImage,
     indexes: &[IndexUpload],
-) -> Result<Digest> {
+) -> Result<BlobDescriptor> {
     repository
         .push_blob(
             &empty_config(),
@@ -145,12 +210,17 @@ pub async fn push_indexes(
     repository
         .put_manifest(&digest.to_string(), media_type::OCI_MANIFEST, bytes.clone())
         .await?;
+    let artifact = BlobDescriptor {
+        digest: digest.clone(),
+        media_type: media_type::OCI_MANIFEST.to_string(),
+        size: bytes.len() as u64,
+    };
     if repository
         .referrers(&image.manifest.digest, None)
         .await?
         .is_some()
     {
-        return Ok(digest); // the registry indexes referrers itself
+        return Ok(artifact); // the registry indexes referrers itself
     }
     // Referrers tag schema: add ours to the index at sha256-<hex>, replacing older ones.
     let tag = referrers_tag(&image.manifest.digest);
@@ -167,17 +237,140 @@ pub async fn push_indexes(
     repository
         .put_manifest(&tag, media_type::OCI_INDEX, list)
         .await?;
-    Ok(digest)
+    Ok(artifact)
 }
 
-/// Finds the index artifact of `image` in its repository, if any.
-pub async fn find_indexes(repository: &Repository, image: &ResolvedImage) -> Result<RemoteIndexes> {
+/// The image index that binds `artifact` (an index artifact) to the image `manifest` (of
+/// `platform`): the index the image was resolved through (`existing`, its bytes) with the
+/// artifact added, or a new one listing the manifest and the artifact. Entries binding an older artifact to the
+/// same manifest are replaced; every other entry, and the manifest, stay as they were.
+pub fn binding_index(
+    existing: Option<&[u8]>,
+    manifest: &BlobDescriptor,
+    platform: &Platform,
+    artifact: &BlobDescriptor,
+) -> Result<Bytes> {
+    let subject = manifest.digest.to_string();
+    let entry = json!({
+        "mediaType": artifact.media_type,
+        "digest": artifact.digest,
+        "size": artifact.size,
+        "artifactType": ARTIFACT_TYPE,
+        "platform": { "architecture": "unknown", "os": "unknown" },
+        "annotations": { SUBJECT_ANNOTATION: subject },
+    });
+    let what = format!("the image index listing {subject}");
+    let index = match existing {
+        Some(bytes) => {
+            let mut index: serde_json::Value =
+                serde_json::from_slice(bytes).map_err(|e| Error::bad_index(&what, e))?;
+            let Some(manifests) = index["manifests"].as_array_mut() else {
+                return Err(Error::bad_index(&what, "has no manifests"));
+            };
+            if !manifests.iter().any(|m| m["digest"] == subject.as_str()) {
+                return Err(Error::bad_index(
+                    &what,
+                    format!("does not list {subject} itself (nested indexes)"),
+                ));
+            }
+            manifests.retain(|m| {
+                !(m["artifactType"] == ARTIFACT_TYPE
+                    && m["annotations"][SUBJECT_ANNOTATION] == subject.as_str())
+            });
+            manifests.push(entry);
+            // A Docker manifest list has no artifact entries: the list becomes an OCI index.
+            index["mediaType"] = json!(media_type::OCI_INDEX);
+            index
+        }
+        None => {
+            let mut entry_platform = json!({
+                "architecture": platform.architecture,
+                "os": platform.os,
+            });
+            if let Some(variant) = &platform.variant {
+                entry_platform["variant"] = json!(variant);
+            }
+            json!({
+                "schemaVersion": 2,
+                "mediaType": media_type::OCI_INDEX,
+                "manifests": [
+                    {
+                        "mediaType": manifest.media_type,
+                        "digest": manifest.digest,
+                        "size": manifest.size,
+                        "platform": entry_platform,
+                    },
+                    entry,
+                ],
+            })
+        }
+    };
+    Ok(Bytes::from(serde_json::to_vec(&index).expect("JSON")))
+}
+
+/// Re-points `tag` at an image index binding `artifact` to `image` (see [`binding_index`]).
+/// Returns the new image index's digest: pulling by it pins the image and its lazy index.
+pub async fn bind_indexes(
+    repository: &Repository,
+    image: &ResolvedImage,
+    tag: &str,
+    artifact: &BlobDescriptor,
+) -> Result<Digest> {
+    let existing = match &image.index {
+        Some(index) => Some(
+            repository
+                .get_manifest(&index.digest.to_string())
+                .await?
+                .bytes,
+        ),
+        None => None,
+    };
+    let bytes = binding_index(
+        existing.as_deref(),
+        &image.manifest,
+        &image.platform,
+        artifact,
+    )?;
+    Ok(repository
+        .put_manifest(tag, media_type::OCI_INDEX, bytes)
+        .await?)
+}
+
+/// The index artifact bound to `image` by the image index it was resolved through, if any.
+pub async fn find_bound_indexes(
+    repository: &Repository,
+    image: &ResolvedImage,
+) -> Result<RemoteIndexes> {
+    let subject = image.manifest.digest.to_string();
+    let Some(bound) = image.companions.iter().rev().find(|c| {
+        c.artifact_type.as_deref() == Some(ARTIFACT_TYPE)
+            && c.annotations.get(SUBJECT_ANNOTATION) == Some(&subject)
+    }) else {
+        return Ok(RemoteIndexes::none(IndexOrigin::Bound));
+    };
+    read_artifact(
+        repository,
+        image,
+        &bound.descriptor.digest,
+        Some(bound.descriptor.size),
+        IndexOrigin::Bound,
+    )
+    .await
+}
+
+/// Finds an index artifact referring to `image`'s manifest (unbound: see the module docs).
+pub async fn find_referrer_indexes(
+    repository: &Repository,
+    image: &ResolvedImage,
+) -> Result<RemoteIndexes> {
     let subject = &image.manifest.digest;
     let listing = match repository.referrers(subject, Some(ARTIFACT_TYPE)).await? {
         Some(bytes) => bytes,
         None => match repository.get_manifest(&referrers_tag(subject)).await {
             Ok(fetched) => fetched.bytes,
-            Err(lazylayer_source::Error::NotFound { .. }) => return Ok(RemoteIndexes::default()),
+            Err(lazylayer_source::Error::NotFound { .. }) => {
+                return Ok(RemoteIndexes::none(IndexOrigin::Referrer));
+            }
             Err(e) => return Err(e.into()),
         },
     };
@@ -192,11 +385,31 @@ pub async fn find_indexes(repository: &Repository, image: &ResolvedImage) -> Res
         .filter_map(|m| m["digest"].as_str()?.parse::<Digest>().ok())
         .next_back()
     else {
-        return Ok(RemoteIndexes::default());
+        return Ok(RemoteIndexes::none(IndexOrigin::Referrer));
     };
+    read_artifact(repository, image, &artifact, None, IndexOrigin::Referrer).await
+}
+
+/// Reads the index artifact `artifact` of `image`: the index blob of each of its layers.
+async fn read_artifact(
+    repository: &Repository,
+    image: &ResolvedImage,
+    artifact: &Digest,
+    size: Option<u64>,
+    origin: IndexOrigin,
+) -> Result<RemoteIndexes> {
+    let subject = &image.manifest.digest;
     // Fetched by digest: the registry cannot swap the manifest we were pointed at.
     let fetched = repository.get_manifest(&artifact.to_string()).await?;
     let what = format!("index artifact {artifact}");
+    if let Some(size) = size
+        && fetched.bytes.len() as u64 != size
+    {
+        return Err(Error::bad_index(
+            &what,
+            "is not the size its descriptor says",
+        ));
+    }
     let manifest: serde_json::Value =
         serde_json::from_slice(&fetched.bytes).map_err(|e| Error::bad_index(&what, e))?;
     if manifest["artifactType"] != ARTIFACT_TYPE {
@@ -228,7 +441,8 @@ pub async fn find_indexes(repository: &Repository, image: &ResolvedImage) -> Res
         );
     }
     Ok(RemoteIndexes {
-        artifact: Some(artifact),
+        artifact: Some(artifact.clone()),
+        origin,
         by_layer,
     })
 }
@@ -265,4 +479,94 @@ pub fn check_identity(what: &str, index: &LayerIndex, layer: &BlobDescriptor) ->
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn descriptor(fill: u8, media_type: &str) -> BlobDescriptor {
+        BlobDescriptor {
+            digest: Digest::sha256(&[fill]),
+            media_type: media_type.to_string(),
+            size: 100 + fill as u64,
+        }
+    }
+
+    #[test]
+    fn a_binding_index_lists_the_manifest_unchanged_and_the_artifact_as_no_platform() {
+        let manifest = descriptor(1, media_type::OCI_MANIFEST);
+        let artifact = descriptor(2, media_type::OCI_MANIFEST);
+        let platform = Platform::new("linux", "arm", Some("v7"));
+        let bytes = binding_index(None, &manifest, &platform, &artifact).unwrap();
+        let index: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(index["mediaType"], media_type::OCI_INDEX);
+        let entries = index["manifests"].as_array().unwrap();
+        assert_eq!(entries[0]["digest"], manifest.digest.to_string());
+        assert_eq!(entries[0]["size"], manifest.size);
+        assert_eq!(entries[0]["platform"]["variant"], "v7");
+        assert_eq!(entries[1]["artifactType"], ARTIFACT_TYPE);
+        assert_eq!(entries[1]["platform"]["os"], "unknown");
+        assert_eq!(
+            entries[1]["annotations"][SUBJECT_ANNOTATION],
+            manifest.digest.to_string()
+        );
+    }
+
+    #[test]
+    fn binding_again_replaces_only_this_manifests_artifact() {
+        let amd64 = descriptor(1, media_type::DOCKER_MANIFEST);
+        let arm64 = descriptor(3, media_type::DOCKER_MANIFEST);
+        let list = json!({
+            "schemaVersion": 2,
+            "mediaType": media_type::DOCKER_LIST,
+            "manifests": [
+                {"mediaType": amd64.media_type, "digest": amd64.digest, "size": amd64.size,
+                 "platform": {"os": "linux", "architecture": "amd64"}},
+                {"mediaType": arm64.media_type, "digest": arm64.digest, "size": arm64.size,
+                 "platform": {"os": "linux", "architecture": "arm64"}},
+            ],
+        });
+        let platform = Platform::new("linux", "amd64", None);
+        let first = descriptor(2, media_type::OCI_MANIFEST);
+        let once = binding_index(
+            Some(&serde_json::to_vec(&list).unwrap()),
+            &amd64,
+            &platform,
+            &first,
+        )
+        .unwrap();
+        let second = descriptor(4, media_type::OCI_MANIFEST);
+        let twice = binding_index(Some(&once), &amd64, &platform, &second).unwrap();
+        let index: serde_json::Value = serde_json::from_slice(&twice).unwrap();
+        // A Docker list with an artifact in it is an OCI index; both images stay listed.
+        assert_eq!(index["mediaType"], media_type::OCI_INDEX);
+        let digests: Vec<&str> = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["digest"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            digests,
+            [
+                amd64.digest.to_string(),
+                arm64.digest.to_string(),
+                second.digest.to_string()
+            ]
+        );
+        // An index that does not list the manifest itself is not rebound.
+        let other = descriptor(5, media_type::OCI_MANIFEST);
+        assert!(binding_index(Some(&twice), &other, &platform, &second).is_err());
+    }
+
+    #[test]
+    fn only_the_referrer_policy_accepts_referrers() {
+        for origin in [IndexOrigin::Local, IndexOrigin::Bound] {
+            assert!(IndexTrust::Bound.accepts(origin));
+            assert!(IndexTrust::Referrer.accepts(origin));
+        }
+        assert!(!IndexTrust::Bound.accepts(IndexOrigin::Referrer));
+        assert!(IndexTrust::Referrer.accepts(IndexOrigin::Referrer));
+    }
 }

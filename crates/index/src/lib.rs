@@ -8,6 +8,7 @@
 //! needs, verifies them, and decompresses from their checkpoint.
 
 pub mod build;
+pub mod check;
 pub mod codec;
 pub mod distribution;
 pub mod entry;

@@ -1,11 +1,12 @@
 //! Indexes kept on this machine, under `ROOT/indexes/<algorithm>/<layer hex>`: built here or
-//! fetched and verified once, keyed by the layer they index (layers are shared between images).
+//! fetched and verified once, keyed by the layer they index (layers are shared between images),
+//! each with its origin beside it (`<hex>.origin`), which decides whether `pull` may use it.
 
 use std::path::{Path, PathBuf};
 
 use lazylayer_source::{BlobDescriptor, Digest, DigestAlgorithm, DigestHasher};
 
-use crate::distribution::check_identity;
+use crate::distribution::{IndexOrigin, IndexTrust, check_identity};
 use crate::format::LayerIndex;
 use crate::{Error, Result};
 
@@ -55,10 +56,52 @@ impl IndexStore {
         Ok(Some(StoredIndex { path, digest, size }))
     }
 
-    /// Stores the index of `layer` (replaced whole: concurrent pulls of one layer each write
-    /// a complete file of their own, see `lazylayer_durable`).
-    pub fn put(&self, layer: &BlobDescriptor, index: &LayerIndex) -> Result<StoredIndex> {
+    fn origin_path(&self, layer: &BlobDescriptor) -> PathBuf {
+        self.path(layer).with_extension("origin")
+    }
+
+    /// Where the stored index of `layer` came from. An index whose origin was never recorded
+    /// (a store older than origins, or a crash between the two writes) counts as an unbound
+    /// referrer: nothing vouches for it.
+    pub fn origin(&self, layer: &BlobDescriptor) -> Result<IndexOrigin> {
+        let path = self.origin_path(layer);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or(IndexOrigin::Referrer)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(IndexOrigin::Referrer),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// The stored index of `layer` if there is one and `trust` accepts where it came from.
+    pub fn get_trusted(
+        &self,
+        layer: &BlobDescriptor,
+        trust: IndexTrust,
+    ) -> Result<Option<(LayerIndex, IndexOrigin)>> {
+        let Some(index) = self.get(layer)? else {
+            return Ok(None);
+        };
+        let origin = self.origin(layer)?;
+        Ok(trust.accepts(origin).then_some((index, origin)))
+    }
+
+    /// Stores the index of `layer`, which came from `origin` (replaced whole: concurrent pulls
+    /// of one layer each write a complete file of their own, see `lazylayer_durable`).
+    pub fn put(
+        &self,
+        layer: &BlobDescriptor,
+        index: &LayerIndex,
+        origin: IndexOrigin,
+    ) -> Result<StoredIndex> {
         let path = self.path(layer);
+        // The old origin goes first: a crash before the new one is written leaves the index
+        // untrusted, never a referrer's index passing as a local one.
+        let origin_path = self.origin_path(layer);
+        match std::fs::remove_file(&origin_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("removing {}", origin_path.display()), e)),
+        }
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
@@ -68,6 +111,11 @@ impl IndexStore {
         let (digest, size) = encoded.finish();
         lazylayer_durable::write(&path, &bytes)
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        lazylayer_durable::write(
+            &origin_path,
+            &serde_json::to_vec(&origin).expect("an origin serialises"),
+        )
+        .map_err(|e| Error::io(format!("writing {}", origin_path.display()), e))?;
         Ok(StoredIndex { path, digest, size })
     }
 }

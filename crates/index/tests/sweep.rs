@@ -837,7 +837,13 @@ async fn an_index_is_only_used_for_its_own_layer() {
     // The local store checks it too: an index filed under another layer is refused on load.
     let root = tempfile::tempdir().unwrap();
     let store = lazylayer_index::IndexStore::new(root.path());
-    store.put(two, &index).unwrap();
+    store
+        .put(
+            two,
+            &index,
+            lazylayer_index::distribution::IndexOrigin::Local,
+        )
+        .unwrap();
     let err = store.get(two).unwrap_err().to_string();
     assert!(err.contains(&format!("not layer {}", two.digest)), "{err}");
 }

@@ -216,6 +216,43 @@ pub struct ResolvedImage {
     pub layers: Vec<BlobDescriptor>,
     /// The image manifest bytes, verified against `manifest.digest`.
     pub manifest_bytes: Bytes,
+    /// The entries of the index the manifest was chosen from that are not images (attestations,
+    /// lazylayer index artifacts): the digest that names that index covers them too.
+    pub companions: Vec<Companion>,
+}
+
+/// An entry of an image index that is not an image for any platform (its platform is
+/// `unknown/unknown`, or it has none), as attestations and lazylayer's bound indexes are.
+#[derive(Clone, Debug)]
+pub struct Companion {
+    /// What the entry points at.
+    pub descriptor: BlobDescriptor,
+    /// Its `artifactType`, if it has one.
+    pub artifact_type: Option<String>,
+    /// Its annotations.
+    pub annotations: std::collections::HashMap<String, String>,
+}
+
+/// The companions among the entries of `index` (entries with malformed digests are left out:
+/// they cannot be fetched by digest, so they vouch for nothing).
+fn companions_of(what: &str, index: &ImageIndex) -> Vec<Companion> {
+    index
+        .manifests()
+        .iter()
+        .filter(|entry| {
+            entry
+                .platform()
+                .as_ref()
+                .is_none_or(|p| p.os().to_string() == "unknown")
+        })
+        .filter_map(|entry| {
+            Some(Companion {
+                descriptor: BlobDescriptor::from_oci(what, entry).ok()?,
+                artifact_type: entry.artifact_type().as_ref().map(|t| t.to_string()),
+                annotations: entry.annotations().clone().unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 /// Names the manifest to fetch: by tag (or the layout's only image) or by digest.
@@ -253,6 +290,7 @@ pub(crate) async fn resolve<S: ManifestSource>(
         });
     }
     let mut index = None;
+    let mut companions = Vec::new();
     let mut selected_platform = None;
     for _depth in 0..MAX_INDEX_DEPTH {
         let what = format!("manifest {} of {display}", fetched.digest);
@@ -260,6 +298,7 @@ pub(crate) async fn resolve<S: ManifestSource>(
         match parsed {
             ParsedManifest::Index(list) => {
                 let (child, platform) = select_platform(display, &list, choice)?;
+                companions = companions_of(&what, &list);
                 index.get_or_insert(BlobDescriptor {
                     digest: fetched.digest.clone(),
                     media_type,
@@ -296,7 +335,11 @@ pub(crate) async fn resolve<S: ManifestSource>(
                     selected_platform,
                     choice,
                 )
-                .await;
+                .await
+                .map(|image| ResolvedImage {
+                    companions,
+                    ..image
+                });
             }
         }
     }
@@ -373,6 +416,7 @@ async fn finish_image<S: ManifestSource>(
         config_summary,
         layers,
         manifest_bytes: fetched.bytes,
+        companions: Vec::new(),
     })
 }
 

@@ -21,6 +21,20 @@ pub enum Error {
     /// State on disk that does not make sense.
     #[error("{0}")]
     Corrupt(String),
+    /// The layer's index proved wrong while it was being populated: it fails for good.
+    #[error("the index does not match the layer: {0}")]
+    IndexProvenWrong(String),
+    /// A layer of the image failed: its index proved wrong, so it is not used again.
+    #[error(
+        "layer {layer} of {image} failed: {reason}. Its tree may not show what the image \
+         holds, so it is not used again: `lazylayer rmi {image}` (then `lazylayer gc`) and pull \
+         again, which builds the index here or uses one bound to the image"
+    )]
+    LayerFailed {
+        image: String,
+        layer: lazylayer_source::Digest,
+        reason: String,
+    },
 }
 
 /// Result with this crate's [`Error`].

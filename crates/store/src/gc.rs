@@ -162,9 +162,22 @@ impl Store {
         let wanted = |digest: &str| referenced.contains(digest) || kept.contains(digest);
 
         let indexes = self.root().join("indexes");
-        for (algorithm, hex) in two_level_listing(&indexes)? {
-            if !wanted(&format!("{algorithm}:{hex}")) {
-                remove("index", indexes.join(&algorithm).join(&hex), &mut report)?;
+        for (algorithm, name) in two_level_listing(&indexes)? {
+            // `<hex>.origin` says where `<hex>` came from: it goes with it, uncounted.
+            let (hex, is_origin) = match name.strip_suffix(".origin") {
+                Some(hex) => (hex, true),
+                None => (name.as_str(), false),
+            };
+            if wanted(&format!("{algorithm}:{hex}")) {
+                continue;
+            }
+            let path = indexes.join(&algorithm).join(&name);
+            if is_origin {
+                if !dry_run {
+                    remove_if_present(&path)?;
+                }
+            } else {
+                remove("index", path, &mut report)?;
             }
         }
 

@@ -26,6 +26,11 @@ pub struct Layer {
     /// How the layer is served while lazy (fixed when its tree was made).
     mode: crate::FrontendMode,
     in_flight: std::sync::Mutex<HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
+    /// Check each file's tar headers against its entry before its data is written (for an
+    /// index nobody vouches for: see `lazylayer_index::check`).
+    checks_headers: std::sync::atomic::AtomicBool,
+    /// Why the index proved wrong, once it has.
+    proven_wrong: std::sync::Mutex<Option<String>>,
 }
 
 impl Layer {
@@ -53,7 +58,22 @@ impl Layer {
             record_path: record_path.to_path_buf(),
             mode: record.map(|r| r.mode).unwrap_or_default(),
             in_flight: std::sync::Mutex::new(HashMap::new()),
+            checks_headers: std::sync::atomic::AtomicBool::new(false),
+            proven_wrong: std::sync::Mutex::new(None),
         })
+    }
+
+    /// From now on, each file's tar headers are checked against its entry before its data is
+    /// written; a mismatch fails the layer for good ([`Layer::proven_wrong`]).
+    pub fn check_headers(&self) {
+        self.checks_headers
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Why the layer's index proved wrong (a file's tar header disagrees with its entry), if
+    /// it did: the layer is recorded failed, and no more of its files are filled.
+    pub fn proven_wrong(&self) -> Option<String> {
+        self.proven_wrong.lock().expect("proven wrong").clone()
     }
 
     /// The reader (span fetches, stats).
@@ -110,6 +130,15 @@ impl Layer {
     }
 
     async fn write_file(&self, i: usize) -> Result<()> {
+        if let Some(reason) = self.proven_wrong() {
+            return Err(Error::IndexProvenWrong(reason));
+        }
+        if self
+            .checks_headers
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.check_header(i).await?;
+        }
         let entry = &self.index.entries[i];
         // Stored segments: (file offset, length, stream offset).
         let mut segments = Vec::new();
@@ -180,6 +209,34 @@ impl Layer {
         Ok(())
     }
 
+    /// Checks file `i`'s tar headers against its entry; a mismatch fails the layer for good.
+    async fn check_header(&self, i: usize) -> Result<()> {
+        use lazylayer_index::check::{HEADER_WINDOW, MAX_HEADER_WINDOW, check_file_header};
+        let end = self.index.entries[i].data_offset;
+        let mut window = HEADER_WINDOW;
+        loop {
+            let start = end.saturating_sub(window);
+            let bytes = self.reader.read_uncompressed(start..end).await?;
+            match check_file_header(&self.index, i, start, &bytes) {
+                Ok(()) => return Ok(()),
+                // The headers may reach further back than this window.
+                Err(_) if start > 0 && window < MAX_HEADER_WINDOW => {
+                    window = MAX_HEADER_WINDOW;
+                }
+                Err(reason) => {
+                    let reason = format!(
+                        "{} in the index: {reason}",
+                        self.index.entries[i].display_path()
+                    );
+                    tracing::error!("layer {}: {reason}; the layer fails for good", self.digest);
+                    *self.proven_wrong.lock().expect("proven wrong") = Some(reason.clone());
+                    self.fail(&reason)?;
+                    return Err(Error::IndexProvenWrong(reason));
+                }
+            }
+        }
+    }
+
     /// Makes populated data and then the record of it durable, and the count of bytes
     /// fetched for the layer with it.
     pub fn persist(&self) -> Result<()> {
@@ -195,13 +252,37 @@ impl Layer {
             .ok_or_else(|| Error::Corrupt(format!("{} has no record", self.record_path.display())))
     }
 
-    /// Records a new phase durably.
+    /// Records a new phase durably (a failed layer stays failed: see [`Layer::fail`]).
     pub fn set_phase(&self, phase: Phase) -> Result<()> {
+        let failure = match LayerRecord::load(&self.record_path)? {
+            Some(record) if record.phase == Phase::Failed => {
+                if phase != Phase::Failed {
+                    return Err(Error::Corrupt(format!(
+                        "layer {} failed ({}); it cannot become {phase:?}",
+                        self.digest,
+                        record.failure.as_deref().unwrap_or("no reason recorded")
+                    )));
+                }
+                record.failure
+            }
+            _ => None,
+        };
+        self.save_record(phase, failure)
+    }
+
+    /// Records durably that the layer's index proved wrong, and why: it is never served or
+    /// mounted again (see [`Phase::Failed`]).
+    pub fn fail(&self, reason: &str) -> Result<()> {
+        self.save_record(Phase::Failed, Some(reason.to_string()))
+    }
+
+    fn save_record(&self, phase: Phase, failure: Option<String>) -> Result<()> {
         LayerRecord {
             phase,
             entries: self.index.entries.len(),
             mode: self.mode()?,
             bytes_fetched: self.reader().stats().bytes_fetched,
+            failure,
         }
         .save(&self.record_path)
     }

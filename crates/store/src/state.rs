@@ -22,6 +22,9 @@ pub enum Phase {
     Lazy,
     /// Every file is populated and the blob digest was verified end to end; no marks remain.
     Detached,
+    /// Its index proved wrong (it does not match the verified blob): the tree may show what
+    /// the blob does not hold, so it is never mounted again; `rmi` and `gc` remove it.
+    Failed,
 }
 
 /// How a lazy layer is served to the overlay.
@@ -59,6 +62,9 @@ pub struct LayerRecord {
     /// `status` shows for a layer no daemon serves any more, such as a detached one).
     #[serde(default)]
     pub bytes_fetched: u64,
+    /// Why the layer failed (with [`Phase::Failed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 impl LayerRecord {

@@ -207,6 +207,30 @@ impl Store {
         Ok(LayerRecord::load(&self.layer_dir(digest).join("record"))?.map(|r| r.phase))
     }
 
+    /// Why a layer failed, if it did ([`Phase::Failed`]).
+    pub fn failure(&self, digest: &Digest) -> Result<Option<String>> {
+        Ok(
+            LayerRecord::load(&self.layer_dir(digest).join("record"))?.and_then(|r| {
+                (r.phase == Phase::Failed)
+                    .then(|| r.failure.unwrap_or_else(|| "no reason recorded".into()))
+            }),
+        )
+    }
+
+    /// Refuses an image any of whose layers failed, saying which and what to do.
+    pub fn check_not_failed(&self, image: &ImageRecord) -> Result<()> {
+        for layer in &image.layers {
+            if let Some(reason) = self.failure(&layer.digest)? {
+                return Err(Error::LayerFailed {
+                    image: image.reference.clone(),
+                    layer: layer.digest.clone(),
+                    reason,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Waits for, then holds, the right to set up the layer `digest` (fetch or build its index,
     /// create its tree): concurrent pulls of images sharing a layer take turns, and the later
     /// ones find it ready instead of making it again. Released when dropped (or by the kernel
@@ -248,6 +272,7 @@ impl Store {
             entries: index.entries.len(),
             mode,
             bytes_fetched: 0,
+            failure: None,
         };
         record(Phase::Creating).save(&record_path)?;
         let tree = LayerTree::open(&dir.join("fs"))?;

@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 use clap::Args;
-use lazylayer_index::distribution::{IndexUpload, push_indexes};
+use lazylayer_index::distribution::{
+    IndexOrigin, IndexTrust, IndexUpload, bind_indexes, push_indexes,
+};
 use lazylayer_index::local::StoredIndex;
 use lazylayer_index::{BuildOptions, DEFAULT_SPACING, IndexStore, build};
 use lazylayer_source::registry::Body;
@@ -20,7 +22,10 @@ pub struct IndexArgs {
     #[arg(value_name = "IMAGE")]
     pub image: String,
 
-    /// Attach the indexes to the image in its registry (as an OCI artifact referring to it).
+    /// Attach the indexes to the image in its registry: as an OCI artifact referring to the
+    /// image manifest, and bound to it by re-pointing the tag at an OCI image index that lists
+    /// the unchanged manifest and the artifact (so the tag, or the new index's digest, vouches
+    /// for the lazy index, and `pull` uses it lazily by default).
     #[arg(long)]
     pub push: bool,
 
@@ -88,8 +93,13 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
     let mut built = Vec::with_capacity(count);
     for (i, layer) in image.layers.iter().enumerate() {
         let label = format!("layer {}/{count} {}", i + 1, layer.digest);
+        // Only an index this machine trusts is pushed again: one fetched as an unbound
+        // referrer must not come out bound.
         if !args.force
-            && let (Some(index), Some(stored)) = (store.get(layer)?, store.stored(layer)?)
+            && let (Some((index, _)), Some(stored)) = (
+                store.get_trusted(layer, IndexTrust::Bound)?,
+                store.stored(layer)?,
+            )
         {
             eprintln!(
                 "{label}: already indexed ({} spans, {} entries)",
@@ -111,7 +121,7 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
             },
         )
         .await?;
-        let stored = store.put(layer, &index)?;
+        let stored = store.put(layer, &index, IndexOrigin::Local)?;
         eprintln!(
             "{label}: {} spans, {} entries, index {} ({:.2}% of the layer) in {:.1?} -> {}",
             index.spans.len(),
@@ -128,9 +138,29 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
             unreachable!("checked above");
         };
         let artifact = push_indexes(repository, &image, &built).await?;
+        let ImageReference::Registry(named) = &reference else {
+            unreachable!("checked above");
+        };
+        let bound = match (&named.digest, &named.tag) {
+            (None, Some(tag)) => match bind_indexes(repository, &image, tag, &artifact).await {
+                Ok(digest) => format!(
+                    "; tag {tag} now names image index {digest}, which binds the manifest \
+                     (unchanged) and its lazy index: pull by the tag, or pin that digest"
+                ),
+                Err(e) => format!(
+                    "; not bound to the image ({e}): pull uses it only with --index-trust \
+                     referrer"
+                ),
+            },
+            _ => format!(
+                "; not bound: {} names a manifest by digest, which cannot list its index (push by \
+                 a tag to bind it); pull uses it only with --index-trust referrer",
+                image.reference
+            ),
+        };
         crate::output::print(&format!(
-            "pushed index artifact {artifact} for {}\n",
-            image.reference
+            "pushed index artifact {} for {}{bound}\n",
+            artifact.digest, image.reference
         ))
     } else {
         crate::output::print(&format!(

@@ -8,9 +8,10 @@ use lazylayer_source::{
     BlobDescriptor, ImageReference, ImageSource, PlatformChoice, ResolvedImage,
 };
 
-use crate::commands::layer_indexes::{self, FoundIndex, Origin};
+use crate::commands::layer_indexes::{self, FoundIndex};
 use crate::options::GlobalArgs;
 use crate::shared::{human_size, registry_client};
+use lazylayer_index::distribution::IndexOrigin;
 
 /// Options of `inspect`.
 #[derive(Args, Debug)]
@@ -69,7 +70,11 @@ struct LayerOutput<'a> {
 struct IndexOutput {
     digest: String,
     size: u64,
-    origin: Origin,
+    /// Who vouches for it: `local` (built here), `bound` (the image index names it) or
+    /// `referrer` (nobody: used only with `--index-trust referrer`).
+    origin: IndexOrigin,
+    /// Whether it is in the local store.
+    stored: bool,
     compression: &'static str,
     spans: usize,
     entries: usize,
@@ -157,6 +162,7 @@ fn index_output(found: &FoundIndex, files: bool) -> IndexOutput {
         digest: found.digest.to_string(),
         size: found.size,
         origin: found.origin,
+        stored: found.stored,
         compression: index.compression.name(),
         spans: index.spans.len(),
         entries: index.entries.len(),
@@ -279,9 +285,14 @@ fn render_text(image: &ResolvedImage, indexes: &[Option<FoundIndex>], files: boo
             }
             Some(found) => {
                 let index = &found.index;
+                let place = if found.stored { "stored" } else { "registry" };
                 let origin = match found.origin {
-                    Origin::Local => "local",
-                    Origin::Registry => "registry, verified",
+                    IndexOrigin::Local => format!("{place}, built here"),
+                    IndexOrigin::Bound => format!("{place}, bound to the image"),
+                    IndexOrigin::Referrer => format!(
+                        "{place}, an unbound referrer: pull builds its own unless \
+                         --index-trust referrer"
+                    ),
                 };
                 let _ = writeln!(
                     out,
@@ -297,6 +308,15 @@ fn render_text(image: &ResolvedImage, indexes: &[Option<FoundIndex>], files: boo
                         ""
                     }
                 );
+                if found.origin == IndexOrigin::Referrer {
+                    let _ = writeln!(
+                        out,
+                        "      used lazily, it is checked as reads come: a file's tar header \
+                         before its data is served; symlink targets, directory modes, \
+                         whiteouts and the metadata of files not yet opened only once the \
+                         layer is complete"
+                    );
+                }
                 if files {
                     render_files(&mut out, index);
                 }

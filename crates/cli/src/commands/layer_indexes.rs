@@ -1,24 +1,20 @@
-//! Finding each layer's lazy index: the local store first, then the image's index artifact in
-//! its registry (fetched and verified).
+//! Finding each layer's lazy index for `inspect`: the local store first, then the index bound
+//! to the image in its registry, then its referrers (fetched and verified, whatever the trust
+//! policy: `inspect` only shows them, and says where each came from).
 
-use lazylayer_index::distribution::{fetch_index, find_indexes};
+use lazylayer_index::distribution::{
+    IndexOrigin, RemoteIndexes, fetch_index, find_bound_indexes, find_referrer_indexes,
+};
 use lazylayer_index::{IndexStore, LayerIndex};
-use lazylayer_source::{Digest, ImageSource, ResolvedImage};
-
-/// Where an index was found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    /// The local store under --root.
-    Local,
-    /// The registry (verified against the artifact manifest).
-    Registry,
-}
+use lazylayer_source::{Digest, ImageSource, Repository, ResolvedImage};
 
 /// A layer's index and where it came from.
 pub struct FoundIndex {
     pub index: LayerIndex,
-    pub origin: Origin,
+    /// Who vouches for it.
+    pub origin: IndexOrigin,
+    /// Whether it is in the local store (else it was just fetched from the registry).
+    pub stored: bool,
     /// Digest and size of the encoded index.
     pub digest: Digest,
     pub size: u64,
@@ -35,20 +31,34 @@ pub async fn find(
         found.push(match (store.get(layer)?, store.stored(layer)?) {
             (Some(index), Some(stored)) => Some(FoundIndex {
                 index,
-                origin: Origin::Local,
+                origin: store.origin(layer)?,
+                stored: true,
                 digest: stored.digest,
                 size: stored.size,
             }),
             _ => None,
         });
     }
-    if found.iter().all(Option::is_some) {
-        return Ok(found);
-    }
     let ImageSource::Registry { repository, .. } = source else {
         return Ok(found);
     };
-    let remote = find_indexes(repository, image).await?;
+    if found.iter().any(Option::is_none) {
+        let bound = find_bound_indexes(repository, image).await?;
+        fill_from(&mut found, repository, image, &bound).await?;
+    }
+    if found.iter().any(Option::is_none) {
+        let referrers = find_referrer_indexes(repository, image).await?;
+        fill_from(&mut found, repository, image, &referrers).await?;
+    }
+    Ok(found)
+}
+
+async fn fill_from(
+    found: &mut [Option<FoundIndex>],
+    repository: &Repository,
+    image: &ResolvedImage,
+    remote: &RemoteIndexes,
+) -> anyhow::Result<()> {
     for (slot, layer) in found.iter_mut().zip(&image.layers) {
         if slot.is_some() {
             continue;
@@ -57,11 +67,12 @@ pub async fn find(
             let (index, _) = fetch_index(repository, descriptor, layer).await?;
             *slot = Some(FoundIndex {
                 index,
-                origin: Origin::Registry,
+                origin: remote.origin,
+                stored: false,
                 digest: descriptor.digest.clone(),
                 size: descriptor.size,
             });
         }
     }
-    Ok(found)
+    Ok(())
 }

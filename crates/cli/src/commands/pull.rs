@@ -29,6 +29,28 @@ impl From<Mode> for lazylayer_engine::Mode {
     }
 }
 
+/// Which of the registry's lazy indexes `pull` uses lazily.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IndexTrust {
+    /// Only an index the image reference covers: listed, next to the manifest, by the image
+    /// index the tag or digest names (what `lazylayer index --push` publishes). Any other
+    /// layer is fetched whole once and indexed here.
+    Bound,
+    /// Also an unbound index found among the manifest's referrers. Whoever may push to the
+    /// repository can attach one to any image, even one pinned by digest, and it decides
+    /// what the layer's tree looks like until the layer is checked whole at detach.
+    Referrer,
+}
+
+impl From<IndexTrust> for lazylayer_engine::IndexTrust {
+    fn from(trust: IndexTrust) -> Self {
+        match trust {
+            IndexTrust::Bound => lazylayer_engine::IndexTrust::Bound,
+            IndexTrust::Referrer => lazylayer_engine::IndexTrust::Referrer,
+        }
+    }
+}
+
 /// Options of `pull`.
 #[derive(Args, Debug)]
 pub struct PullArgs {
@@ -43,6 +65,10 @@ pub struct PullArgs {
     /// Platform to pick from a multi-platform image (default: this machine's).
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     pub platform: Option<String>,
+
+    /// Which of the registry's lazy indexes to use lazily.
+    #[arg(long, value_enum, default_value_t = IndexTrust::Bound)]
+    pub index_trust: IndexTrust,
 }
 
 /// Runs `pull`.
@@ -51,6 +77,7 @@ pub async fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<()> {
     let options = PullOptions {
         platform: args.platform.clone(),
         mode: args.mode.into(),
+        index_trust: args.index_trust.into(),
     };
     let pulled = engine(global)?
         .pull(&args.image, &options, &|event| report.show(event))

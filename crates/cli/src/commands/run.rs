@@ -4,7 +4,7 @@
 use clap::Args;
 use lazylayer_engine::{PullOptions, RunOptions};
 
-use crate::commands::pull::Mode;
+use crate::commands::pull::{IndexTrust, Mode};
 use crate::options::GlobalArgs;
 use crate::shared::{PullReport, engine};
 
@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// Platform to pick from a multi-platform image (default: this machine's).
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     pub platform: Option<String>,
+
+    /// Which of the registry's lazy indexes to use lazily (see `pull --help`).
+    #[arg(long, value_enum, default_value_t = IndexTrust::Bound)]
+    pub index_trust: IndexTrust,
 
     /// Keep the container's writable layer (under --root/run) afterwards.
     #[arg(long)]
@@ -50,6 +54,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
         pull: PullOptions {
             platform: args.platform.clone(),
             mode: args.mode.into(),
+            index_trust: args.index_trust.into(),
         },
         keep: args.keep,
         hostname: args.hostname.clone(),

@@ -24,10 +24,11 @@ pub async fn run(global: &GlobalArgs, args: StatusArgs) -> anyhow::Result<()> {
     let store = Store::new(&global.root);
     let running = client::is_running(&store.socket()).await;
     let mut status = if running {
-        client::request(&store.socket(), &Request::Status)
-            .await?
-            .status
-            .unwrap_or_default()
+        let response = client::request(&store.socket(), &Request::Status).await?;
+        if !response.ok {
+            anyhow::bail!("the daemon refused: {}", response.error.unwrap_or_default());
+        }
+        response.status.unwrap_or_default()
     } else {
         offline_status(&store)?
     };
@@ -96,11 +97,13 @@ fn offline_status(store: &Store) -> anyhow::Result<DaemonStatus> {
             // Without the daemon: what the store has persisted.
             let progress = store.persisted_progress(&blob)?.unwrap_or_default();
             let mode = store.mode(&blob.digest)?;
+            let failure = store.failure(&blob.digest)?;
             layers.push(lazylayer_daemon::LayerStatus::persisted(
                 blob.digest,
                 phase,
                 mode,
                 progress,
+                failure,
             ));
         }
     }

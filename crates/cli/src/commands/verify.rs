@@ -1,5 +1,7 @@
 //! `lazylayer verify IMAGE`: every entry of the image's layers against the index (metadata)
-//! and every populated file against its content digest. Exits non-zero on any difference.
+//! and every populated file against its content digest. Exits non-zero on any difference, and
+//! for a layer that failed (its index proved wrong: the tree cannot be trusted whatever it
+//! matches).
 
 use std::sync::Arc;
 
@@ -50,6 +52,13 @@ pub async fn run(global: &GlobalArgs, args: VerifyArgs) -> anyhow::Result<()> {
             text.push_str(&format!("  {problem}\n"));
         }
         problems += found.len();
+        if let Some(reason) = store.failure(&layer.digest)? {
+            text.push_str(&format!(
+                "  failed: {reason}\n  (its index does not match the blob: `lazylayer rmi {}` and pull again)\n",
+                image.reference
+            ));
+            problems += 1;
+        }
     }
     crate::output::print(&text)?;
     if problems > 0 {

@@ -532,7 +532,8 @@ fn index_push_then_inspect_on_a_fresh_root_finds_and_verifies_the_index() {
     .unwrap();
     for layer in after["layers"].as_array().unwrap() {
         let index = &layer["index"];
-        assert_eq!(index["origin"], "registry", "{layer}");
+        assert_eq!(index["origin"], "bound", "{layer}");
+        assert_eq!(index["stored"], false, "{layer}");
         let hex = layer["digest"]
             .as_str()
             .unwrap()
@@ -549,7 +550,7 @@ fn index_push_then_inspect_on_a_fresh_root_finds_and_verifies_the_index() {
         &["--root", fresh_root, "inspect", "--files", &image],
         &[],
     ));
-    assert!(text.contains("registry, verified"), "{text}");
+    assert!(text.contains("registry, bound to the image"), "{text}");
     assert!(
         text.contains("data/sparse.img") && text.contains("d+o") && text.contains("remove-me.txt"),
         "{text}"

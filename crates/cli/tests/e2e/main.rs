@@ -23,3 +23,4 @@ mod privacy;
 mod run;
 mod stopping;
 mod store_recovery;
+mod trust;

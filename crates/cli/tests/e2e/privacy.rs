@@ -70,3 +70,28 @@ fn the_store_and_its_socket_are_private_to_root_whatever_the_umask() {
     // Root still does.
     assert!(lazy.status()["daemon_running"] == true);
 }
+
+#[test]
+fn the_daemon_answers_root_only_even_on_a_socket_left_open() {
+    if !require_root("the_daemon_answers_root_only_even_on_a_socket_left_open") {
+        return;
+    }
+    let image = format!("{}/test/debian:bookworm", indexed_registry());
+    let mut lazy = Lazy::new("ext4");
+    let root = lazy.root();
+    // A daemon that stays (one started by `pull` leaves once the layer detaches).
+    lazy.serve(&[]);
+    lazy.ll(&["pull", &image]);
+    // Someone loosens the socket's mode: the kernel's word on the peer still turns others away.
+    let socket = root.join("lazylayer.sock");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let output = as_nobody(&format!("{EXE} --root {} status --json", root.display()));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(stderr.contains("answers root only"), "{stderr}");
+    assert!(lazy.status()["daemon_running"] == true);
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::error::LayerError;
 use crate::worker::Worker;
 use crate::worker::lifecycle::{LayerLife, Managed};
 
@@ -57,6 +58,16 @@ pub fn next_step(
     Step::Fill
 }
 
+/// Why the background stops before the layer is complete.
+enum Stop {
+    /// A span failed its digest on every fetch: nothing fetches it again, and readers of the
+    /// files it holds get EIO at once. The layer fails in this worker only (the network may
+    /// have corrupted it).
+    Condemned(String),
+    /// A file's tar header disagrees with the index: the layer fails for good.
+    ProvenWrong(String),
+}
+
 impl Worker {
     /// Fills the profile's files first, then every file of the layer in stream order; then
     /// verifies and detaches it.
@@ -67,14 +78,26 @@ impl Worker {
     ) {
         self.prefetch_profile(&managed, first).await;
         managed.become_(LayerLife::Streaming);
-        if let Err(reason) = self.stream(&managed).await {
-            tracing::error!("layer {}: {reason}", managed.layer.digest);
-            managed.become_(LayerLife::Failed(reason));
-            return;
+        match self.stream(&managed).await {
+            Ok(()) => {}
+            Err(Stop::Condemned(reason)) => {
+                tracing::error!("layer {}: {reason}", managed.layer.digest);
+                managed.become_(LayerLife::Failed(reason));
+                return;
+            }
+            Err(Stop::ProvenWrong(reason)) => {
+                self.fail_for_good(&managed, reason).await;
+                return;
+            }
         }
         managed.become_(LayerLife::Verifying);
         match self.detach(&managed).await {
             Ok(()) => managed.become_(LayerLife::Detached),
+            Err(e @ LayerError::Verify { .. }) => {
+                // The index does not match the verified blob: what the tree shows may be a lie.
+                tracing::error!("{e}; the layer fails for good");
+                self.fail_for_good(&managed, e.to_string()).await;
+            }
             Err(e) => {
                 tracing::error!("{e}");
                 managed.become_(LayerLife::Failed(e.to_string()));
@@ -107,10 +130,9 @@ impl Worker {
         }
     }
 
-    /// Every file not filled yet, in stream order; an error (the reason) when the layer cannot
-    /// be completed: a span failed its digest on every fetch (nothing fetches it again, and
-    /// readers of the files it holds get EIO at once).
-    async fn stream(&self, managed: &Managed) -> Result<(), String> {
+    /// Every file not filled yet, in stream order; an error when the layer cannot be
+    /// completed (see [`Stop`]).
+    async fn stream(&self, managed: &Managed) -> Result<(), Stop> {
         let layer = &managed.layer;
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
@@ -119,6 +141,9 @@ impl Worker {
         let mut since_persist = 0;
         let mut queue = layer.pending_files().into_iter().peekable();
         while let Some(&i) = queue.peek() {
+            if let Some(reason) = layer.proven_wrong() {
+                return Err(Stop::ProvenWrong(reason));
+            }
             let urgent = managed.urgent.load(Ordering::Relaxed);
             let fetched = layer.reader().stats().bytes_fetched;
             match next_step(
@@ -160,8 +185,11 @@ impl Worker {
                     since_persist += 1;
                 }
                 Err(e) => {
+                    if let Some(reason) = layer.proven_wrong() {
+                        return Err(Stop::ProvenWrong(reason));
+                    }
                     if layer.reader().condemned_span().is_some() {
-                        return Err(e.to_string());
+                        return Err(Stop::Condemned(e.to_string()));
                     }
                     // Kept for `status` first: on a full disk the log may not be written.
                     managed.set_error(&e);

@@ -15,6 +15,15 @@ use crate::worker::lifecycle::{LayerLife, Managed};
 impl Worker {
     /// Answers the requests of one connection until it closes.
     pub(super) async fn converse(self: Arc<Self>, stream: UnixStream) {
+        if let Err(refusal) = crate::peer::check_peer(&stream) {
+            tracing::warn!("{refusal}: connection refused");
+            let mut stream = stream;
+            let text = serde_json::to_string(&failure(refusal)).expect("a response serialises");
+            let _ =
+                tokio::io::AsyncWriteExt::write_all(&mut stream, format!("{text}\n").as_bytes())
+                    .await;
+            return;
+        }
         let (reader, mut writer) = stream.into_split();
         let mut lines = BufReader::new(reader).lines();
         while let Ok(Some(line)) = lines.next_line().await {

@@ -25,6 +25,8 @@ struct Target {
     entry: usize,
     /// How the layer is served (read once, at registration).
     mode: FrontendMode,
+    /// The layer's index proved wrong: the file is denied, filled or not.
+    condemned: bool,
 }
 
 /// The unfilled files of every lazy layer the worker serves, and the readers waiting for them.
@@ -87,8 +89,31 @@ impl Demand {
     /// placeholders' inodes, and returns them: the frontend then makes their readers wait.
     pub fn register(&self, layer: &Arc<Layer>, mode: FrontendMode) -> std::io::Result<Vec<usize>> {
         let pending = layer.pending_files();
+        self.target(layer, mode, &pending, false)?;
+        Ok(pending)
+    }
+
+    /// The index of `layer` proved wrong: from now on every reader of any of its regular files,
+    /// filled or not, gets EIO. Returns those files: the frontend makes their readers ask
+    /// again (marks).
+    pub fn condemn(&self, layer: &Arc<Layer>, mode: FrontendMode) -> std::io::Result<Vec<usize>> {
+        let files: Vec<usize> = (0..layer.index.entries.len())
+            .filter(|&i| layer.index.entries[i].kind == lazylayer_index::EntryKind::File)
+            .collect();
+        self.target(layer, mode, &files, true)?;
+        Ok(files)
+    }
+
+    /// Knows `files` of `layer` by their placeholders' inodes.
+    fn target(
+        &self,
+        layer: &Arc<Layer>,
+        mode: FrontendMode,
+        files: &[usize],
+        condemned: bool,
+    ) -> std::io::Result<()> {
         let mut targets = self.targets.write().expect("targets");
-        for &i in &pending {
+        for &i in files {
             let inode = layer
                 .tree
                 .inode(&layer.index.entries[i].path)
@@ -99,10 +124,11 @@ impl Demand {
                     layer: layer.clone(),
                     entry: i,
                     mode,
+                    condemned,
                 },
             );
         }
-        Ok(pending)
+        Ok(())
     }
 
     /// File `i` of `layer` holds its data now (filled for a reader or in the background): its
@@ -112,7 +138,14 @@ impl Demand {
         let Ok(inode) = layer.tree.inode(&entry.path) else {
             return;
         };
-        let removed = self.targets.write().expect("targets").remove(&inode);
+        let removed = {
+            let mut targets = self.targets.write().expect("targets");
+            match targets.get(&inode) {
+                Some(target) if target.condemned => None,
+                Some(_) => targets.remove(&inode),
+                None => None,
+            }
+        };
         if let Some(target) = removed {
             self.frontends.of(target.mode).populated(layer, i);
         }
@@ -192,6 +225,9 @@ impl Demand {
             // Not a file that lacks data.
             return answer(Verdict::Allow);
         };
+        if target.condemned {
+            return answer(Verdict::Deny(libc::EIO));
+        }
         if target.layer.is_populated(target.entry) {
             return answer(Verdict::Allow);
         }

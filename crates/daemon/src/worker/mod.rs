@@ -2,7 +2,8 @@
 //! layer of the store ([`takeup`]), answers the events and fill requests the holder relays
 //! ([`holder_link`], [`demand`]) through the layer's frontend ([`frontends`]), fills every
 //! layer in the background in stream order ([`background`]), verifies and detaches each layer
-//! once it is complete ([`detach`]), follows each layer through its life ([`lifecycle`]), and
+//! once it is complete ([`detach`]), fails for good a layer whose index proved wrong
+//! ([`failure`]), follows each layer through its life ([`lifecycle`]), and
 //! answers commands on the control socket ([`control`], [`status`]). It may die at any moment:
 //! the holder keeps the group and starts another.
 
@@ -10,6 +11,7 @@ mod background;
 mod control;
 pub mod demand;
 mod detach;
+mod failure;
 pub mod frontends;
 pub mod holder_link;
 pub mod lifecycle;
@@ -41,6 +43,8 @@ struct Worker {
     client: RegistryClient,
     options: ServeOptions,
     layers: Mutex<HashMap<Digest, Arc<Managed>>>,
+    /// Failed layers whose files this worker denies (see [`failure`]).
+    denied: Mutex<std::collections::HashSet<Digest>>,
     /// Told whenever a layer detaches.
     changed: tokio::sync::Notify,
     /// Held while layers are taken up: two pulls' refreshes at once take a layer up once.
@@ -74,6 +78,7 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
         client,
         options: options.clone(),
         layers: Mutex::new(HashMap::new()),
+        denied: Mutex::new(std::collections::HashSet::new()),
         changed: tokio::sync::Notify::new(),
         taking_up: tokio::sync::Mutex::new(()),
         holder_pid: std::os::unix::process::parent_id(),
@@ -162,6 +167,23 @@ impl Worker {
     /// Whether nothing is lazy: no layer served, no FUSE mount up, no lazy layer in the store.
     fn idle(&self) -> bool {
         if !self.layers.lock().expect("layers").is_empty() || !self.fuse_mounted().is_empty() {
+            return false;
+        }
+        // A failed layer's files stay denied until it is removed (`rmi`, `gc`): leaving would
+        // take the marks, and older mounts would read what the index lied about.
+        let denied: Vec<Digest> = self
+            .denied
+            .lock()
+            .expect("denied")
+            .iter()
+            .cloned()
+            .collect();
+        if denied.iter().any(|d| {
+            matches!(
+                self.store.phase(d),
+                Ok(Some(lazylayer_store::Phase::Failed)) | Err(_)
+            )
+        }) {
             return false;
         }
         match self.store.lazy_image_layers() {

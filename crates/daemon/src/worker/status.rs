@@ -37,7 +37,11 @@ impl Worker {
                             .map_err(|e| e.to_string())?
                             .unwrap_or_default();
                         let mode = self.store.mode(&blob.digest).map_err(|e| e.to_string())?;
-                        LayerStatus::persisted(blob.digest.clone(), phase, mode, progress)
+                        let failure = self
+                            .store
+                            .failure(&blob.digest)
+                            .map_err(|e| e.to_string())?;
+                        LayerStatus::persisted(blob.digest.clone(), phase, mode, progress, failure)
                     }
                 };
                 layers.push(status);

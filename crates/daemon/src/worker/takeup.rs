@@ -1,4 +1,4 @@
-//! Taking up the store's lazy layers: each one not served yet is opened for population, its
+//! Taking up the store's lazy layers (and failed ones, whose files are only denied): each one not served yet is opened for population, its
 //! unfilled files become known to [`Demand`](super::demand::Demand), its frontend makes their
 //! readers wait (marks, or a FUSE mount by the holder), and its background population starts.
 
@@ -22,12 +22,15 @@ impl Worker {
                     layer: blob.digest.clone(),
                     cause,
                 };
+                let phase = self.store.phase(&blob.digest).map_err(store_error)?;
                 if self
                     .layers
                     .lock()
                     .expect("layers")
                     .contains_key(&blob.digest)
-                    || self.store.phase(&blob.digest).map_err(store_error)? != Some(Phase::Lazy)
+                    || !matches!(phase, Some(Phase::Lazy | Phase::Failed))
+                    || (phase == Some(Phase::Failed)
+                        && self.denied.lock().expect("denied").contains(&blob.digest))
                 {
                     continue;
                 }
@@ -48,6 +51,22 @@ impl Worker {
                 let reference: ImageReference = image.reference.parse().map_err(source_error)?;
                 let source = ImageSource::open(&reference, &self.client).map_err(source_error)?;
                 let layer = Arc::new(self.store.open_layer(index, source).map_err(store_error)?);
+                if phase == Some(Phase::Failed) {
+                    // Failed for good: its files are only denied, to readers of older mounts.
+                    self.deny_every_file(&layer).await;
+                    continue;
+                }
+                if self
+                    .store
+                    .indexes()
+                    .origin(blob)
+                    .map_err(|e| store_error(e.into()))?
+                    == lazylayer_index::distribution::IndexOrigin::Referrer
+                {
+                    // Nobody vouches for this index: each file's tar headers are checked
+                    // against its entry before its data is served.
+                    layer.check_headers();
+                }
                 let mode = layer.mode().map_err(store_error)?;
                 let unfilled =
                     self.demand

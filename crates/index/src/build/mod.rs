@@ -230,172 +230,183 @@ fn walk_tar<R: Read>(layer: &str, reader: &mut R) -> Result<Vec<Entry>> {
         .map_err(|e| bad_layer(format!("tar: {e}")))?;
     for item in entries {
         let mut tar_entry = item.map_err(|e| bad_layer(format!("tar: {e}")))?;
-        let raw_path = tar_entry.path_bytes().into_owned();
-        let bad_entry = |reason: String| Error::BadEntry {
-            layer: layer.to_string(),
-            path: String::from_utf8_lossy(&raw_path).into_owned(),
-            reason,
-        };
-        let header = tar_entry.header().clone();
-        let pax: BTreeMap<String, Vec<u8>> = match tar_entry.pax_extensions() {
-            Ok(Some(extensions)) => extensions
-                .filter_map(|e| e.ok())
-                .filter_map(|e| Some((e.key().ok()?.to_string(), e.value_bytes().to_vec())))
-                .collect(),
-            Ok(None) => BTreeMap::new(),
-            Err(e) => return Err(bad_entry(format!("PAX header: {e}"))),
-        };
-        let pax_str = |key: &str| pax.get(key).and_then(|v| std::str::from_utf8(v).ok());
-        let kind = match header.entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
-            tar::EntryType::Directory => EntryKind::Dir,
-            tar::EntryType::Symlink => EntryKind::Symlink,
-            tar::EntryType::Link => EntryKind::Hardlink,
-            tar::EntryType::Char => EntryKind::CharDevice,
-            tar::EntryType::Block => EntryKind::BlockDevice,
-            tar::EntryType::Fifo => EntryKind::Fifo,
-            tar::EntryType::XGlobalHeader => continue,
-            tar::EntryType::GNUSparse => {
-                return Err(bad_entry("old GNU sparse entries are not supported (GNU tar --format=pax writes supported ones)".into()));
-            }
-            other => return Err(bad_entry(format!("unsupported tar entry type {other:?}"))),
-        };
-        let number = |value: io::Result<u64>, what: &str| {
-            value.map_err(|e| bad_entry(format!("bad {what}: {e}")))
-        };
-        let mode = header
-            .mode()
-            .map_err(|e| bad_entry(format!("bad mode: {e}")))?
-            & 0o7777;
-        let uid = match pax_str("uid") {
-            Some(v) => v.parse().map_err(|_| bad_entry("bad PAX uid".into()))?,
-            None => number(header.uid(), "uid")?,
-        };
-        let gid = match pax_str("gid") {
-            Some(v) => v.parse().map_err(|_| bad_entry("bad PAX gid".into()))?,
-            None => number(header.gid(), "gid")?,
-        };
-        let (mtime, mtime_nsec) = match pax_str("mtime") {
-            Some(v) => {
-                parse_pax_time(v).ok_or_else(|| bad_entry(format!("bad PAX mtime {v:?}")))?
-            }
-            None => (number(header.mtime(), "mtime")? as i64, 0),
-        };
-        let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        for (key, value) in &pax {
-            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                xattrs.push((name.as_bytes().to_vec(), value.clone()));
-            } else if let Some(name) = key.strip_prefix("LIBARCHIVE.xattr.") {
-                use base64::Engine as _;
-                let decoded = base64::engine::general_purpose::STANDARD_NO_PAD
-                    .decode(value.strip_suffix(b"=").unwrap_or(value))
-                    .or_else(|_| base64::engine::general_purpose::STANDARD.decode(value))
-                    .map_err(|_| bad_entry(format!("bad base64 in {key}")))?;
-                let name = percent_decode(name);
-                if !xattrs.iter().any(|(n, _)| *n == name) {
-                    xattrs.push((name, decoded));
-                }
-            }
+        if let Some((path, entry)) = entry_of(layer, &mut tar_entry, true)? {
+            table.add(&path, entry)?;
         }
-        xattrs.sort();
-        let device = match kind {
-            EntryKind::CharDevice | EntryKind::BlockDevice => Some((
-                header
-                    .device_major()
-                    .map_err(|e| bad_entry(format!("bad device major: {e}")))?
-                    .unwrap_or(0),
-                header
-                    .device_minor()
-                    .map_err(|e| bad_entry(format!("bad device minor: {e}")))?
-                    .unwrap_or(0),
-            )),
-            _ => None,
-        };
-        let link = match kind {
-            EntryKind::Symlink | EntryKind::Hardlink => Some(
-                tar_entry
-                    .link_name_bytes()
-                    .map(|l| l.into_owned())
-                    .ok_or_else(|| bad_entry("link without a target".into()))?,
-            ),
-            _ => None,
-        };
-        let stored = tar_entry.size();
-        let mut data_offset = tar_entry.raw_file_position();
-        let mut size = if kind == EntryKind::File { stored } else { 0 };
-        let mut sparse = None;
-        let mut path = raw_path.clone();
-        let is_sparse = ["GNU.sparse.major", "GNU.sparse.map", "GNU.sparse.size"]
-            .iter()
-            .any(|key| pax.contains_key(*key));
-        if kind == EntryKind::File && is_sparse {
-            let real_size: u64 = pax_str("GNU.sparse.realsize")
-                .or_else(|| pax_str("GNU.sparse.size"))
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| bad_entry("sparse file without its real size".into()))?;
-            if let Some(name) = pax.get("GNU.sparse.name") {
-                path = name.clone();
-            }
-            let segments = match (pax_str("GNU.sparse.major"), pax_str("GNU.sparse.minor")) {
-                (Some("1"), Some("0")) => {
-                    let (segments, map_len) =
-                        read_sparse_map(&mut tar_entry, stored, real_size).map_err(bad_entry)?;
-                    data_offset += map_len;
-                    segments
-                }
-                (None | Some("0"), _) if pax.contains_key("GNU.sparse.map") => {
-                    parse_sparse_map_01(pax_str("GNU.sparse.map").unwrap_or(""), real_size)
-                        .map_err(bad_entry)?
-                }
-                _ => {
-                    return Err(bad_entry(
-                        "unsupported GNU sparse format (1.0 and 0.1 are supported)".into(),
-                    ));
-                }
-            };
-            let stored_total: u64 = segments.iter().map(|(_, len)| len).sum();
-            if data_offset - tar_entry.raw_file_position() + stored_total > stored {
-                return Err(bad_entry("the sparse data is larger than the entry".into()));
-            }
-            size = real_size;
-            sparse = Some(segments);
-        }
-        let digest = if kind == EntryKind::File {
-            let stored_total = match &sparse {
-                Some(segments) => segments.iter().map(|(_, len)| len).sum(),
-                None => stored,
-            };
-            Some(hash_data(&mut tar_entry, stored_total).map_err(bad_entry)?)
-        } else {
-            None
-        };
-        table.add(
-            &path,
-            Entry {
-                path: Vec::new(),
-                kind,
-                mode,
-                uid,
-                gid,
-                mtime,
-                mtime_nsec,
-                size,
-                link,
-                device,
-                xattrs,
-                data_offset: if kind == EntryKind::File {
-                    data_offset
-                } else {
-                    0
-                },
-                sparse,
-                digest,
-                opaque: false,
-                implied: false,
-            },
-        )?;
     }
     Ok(table.finish())
+}
+
+/// The index entry a tar member makes, with its raw path (`None` for a PAX global header),
+/// its data hashed when `hash` (else `digest` is `None`). Reads the member's sparse map, and
+/// with `hash` its data.
+pub(crate) fn entry_of<R: Read>(
+    layer: &str,
+    tar_entry: &mut tar::Entry<'_, R>,
+    hash: bool,
+) -> Result<Option<(Vec<u8>, Entry)>> {
+    let raw_path = tar_entry.path_bytes().into_owned();
+    let bad_entry = |reason: String| Error::BadEntry {
+        layer: layer.to_string(),
+        path: String::from_utf8_lossy(&raw_path).into_owned(),
+        reason,
+    };
+    let header = tar_entry.header().clone();
+    let pax: BTreeMap<String, Vec<u8>> = match tar_entry.pax_extensions() {
+        Ok(Some(extensions)) => extensions
+            .filter_map(|e| e.ok())
+            .filter_map(|e| Some((e.key().ok()?.to_string(), e.value_bytes().to_vec())))
+            .collect(),
+        Ok(None) => BTreeMap::new(),
+        Err(e) => return Err(bad_entry(format!("PAX header: {e}"))),
+    };
+    let pax_str = |key: &str| pax.get(key).and_then(|v| std::str::from_utf8(v).ok());
+    let kind = match header.entry_type() {
+        tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
+        tar::EntryType::Directory => EntryKind::Dir,
+        tar::EntryType::Symlink => EntryKind::Symlink,
+        tar::EntryType::Link => EntryKind::Hardlink,
+        tar::EntryType::Char => EntryKind::CharDevice,
+        tar::EntryType::Block => EntryKind::BlockDevice,
+        tar::EntryType::Fifo => EntryKind::Fifo,
+        tar::EntryType::XGlobalHeader => return Ok(None),
+        tar::EntryType::GNUSparse => {
+            return Err(bad_entry("old GNU sparse entries are not supported (GNU tar --format=pax writes supported ones)".into()));
+        }
+        other => return Err(bad_entry(format!("unsupported tar entry type {other:?}"))),
+    };
+    let number = |value: io::Result<u64>, what: &str| {
+        value.map_err(|e| bad_entry(format!("bad {what}: {e}")))
+    };
+    let mode = header
+        .mode()
+        .map_err(|e| bad_entry(format!("bad mode: {e}")))?
+        & 0o7777;
+    let uid = match pax_str("uid") {
+        Some(v) => v.parse().map_err(|_| bad_entry("bad PAX uid".into()))?,
+        None => number(header.uid(), "uid")?,
+    };
+    let gid = match pax_str("gid") {
+        Some(v) => v.parse().map_err(|_| bad_entry("bad PAX gid".into()))?,
+        None => number(header.gid(), "gid")?,
+    };
+    let (mtime, mtime_nsec) = match pax_str("mtime") {
+        Some(v) => parse_pax_time(v).ok_or_else(|| bad_entry(format!("bad PAX mtime {v:?}")))?,
+        None => (number(header.mtime(), "mtime")? as i64, 0),
+    };
+    let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for (key, value) in &pax {
+        if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+            xattrs.push((name.as_bytes().to_vec(), value.clone()));
+        } else if let Some(name) = key.strip_prefix("LIBARCHIVE.xattr.") {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(value.strip_suffix(b"=").unwrap_or(value))
+                .or_else(|_| base64::engine::general_purpose::STANDARD.decode(value))
+                .map_err(|_| bad_entry(format!("bad base64 in {key}")))?;
+            let name = percent_decode(name);
+            if !xattrs.iter().any(|(n, _)| *n == name) {
+                xattrs.push((name, decoded));
+            }
+        }
+    }
+    xattrs.sort();
+    let device = match kind {
+        EntryKind::CharDevice | EntryKind::BlockDevice => Some((
+            header
+                .device_major()
+                .map_err(|e| bad_entry(format!("bad device major: {e}")))?
+                .unwrap_or(0),
+            header
+                .device_minor()
+                .map_err(|e| bad_entry(format!("bad device minor: {e}")))?
+                .unwrap_or(0),
+        )),
+        _ => None,
+    };
+    let link = match kind {
+        EntryKind::Symlink | EntryKind::Hardlink => Some(
+            tar_entry
+                .link_name_bytes()
+                .map(|l| l.into_owned())
+                .ok_or_else(|| bad_entry("link without a target".into()))?,
+        ),
+        _ => None,
+    };
+    let stored = tar_entry.size();
+    let mut data_offset = tar_entry.raw_file_position();
+    let mut size = if kind == EntryKind::File { stored } else { 0 };
+    let mut sparse = None;
+    let mut path = raw_path.clone();
+    let is_sparse = ["GNU.sparse.major", "GNU.sparse.map", "GNU.sparse.size"]
+        .iter()
+        .any(|key| pax.contains_key(*key));
+    if kind == EntryKind::File && is_sparse {
+        let real_size: u64 = pax_str("GNU.sparse.realsize")
+            .or_else(|| pax_str("GNU.sparse.size"))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad_entry("sparse file without its real size".into()))?;
+        if let Some(name) = pax.get("GNU.sparse.name") {
+            path = name.clone();
+        }
+        let segments = match (pax_str("GNU.sparse.major"), pax_str("GNU.sparse.minor")) {
+            (Some("1"), Some("0")) => {
+                let (segments, map_len) =
+                    read_sparse_map(tar_entry, stored, real_size).map_err(bad_entry)?;
+                data_offset += map_len;
+                segments
+            }
+            (None | Some("0"), _) if pax.contains_key("GNU.sparse.map") => {
+                parse_sparse_map_01(pax_str("GNU.sparse.map").unwrap_or(""), real_size)
+                    .map_err(bad_entry)?
+            }
+            _ => {
+                return Err(bad_entry(
+                    "unsupported GNU sparse format (1.0 and 0.1 are supported)".into(),
+                ));
+            }
+        };
+        let stored_total: u64 = segments.iter().map(|(_, len)| len).sum();
+        if data_offset - tar_entry.raw_file_position() + stored_total > stored {
+            return Err(bad_entry("the sparse data is larger than the entry".into()));
+        }
+        size = real_size;
+        sparse = Some(segments);
+    }
+    let digest = if kind == EntryKind::File && hash {
+        let stored_total = match &sparse {
+            Some(segments) => segments.iter().map(|(_, len)| len).sum(),
+            None => stored,
+        };
+        Some(hash_data(tar_entry, stored_total).map_err(bad_entry)?)
+    } else {
+        None
+    };
+    Ok(Some((
+        path,
+        Entry {
+            path: Vec::new(),
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            mtime_nsec,
+            size,
+            link,
+            device,
+            xattrs,
+            data_offset: if kind == EntryKind::File {
+                data_offset
+            } else {
+                0
+            },
+            sparse,
+            digest,
+            opaque: false,
+            implied: false,
+        },
+    )))
 }
 
 /// sha256 of the next `len` bytes of a file's stored data.

@@ -196,11 +196,29 @@ impl LayerReader {
         self.ensure(first..=last).await?;
         let mut out = Vec::with_capacity((range.end - range.start) as usize);
         for i in first..=last {
-            let output = self.span_output(i).await?;
             let span_start = self.index.spans[i].uncompressed_start;
-            let from = range.start.max(span_start) - span_start;
-            let to = range.end.min(self.index.span_uncompressed_end(i)) - span_start;
-            out.extend_from_slice(&output[from as usize..to as usize]);
+            let from = range.start.max(span_start);
+            let to = range.end.min(self.index.span_uncompressed_end(i));
+            if self.is_large_span(i) {
+                // Not held whole: only the wanted part is kept as it streams by.
+                let mut chunks = self.stream_span(i, from..to).await?;
+                while let Some(chunk) = chunks.recv().await {
+                    out.extend_from_slice(&chunk?.1);
+                }
+                continue;
+            }
+            let output = self.span_output(i).await?;
+            out.extend_from_slice(
+                &output[(from - span_start) as usize..(to - span_start) as usize],
+            );
+        }
+        if out.len() as u64 != range.end - range.start {
+            return Err(Error::BadRead(format!(
+                "bytes {}..{}: {} bytes decompressed",
+                range.start,
+                range.end,
+                out.len()
+            )));
         }
         Ok(out)
     }

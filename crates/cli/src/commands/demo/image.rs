@@ -8,7 +8,7 @@ use std::process::Command;
 
 use bytes::Bytes;
 use lazylayer_index::distribution::{
-    EMPTY_CONFIG, IndexUpload, artifact_manifest, referrers_list, referrers_tag,
+    EMPTY_CONFIG, IndexUpload, artifact_manifest, binding_index, referrers_list, referrers_tag,
 };
 use lazylayer_index::{BuildOptions, build_from_reader};
 use lazylayer_source::registry::Body;
@@ -272,12 +272,25 @@ pub fn ensure(cache: &Path) -> anyhow::Result<SampleImage> {
     };
     let artifact = artifact_manifest(&manifest_desc, &[upload]);
     let artifact_digest = put_blob(&layout, &artifact)?;
+    // Bound to the image, as `index --push` binds it: the tag names an image index listing
+    // the manifest and the artifact.
+    let binding = binding_index(
+        None,
+        &manifest_desc,
+        &lazylayer_source::Platform::new("linux", "amd64", None),
+        &BlobDescriptor {
+            digest: artifact_digest.clone(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: artifact.len() as u64,
+        },
+    )?;
+    let binding_digest = put_blob(&layout, &binding)?;
     let referrers = referrers_list(Vec::new(), &artifact_digest, artifact.len() as u64);
     let referrers_digest = put_blob(&layout, &referrers)?;
     let index_json = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [
-            {"mediaType": manifest_desc.media_type, "digest": manifest_desc.digest, "size": manifest_desc.size,
+            {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": binding_digest, "size": binding.len(),
              "annotations": {"org.opencontainers.image.ref.name": "latest"}},
             {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": referrers_digest, "size": referrers.len(),
              "annotations": {"org.opencontainers.image.ref.name": referrers_tag(&manifest_desc.digest)}},
