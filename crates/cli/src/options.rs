@@ -107,8 +107,11 @@ pub enum Command {
             between checkpoints. The blob digest and the config's diff_id are checked while \
             building. Indexes are stored under --root/indexes; with --push they are also attached \
             to the image in its registry as an OCI artifact (found through the referrers API, or \
-            the sha256-<digest> referrers tag on registries without it), so that other machines \
-            load the image lazily without building anything.",
+            the sha256-<digest> referrers tag on registries without it) and bound to it: the tag \
+            is re-pointed at an OCI image index listing the unchanged manifest and the artifact, \
+            so that the tag, or that index's digest, vouches for the indexes and other machines \
+            load the image lazily without building anything. An IMAGE named by digest cannot be \
+            bound (its indexes are then used only with pull --index-trust referrer).",
         after_help = "Examples:\n  \
             lazylayer index --push registry.example.com/app:1.0\n  \
             lazylayer index --spacing 1M oci:./layout:latest\n  \
@@ -118,8 +121,9 @@ pub enum Command {
 
     /// Make an image's layers available lazily; returns once the image can be mounted.
     #[command(
-        long_about = "Resolve IMAGE, get each layer's lazy index (from --root, from the image's \
-        index artifact in its registry, or, for layers without one, by fetching the layer once), create \
+        long_about = "Resolve IMAGE, get each layer's lazy index (from --root, from the index \
+        artifact bound to the image in its registry, or, for layers without one, by fetching the layer \
+        once), create \
         each layer's directory under --root as placeholders with their final metadata, and have the \
         daemon (`lazylayer serve`, started on demand) mark the files whose data is not there yet. \
         Reading such a file blocks until its data is fetched and verified; the daemon also fills every \
@@ -159,7 +163,8 @@ pub enum Command {
         compressed bytes fetched.\n\nStates: creating (the placeholder tree is being made), lazy \
         (no daemon is filling it: data not yet local waits for one), populating (the daemon fills \
         it on access and in the background), detached (complete, verified end to end, nothing \
-        lazy left). Without a running daemon the figures are what the store persisted."
+        lazy left), failed (its index proved wrong: never used again; `rmi` the image, `gc`, \
+        and pull it again). Without a running daemon the figures are what the store persisted."
     )]
     Status(StatusArgs),
 

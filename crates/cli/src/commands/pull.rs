@@ -37,8 +37,10 @@ pub enum IndexTrust {
     /// layer is fetched whole once and indexed here.
     Bound,
     /// Also an unbound index found among the manifest's referrers. Whoever may push to the
-    /// repository can attach one to any image, even one pinned by digest, and it decides
-    /// what the layer's tree looks like until the layer is checked whole at detach.
+    /// repository can attach one to any image, even one pinned by digest. Each file's tar
+    /// header is checked against it before the file's data is served, but names, modes and
+    /// link targets of entries without data show what it says until the layer is checked
+    /// whole at detach; any lie then fails the layer for good.
     Referrer,
 }
 
