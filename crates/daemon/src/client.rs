@@ -61,10 +61,16 @@ pub async fn ensure_running(
     }
     std::fs::create_dir_all(root)?;
     let log_path = lazylayer_store::Store::new(root).serve_log();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
+    // The log names images and files: root's, whatever the umask (and tightened if older).
+    let log = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new().create(true).append(true),
+        0o600,
+    )
+    .open(&log_path)?;
+    std::fs::set_permissions(
+        &log_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let mut command = std::process::Command::new(exe);
     command
         .arg("--root")

@@ -49,6 +49,7 @@ fn the_store_and_its_socket_are_private_to_root_whatever_the_umask() {
         assert_eq!(mode(&root.join(dir)), 0o700, "{dir}");
     }
     assert_eq!(mode(&root.join("lazylayer.sock")), 0o600);
+    assert_eq!(mode(&root.join("serve.log")), 0o600);
     for record in std::fs::read_dir(root.join("images")).unwrap() {
         assert_eq!(mode(&record.unwrap().path()), 0o600);
     }
