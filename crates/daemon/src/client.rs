@@ -15,9 +15,19 @@ pub async fn request(socket: &Path, request: &Request) -> std::io::Result<Respon
     let (reader, mut writer) = stream.into_split();
     let mut line = serde_json::to_string(request).expect("request serialises");
     line.push('\n');
-    writer.write_all(line.as_bytes()).await?;
+    // A daemon that turns the connection away answers before reading, then closes: the
+    // request may not get through (EPIPE) while the answer is already there to read.
+    let written = writer.write_all(line.as_bytes()).await;
     let mut answer = String::new();
-    BufReader::new(reader).read_line(&mut answer).await?;
+    let read = BufReader::new(reader).read_line(&mut answer).await;
+    if answer.is_empty() {
+        written?;
+        read?;
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the daemon closed the connection without answering",
+        ));
+    }
     serde_json::from_str(&answer).map_err(std::io::Error::other)
 }
 
