@@ -121,7 +121,7 @@ fn a_store_on_tmpfs_is_served_with_fuse() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("(fuse)"),
+        stderr.contains("(fuse, "),
         "auto did not choose FUSE on tmpfs: {stderr}"
     );
     let mnt = dir.path().join("mnt");

@@ -678,7 +678,7 @@ fn layers_without_an_index_are_fetched_once_and_verify_catches_damage() {
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("no lazy index; fetching the layer once"),
+        stderr.contains("no usable lazy index; fetching the layer once"),
         "{stderr}"
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("lazylayer index --push"));
@@ -731,7 +731,7 @@ fn an_unindexed_image_from_a_registry_is_fetched_once() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(
-        stderr.contains("no lazy index; fetching the layer once"),
+        stderr.contains("no usable lazy index; fetching the layer once"),
         "{stderr}"
     );
     let target = lazy.fs.path().join("mnt-layers");
