@@ -22,15 +22,23 @@ pub struct StatusArgs {
 /// Runs `status`.
 pub async fn run(global: &GlobalArgs, args: StatusArgs) -> anyhow::Result<()> {
     let store = Store::new(&global.root);
-    let running = client::is_running(&store.socket()).await;
-    let mut status = if running {
-        let response = client::request(&store.socket(), &Request::Status).await?;
-        if !response.ok {
-            anyhow::bail!("the daemon refused: {}", response.error.unwrap_or_default());
+    let mut running = client::is_running(&store.socket()).await;
+    let mut live = None;
+    if running {
+        match client::request(&store.socket(), &Request::Status).await {
+            Ok(response) if !response.ok => {
+                anyhow::bail!("the daemon refused: {}", response.error.unwrap_or_default())
+            }
+            Ok(response) => live = Some(response.status.unwrap_or_default()),
+            // It may have left in between (idle once every layer detached, or stopped): then
+            // what the store persisted is the answer.
+            Err(_) if !client::is_running(&store.socket()).await => running = false,
+            Err(e) => return Err(e.into()),
         }
-        response.status.unwrap_or_default()
-    } else {
-        offline_status(&store)?
+    }
+    let mut status = match live {
+        Some(status) => status,
+        None => offline_status(&store)?,
     };
     if let Some(image) = &args.image {
         let image = engine(global)?.find_image(image)?;
