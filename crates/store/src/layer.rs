@@ -27,13 +27,15 @@ pub struct Layer {
     mode: crate::FrontendMode,
     in_flight: std::sync::Mutex<HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
     /// Check each file's tar headers against its entry before its data is written (for an
-    /// index nobody vouches for: see `lazylayer_index::check`).
-    checks_headers: std::sync::atomic::AtomicBool,
+    /// index nobody vouches for: see `lazylayer_index::check`); a mismatch fails the layer for
+    /// good ([`Layer::proven_wrong`]).
+    checks_headers: bool,
     /// Why the index proved wrong, once it has.
     proven_wrong: std::sync::Mutex<Option<String>>,
 }
 
 impl Layer {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         digest: Digest,
         index: Arc<LayerIndex>,
@@ -42,6 +44,7 @@ impl Layer {
         record_path: &Path,
         source: ImageSource,
         span_dir: &Path,
+        checks_headers: bool,
     ) -> Result<Self> {
         let state = PopulationState::open(state_path, index.entries.len())?;
         let reader = LayerReader::new(index.clone(), source, span_dir)?;
@@ -58,16 +61,9 @@ impl Layer {
             record_path: record_path.to_path_buf(),
             mode: record.map(|r| r.mode).unwrap_or_default(),
             in_flight: std::sync::Mutex::new(HashMap::new()),
-            checks_headers: std::sync::atomic::AtomicBool::new(false),
+            checks_headers,
             proven_wrong: std::sync::Mutex::new(None),
         })
-    }
-
-    /// From now on, each file's tar headers are checked against its entry before its data is
-    /// written; a mismatch fails the layer for good ([`Layer::proven_wrong`]).
-    pub fn check_headers(&self) {
-        self.checks_headers
-            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Why the layer's index proved wrong (a file's tar header disagrees with its entry), if
@@ -133,10 +129,7 @@ impl Layer {
         if let Some(reason) = self.proven_wrong() {
             return Err(Error::IndexProvenWrong(reason));
         }
-        if self
-            .checks_headers
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.checks_headers {
             self.check_header(i).await?;
         }
         let entry = &self.index.entries[i];

@@ -19,6 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use lazylayer_index::distribution::IndexOrigin;
 use lazylayer_index::{IndexStore, LayerIndex};
 use lazylayer_source::{BlobDescriptor, Digest, ImageSource};
 use serde::{Deserialize, Serialize};
@@ -297,9 +298,17 @@ impl Store {
     }
 
     /// Opens a prepared layer for population, reading from `source`.
+    /// A layer whose index nobody vouches for (an unbound referrer) has each file's tar
+    /// headers checked against its entry before the file's data is written.
     pub fn open_layer(&self, index: Arc<LayerIndex>, source: ImageSource) -> Result<Layer> {
         let dir = self.layer_dir(&index.blob_digest);
         let tree = LayerTree::open(&dir.join("fs"))?;
+        let blob = BlobDescriptor {
+            digest: index.blob_digest.clone(),
+            media_type: index.media_type.clone(),
+            size: index.blob_size,
+        };
+        let unvouched = self.indexes().origin(&blob)? == IndexOrigin::Referrer;
         Layer::new(
             index.blob_digest.clone(),
             index.clone(),
@@ -308,6 +317,7 @@ impl Store {
             &dir.join("record"),
             source,
             &self.span_dir(),
+            unvouched,
         )
     }
 

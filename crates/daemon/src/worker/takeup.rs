@@ -1,6 +1,7 @@
-//! Taking up the store's lazy layers (and failed ones, whose files are only denied): each one not served yet is opened for population, its
+//! Taking up the store's lazy layers: each one not served yet is opened for population, its
 //! unfilled files become known to [`Demand`](super::demand::Demand), its frontend makes their
 //! readers wait (marks, or a FUSE mount by the holder), and its background population starts.
+//! A failed layer is only opened to have its files denied (see `failure.rs`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,17 +56,6 @@ impl Worker {
                     // Failed for good: its files are only denied, to readers of older mounts.
                     self.deny_every_file(&layer).await;
                     continue;
-                }
-                if self
-                    .store
-                    .indexes()
-                    .origin(blob)
-                    .map_err(|e| store_error(e.into()))?
-                    == lazylayer_index::distribution::IndexOrigin::Referrer
-                {
-                    // Nobody vouches for this index: each file's tar headers are checked
-                    // against its entry before its data is served.
-                    layer.check_headers();
                 }
                 let mode = layer.mode().map_err(store_error)?;
                 let unfilled =
