@@ -13,6 +13,7 @@ use crate::commands::mount::{MountArgs, UmountArgs};
 use crate::commands::pull::PullArgs;
 use crate::commands::run::RunArgs;
 use crate::commands::serve::ServeArgs;
+use crate::commands::snapshotter::SnapshotterArgs;
 use crate::commands::status::StatusArgs;
 use crate::commands::verify::VerifyArgs;
 
@@ -219,4 +220,37 @@ pub enum Command {
         over FUSE-served layers lose their FUSE connection when the daemon stops."
     )]
     Serve(ServeArgs),
+
+    /// Serve containerd as its remote snapshotter: lazily loaded images for containerd,
+    /// nerdctl and Kubernetes.
+    #[command(
+        long_about = "containerd's snapshots service on a unix socket (--address), for containerd's \
+        proxy plugin. When containerd prepares a layer whose labels name its image and layer \
+        (ctr-remote image rpull, nerdctl, or CRI with disable_snapshot_annotations = false), the \
+        image is pulled lazily as `lazylayer pull` does, and containerd is told the layer is \
+        there: it downloads nothing for it, and containers start while the daemon fills the \
+        layers on access and in the background. Images whose layers lack a lazy index bound to \
+        the image (see `lazylayer index --push` and --index-trust) are downloaded and unpacked \
+        by containerd as its overlayfs snapshotter does, as are layers a plain `ctr image pull` \
+        unpacks; containers' writable layers are ordinary overlay upper directories.\n\n\
+        State (snapshots and their parents, in a redb database) is kept under \
+        --root/snapshotter and survives restarts of the snapshotter and of containerd. While a \
+        layer is lazy the snapshotter keeps the daemon running and holds its fanotify group, so \
+        that neither the daemon's death nor its own makes a reader see zeros. containerd's \
+        garbage collection (removing the image, then its snapshots) releases the layers; the \
+        snapshotter then removes them from the store as `lazylayer gc` does.",
+        after_help = "Wire it into containerd (/etc/containerd/config.toml, version 2):\n  \
+            [proxy_plugins.lazylayer]\n    \
+              type = \"snapshot\"\n    \
+              address = \"/run/lazylayer/snapshotter.sock\"\n  \
+            # Kubernetes (CRI) in containerd 1.6:\n  \
+            [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    \
+              snapshotter = \"lazylayer\"\n    \
+              disable_snapshot_annotations = false\n\n\
+            Then:\n  \
+            lazylayer snapshotter &            # or contrib/lazylayer-snapshotter.service\n  \
+            ctr-remote image rpull --snapshotter lazylayer registry.example.com/app:1.0\n  \
+            ctr run --rm --snapshotter lazylayer registry.example.com/app:1.0 demo /bin/true"
+    )]
+    Snapshotter(SnapshotterArgs),
 }

@@ -26,6 +26,14 @@ pub enum Error {
     /// The daemon could not be started or refused a request.
     #[error("{0}")]
     Daemon(String),
+    /// A lazy-only pull found a layer with no usable lazy index.
+    #[error("layer {layer} of {image} has no usable lazy index")]
+    NoLazyIndex {
+        /// The image.
+        image: String,
+        /// The layer.
+        layer: lazylayer_source::Digest,
+    },
     /// A request that cannot be carried out as asked (the message says what to do instead).
     #[error("{0}")]
     Refused(String),

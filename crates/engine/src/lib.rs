@@ -13,6 +13,7 @@
 
 mod daemon;
 mod error;
+mod gc;
 mod images;
 mod mount;
 mod pull;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 pub use error::{Error, Result};
 pub use images::canonical_reference;
 pub use lazylayer_index::distribution::{IndexOrigin, IndexTrust};
+pub use lazylayer_store::GcReport;
 pub use pull::{LayerLabel, Mode, PullEvent, PullOptions, Pulled};
 pub use run::{RunOptions, RunOutcome, clean_stale_runs, container_helper_main};
 

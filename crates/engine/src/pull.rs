@@ -36,6 +36,10 @@ pub struct PullOptions {
     pub mode: Mode,
     /// Which of the registry's lazy indexes may be used.
     pub index_trust: IndexTrust,
+    /// Refuse ([`Error::NoLazyIndex`]) instead of fetching a layer whole to index it, for
+    /// callers with a cheaper way to get a whole image (a containerd snapshotter lets
+    /// containerd download and unpack it).
+    pub lazy_only: bool,
 }
 
 /// Which layer of the image an event is about.
@@ -197,6 +201,12 @@ impl Engine {
             let fetched_whole = index.is_none();
             let (index, origin) = match index {
                 Some(found) => found,
+                None if options.lazy_only => {
+                    return Err(Error::NoLazyIndex {
+                        image: canonical_reference(&reference),
+                        layer: layer.digest.clone(),
+                    });
+                }
                 None => {
                     progress(PullEvent::FetchingWhole {
                         layer: label,

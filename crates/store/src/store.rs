@@ -58,8 +58,18 @@ pub struct ImageRecord {
 }
 
 /// The directories under the root, each private to root (see [`Store::make_private`]).
-const PRIVATE_DIRS: [&str; 10] = [
-    "layers", "spans", "indexes", "images", "profiles", "mounts", "run", "fuse", "trash", "keepers",
+const PRIVATE_DIRS: [&str; 11] = [
+    "layers",
+    "spans",
+    "indexes",
+    "images",
+    "profiles",
+    "mounts",
+    "run",
+    "fuse",
+    "trash",
+    "keepers",
+    "snapshotter",
 ];
 
 /// The right to set up one layer, from [`Store::lock_layer`].

@@ -16,6 +16,7 @@
 //! Nothing here reaches the internet; the fixture script needs Debian's package mirror once.
 
 pub mod blackhole;
+pub mod containerd;
 pub mod daemon;
 pub mod fixtures;
 pub mod hostile;

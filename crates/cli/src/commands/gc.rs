@@ -1,9 +1,7 @@
 //! `lazylayer gc` and `lazylayer rmi IMAGE`: free the disk that no image and no mount needs.
 
 use clap::Args;
-use lazylayer_daemon::{Request, client};
-use lazylayer_overlay::MountTables;
-use lazylayer_store::{GcReport, InUse, Phase, Store};
+use lazylayer_engine::GcReport;
 
 use crate::options::GlobalArgs;
 use crate::shared::{engine, human_size};
@@ -54,47 +52,11 @@ pub async fn run_rmi(global: &GlobalArgs, args: RmiArgs) -> anyhow::Result<()> {
 
 /// Runs `gc`.
 pub async fn run(global: &GlobalArgs, args: GcArgs) -> anyhow::Result<()> {
-    let store = Store::new(&global.root);
     if !global.root.exists() {
         return crate::output::print("nothing to collect: the store does not exist\n");
     }
-    let _lock = store.lock_for_gc()?;
-    lazylayer_engine::clean_stale_runs(&store);
-    let in_use = in_use(&store).await?;
-    let report = store.collect_garbage(&in_use, args.dry_run)?;
+    let report = engine(global)?.collect_garbage(args.dry_run).await?;
     crate::output::print(&describe(&report, args.dry_run))
-}
-
-/// What must stay although no image references it: layers an overlay still has as a lower (in
-/// any mount namespace) or that the daemon is still filling, and mounts still mounted.
-async fn in_use(store: &Store) -> anyhow::Result<InUse> {
-    let tables = MountTables::scan()
-        .map_err(|e| anyhow::anyhow!("reading the mount tables under /proc: {e}"))?;
-    let mut in_use = InUse::default();
-    for digest in store.layer_digests()? {
-        if tables.uses(&store.layer_fs(&digest)) || tables.uses(&store.fuse_mountpoint(&digest)) {
-            in_use
-                .layers
-                .insert(digest, "an overlay mount still uses it".to_string());
-        }
-    }
-    if let Ok(listing) = std::fs::read_dir(store.mounts_dir()) {
-        for dir in listing.flatten().map(|e| e.path()) {
-            if tables.uses(&dir.join("upper")) {
-                in_use.mount_dirs.insert(dir);
-            }
-        }
-    }
-    if let Ok(response) = client::request(&store.socket(), &Request::Status).await
-        && let Some(status) = response.status
-    {
-        for layer in status.layers.into_iter().filter(|l| l.phase == Phase::Lazy) {
-            in_use.layers.entry(layer.digest).or_insert_with(|| {
-                "the daemon is still filling it (collect again once it has detached)".to_string()
-            });
-        }
-    }
-    Ok(in_use)
 }
 
 fn describe(report: &GcReport, dry_run: bool) -> String {

@@ -10,6 +10,7 @@ pub mod mount;
 pub mod pull;
 pub mod run;
 pub mod serve;
+pub mod snapshotter;
 pub mod status;
 pub mod verify;
 
@@ -22,6 +23,7 @@ fn needs_root(command: &Command) -> Option<&'static str> {
         Command::Run(_) => "run",
         Command::Pull(_) => "pull",
         Command::Serve(_) => "serve",
+        Command::Snapshotter(_) => "snapshotter",
         Command::Mount(_) => "mount",
         Command::Umount(_) => "umount",
         Command::Detach(_) => "detach",
@@ -50,6 +52,7 @@ async fn run_other(cli: Cli) -> anyhow::Result<()> {
         Command::Index(args) => index::run(&cli.global, args).await,
         Command::Pull(args) => pull::run(&cli.global, args).await,
         Command::Serve(args) => serve::run(&cli.global, args).await,
+        Command::Snapshotter(args) => snapshotter::run(&cli.global, args).await,
         Command::Mount(args) => mount::run_mount(&cli.global, args).await,
         Command::Umount(args) => mount::run_umount(&cli.global, args).await,
         Command::Status(args) => status::run(&cli.global, args).await,

@@ -80,6 +80,7 @@ pub async fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<()> {
         platform: args.platform.clone(),
         mode: args.mode.into(),
         index_trust: args.index_trust.into(),
+        lazy_only: false,
     };
     let pulled = engine(global)?
         .pull(&args.image, &options, &|event| report.show(event))

@@ -55,6 +55,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
             platform: args.platform.clone(),
             mode: args.mode.into(),
             index_trust: args.index_trust.into(),
+            lazy_only: false,
         },
         keep: args.keep,
         hostname: args.hostname.clone(),

@@ -11,6 +11,7 @@ mod common;
 
 mod background;
 mod cli;
+mod containerd;
 mod daemon_death;
 mod everyday;
 mod fuse;

@@ -1,0 +1,508 @@
+//! lazylayer as containerd's remote snapshotter: a private containerd (Debian's 1.6) with the
+//! `lazylayer snapshotter` proxy plugin, images pulled with stargz's `ctr-remote image rpull`
+//! (which sends the layer labels) from the shared registry, containers run with `ctr run`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lazylayer_testkit::containerd::Containerd;
+use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
+use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
+
+use crate::common::*;
+
+/// A `lazylayer snapshotter` process serving a store.
+struct SnapshotterProcess {
+    child: Option<Child>,
+    socket: PathBuf,
+    root: String,
+    mode: &'static str,
+    log: PathBuf,
+}
+
+impl SnapshotterProcess {
+    fn start(lazy: &Lazy) -> SnapshotterProcess {
+        let dir = lazy.fs.dir.path();
+        let mut process = SnapshotterProcess {
+            child: None,
+            socket: dir.join("snapshotter.sock"),
+            root: lazy.root_arg(),
+            mode: lazy.mode,
+            log: dir.join("snapshotter.log"),
+        };
+        process.launch();
+        process
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(EXE)
+            .args(["--root", &self.root, "snapshotter", "--mode", self.mode])
+            .arg("--address")
+            .arg(&self.socket)
+            .env("LAZYLAYER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the snapshotter did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kill -9`, as a crash would.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for SnapshotterProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            lazylayer_testkit::daemon::stop(&mut child);
+        }
+    }
+}
+
+/// A store, its snapshotter and a containerd using it; torn down in the right order.
+struct Setup {
+    containerd: Containerd,
+    snapshotter: SnapshotterProcess,
+    lazy: Lazy,
+}
+
+impl Setup {
+    fn new(kind: &str, mode: &'static str) -> Setup {
+        let lazy = Lazy::with_mode(kind, mode);
+        std::fs::create_dir_all(lazy.root()).unwrap();
+        let snapshotter = SnapshotterProcess::start(&lazy);
+        let containerd = Containerd::start(&snapshotter.socket, false);
+        Setup {
+            containerd,
+            snapshotter,
+            lazy,
+        }
+    }
+
+    fn rpull(&self, image: &str) {
+        self.containerd.ctr_remote_ok(&[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "lazylayer",
+            image,
+        ]);
+    }
+
+    /// `ctr run --rm` of `command` in `image`; its stdout.
+    fn run(&self, image: &str, id: &str, command: &[&str]) -> String {
+        let mut args = vec!["run", "--rm", "--snapshotter", "lazylayer", image, id];
+        args.extend_from_slice(command);
+        self.containerd.ctr_ok(&args)
+    }
+
+    /// The snapshotter's snapshots: (name, parent, kind).
+    fn snapshots(&self) -> Vec<(String, String, String)> {
+        self.containerd
+            .ctr_ok(&["snapshots", "--snapshotter", "lazylayer", "ls"])
+            .lines()
+            .skip(1)
+            .map(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    [key, kind] => (key.to_string(), String::new(), kind.to_string()),
+                    [key, parent, kind] => (key.to_string(), parent.to_string(), kind.to_string()),
+                    _ => panic!("unexpected snapshot line {line:?}"),
+                }
+            })
+            .collect()
+    }
+
+    /// The committed snapshot of the image's top layer (the one no other has as parent).
+    fn top_snapshot(&self) -> String {
+        let all = self.snapshots();
+        all.iter()
+            .find(|(name, _, kind)| {
+                kind == "Committed" && !all.iter().any(|(_, parent, _)| parent == name)
+            })
+            .unwrap_or_else(|| panic!("no top snapshot among {all:?}"))
+            .0
+            .clone()
+    }
+
+    /// Mounts a read-only view of the snapshot `parent` (through the snapshotter's View and
+    /// the mounts it answers) at a new directory; unmounted by the returned guard.
+    fn view(&self, key: &str, parent: &str) -> ViewMount {
+        let json = self.containerd.ctr_ok(&[
+            "snapshots",
+            "--snapshotter",
+            "lazylayer",
+            "view",
+            "--mounts",
+            key,
+            parent,
+        ]);
+        let mounts: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let mount = &mounts.as_array().unwrap()[0];
+        let target = self.lazy.fs.dir.path().join(format!("view-{key}"));
+        std::fs::create_dir_all(&target).unwrap();
+        let options: Vec<&str> = mount["Options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap())
+            .collect();
+        let source = mount["Source"].as_str().unwrap();
+        match mount["Type"].as_str().unwrap() {
+            "bind" => sh(&format!(
+                "mount --rbind -o ro {source} {}",
+                target.display()
+            )),
+            "overlay" => sh(&format!(
+                "mount -t overlay overlay -o {} {}",
+                options.join(","),
+                target.display()
+            )),
+            other => panic!("unexpected mount type {other}"),
+        }
+        ViewMount { target }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.containerd.remove_containers();
+    }
+}
+
+struct ViewMount {
+    target: PathBuf,
+}
+
+impl Drop for ViewMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+    }
+}
+
+fn require_containerd(test: &str) -> bool {
+    if !lazylayer_testkit::require_root(test) {
+        return false;
+    }
+    for tool in ["containerd", "ctr", "ctr-remote", "runc"] {
+        lazylayer_testkit::require_tool(tool);
+    }
+    true
+}
+
+/// Whether containerd's content store holds any of `tag`'s layer blobs.
+fn holds_layer_blobs(containerd: &Containerd, tag: &str) -> Vec<String> {
+    let content = containerd.content_digests();
+    layer_hexes(tag)
+        .into_iter()
+        .filter(|hex| content.iter().any(|d| d.ends_with(hex.as_str())))
+        .collect()
+}
+
+/// rpull + run through containerd with the layers lazy: containerd downloads no layer blob,
+/// the container reads the image, and a view of each image equals the extraction.
+fn rpull_runs_lazily_without_layer_downloads(kind: &str, mode: &'static str) {
+    let registry = indexed_registry();
+    let mut setup = Setup::new(kind, mode);
+    // No background population: a file the daemon fills shows the fill's mtime until its
+    // times are set again, which a tree walk could catch (the lazy tests do the same).
+    setup.lazy.serve(&["--background-rate", "1"]);
+    for (tag, name) in [
+        ("bookworm", "test/debian:bookworm"),
+        ("layers", "test/layers:latest"),
+    ] {
+        let image = format!("{registry}/{name}");
+        setup.rpull(&image);
+        assert_eq!(
+            holds_layer_blobs(&setup.containerd, tag),
+            Vec::<String>::new(),
+            "containerd downloaded layer blobs of {image}"
+        );
+        let top = setup.top_snapshot();
+        let view = setup.view(&format!("view-{tag}"), &top);
+        let reference = Reference::new(tag);
+        assert_same_tree(&reference.path(), &view.target);
+        drop(view);
+        let _ = setup.containerd.ctr(&[
+            "snapshots",
+            "--snapshotter",
+            "lazylayer",
+            "rm",
+            &format!("view-{tag}"),
+        ]);
+    }
+    let image = format!("{registry}/test/debian:bookworm");
+    let out = setup.run(&image, "c1", &["cat", "/etc/debian_version"]);
+    assert!(out.starts_with("12."), "{out:?}");
+    let status = setup.lazy.status();
+    for layer in status["layers"].as_array().unwrap() {
+        assert_eq!(layer["mode"], mode, "{status}");
+    }
+    // Every layer snapshot stands for a lazy layer.
+    for (name, _, kind) in setup.snapshots() {
+        assert_eq!(kind, "Committed", "{name}");
+        let info =
+            setup
+                .containerd
+                .ctr_ok(&["snapshots", "--snapshotter", "lazylayer", "info", &name]);
+        assert!(
+            info.contains("containerd.io/snapshot/lazylayer.layer"),
+            "{name}: {info}"
+        );
+    }
+}
+
+mod rpull_runs_lazily_without_layer_downloads {
+    #[test]
+    fn ext4() {
+        if super::require_containerd("containerd::rpull_runs_lazily::ext4") {
+            super::rpull_runs_lazily_without_layer_downloads("ext4", "fanotify");
+        }
+    }
+
+    #[test]
+    fn fuse() {
+        if super::require_containerd("containerd::rpull_runs_lazily::fuse") {
+            super::rpull_runs_lazily_without_layer_downloads("ext4", "fuse");
+        }
+    }
+}
+
+/// An image with no lazy index is downloaded and unpacked by containerd into ordinary
+/// snapshots (and so is every image `ctr image pull` unpacks): it runs, and equals the
+/// extraction.
+#[test]
+fn images_without_an_index_are_unpacked_by_containerd() {
+    if !require_containerd("containerd::images_without_an_index_are_unpacked_by_containerd") {
+        return;
+    }
+    let registry = TestRegistry::start(RegistryAuth::Anonymous).unwrap();
+    let image = format!("{}/test/plain:layers", registry.host());
+    let debian = format!("{}/test/plain:bookworm", registry.host());
+    for (tag, to) in [("layers", &image), ("bookworm", &debian)] {
+        skopeo_copy(
+            &format!("oci:{}:{tag}", layout_dir().display()),
+            &format!("docker://{to}"),
+            &[],
+        );
+    }
+    let setup = Setup::new("ext4", "fanotify");
+    setup.rpull(&image);
+    assert_eq!(
+        holds_layer_blobs(&setup.containerd, "layers").len(),
+        3,
+        "containerd should have downloaded the layers itself"
+    );
+    let log = setup.snapshotter.log();
+    assert!(log.contains("has no usable lazy index"), "{log}");
+    let top = setup.top_snapshot();
+    let view = setup.view("view-plain", &top);
+    assert_same_tree(&Reference::new("layers").path(), &view.target);
+    drop(view);
+    setup.rpull(&debian);
+    let out = setup.run(&debian, "c1", &["cat", "/etc/debian_version"]);
+    assert!(out.starts_with("12."), "{out:?}");
+    // Nothing lazy was made for it.
+    let layers = setup.lazy.root().join("layers");
+    assert!(
+        !layers.exists() || walk(&layers).iter().all(|p| !p.ends_with("fs")),
+        "lazy layers were made for an image without an index"
+    );
+    // `ctr image pull` (no labels at all) unpacks through the same snapshotter.
+    let debian = format!("{}/test/debian:bookworm", indexed_registry());
+    setup.containerd.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "lazylayer",
+        &debian,
+    ]);
+    let out = setup.run(&debian, "c2", &["cat", "/etc/debian_version"]);
+    assert!(out.starts_with("12."), "{out:?}");
+}
+
+/// The snapshotter killed with SIGKILL while a container runs: the next snapshotter serves
+/// the same snapshots and new containers start; both daemon processes killed after that: the
+/// snapshotter's keeper and guardian keep the container's readers from zeros; containerd
+/// restarted keeps the snapshots too.
+#[test]
+fn snapshotter_and_containerd_restarts_keep_containers_and_snapshots() {
+    if !require_containerd("containerd::snapshotter_and_containerd_restarts") {
+        return;
+    }
+    let registry = indexed_registry();
+    let image = format!("{registry}/test/debian:bookworm");
+    let mut setup = Setup::new("ext4", "fanotify");
+    // Slow background population, so that most of the layer is still lazy when the daemon
+    // is killed.
+    setup.lazy.serve(&["--background-rate", "100000"]);
+    setup.rpull(&image);
+    setup.containerd.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "lazylayer",
+        &image,
+        "long",
+        "sleep",
+        "600",
+    ]);
+    let before = setup.snapshots();
+    setup.snapshotter.kill();
+    setup.snapshotter.launch();
+    // containerd dials again with a backoff of up to 3 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !setup
+        .containerd
+        .ctr(&["snapshots", "--snapshotter", "lazylayer", "ls"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "containerd did not reconnect");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(setup.snapshots(), before, "{}", setup.snapshotter.log());
+    let out = setup.run(&image, "after-kill", &["cat", "/etc/debian_version"]);
+    assert!(out.starts_with("12."), "{out:?}");
+
+    // The new snapshotter keeps the daemon's fanotify group...
+    let keepers = setup.lazy.root().join("keepers");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_dir(&keepers)
+        .map(|mut l| l.any(|e| e.unwrap().path().extension().is_some_and(|x| x == "sock")))
+        .unwrap_or(false)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no keeper: {}",
+            setup.snapshotter.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ...so killing both daemon processes leaves readers waiting for the next daemon, which
+    // the snapshotter starts.
+    lazylayer_testkit::daemon::kill_from_status(&setup.lazy.status());
+    if let Some(mut serve) = setup.lazy.serve.take() {
+        let _ = serve.wait();
+    }
+    let reference = Reference::new("bookworm");
+    let files = [
+        "usr/bin/perl",
+        "usr/lib/x86_64-linux-gnu/libc.so.6",
+        "usr/share/doc/bash/copyright",
+        "etc/passwd",
+    ];
+    let command = format!("cd / && sha256sum {}", files.join(" "));
+    let sums = setup.containerd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "sum",
+        "long",
+        "sh",
+        "-c",
+        &command,
+    ]);
+    assert_eq!(sums.lines().count(), files.len(), "{sums}");
+    for line in sums.lines() {
+        let (sum, path) = line.split_once("  ").unwrap();
+        assert_eq!(
+            sum,
+            sha256_of(&reference.path().join(path)),
+            "{path} read wrong through the running container"
+        );
+    }
+
+    setup.containerd.remove_containers();
+    setup.containerd.restart();
+    let committed: Vec<_> = before.into_iter().filter(|s| s.2 == "Committed").collect();
+    assert_eq!(setup.snapshots(), committed);
+    let out = setup.run(&image, "after-restart", &["cat", "/etc/debian_version"]);
+    assert!(out.starts_with("12."), "{out:?}");
+    assert_eq!(holds_layer_blobs(&setup.containerd, "bookworm").len(), 0);
+}
+
+fn sha256_of(path: &Path) -> String {
+    use sha2::Digest;
+    hex_of(&sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Removing the image in containerd releases its snapshots, and the snapshotter's cleanup
+/// removes the layers from the store: nothing is left behind.
+#[test]
+fn removing_the_image_leaves_nothing_behind() {
+    if !require_containerd("containerd::removing_the_image_leaves_nothing_behind") {
+        return;
+    }
+    let registry = indexed_registry();
+    let image = format!("{registry}/test/layers:latest");
+    let setup = Setup::new("ext4", "fanotify");
+    setup.rpull(&image);
+    // A container's writable snapshot (the image has no program to run).
+    setup.containerd.ctr_ok(&[
+        "containers",
+        "create",
+        "--snapshotter",
+        "lazylayer",
+        &image,
+        "c1",
+    ]);
+    assert_eq!(setup.snapshots().len(), 4, "{:?}", setup.snapshots());
+    setup.containerd.ctr_ok(&["containers", "delete", "c1"]);
+    setup.lazy.ll(&["detach", "--wait", &image]);
+    setup.containerd.ctr_ok(&["image", "rm", "--sync", &image]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let snapshots = setup.snapshots();
+        let layers = std::fs::read_dir(setup.lazy.root().join("layers/sha256"))
+            .map(|l| l.count())
+            .unwrap_or(0);
+        let dirs = std::fs::read_dir(setup.lazy.root().join("snapshotter/snapshots"))
+            .unwrap()
+            .count();
+        let images = std::fs::read_dir(setup.lazy.root().join("images"))
+            .map(|l| l.count())
+            .unwrap_or(0);
+        if snapshots.is_empty() && layers == 0 && dirs == 0 && images == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: snapshots {snapshots:?}, {layers} layers, {dirs} snapshot \
+             directories, {images} image records\n{}",
+            setup.snapshotter.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,219 @@
+//! Making a layer containerd asks for available lazily: the image is pulled through the
+//! engine (lazy indexes only: a layer without one is left to containerd), and what the labels
+//! claim is checked against what the pull found before the layer stands for containerd's
+//! target snapshot.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lazylayer_engine::{Engine, IndexTrust, Mode, PullOptions};
+use lazylayer_source::Digest;
+use lazylayer_store::{ImageRecord, Phase};
+
+use crate::labels::LayerRequest;
+
+/// A layer made available lazily for a target snapshot.
+#[derive(Clone, Debug)]
+pub struct Available {
+    /// The image it was pulled with.
+    pub image: ImageRecord,
+    /// Whether this pull added the image to the store (the snapshotter then owns its record).
+    pub new_image: bool,
+    /// The layer's digest.
+    pub layer: Digest,
+}
+
+/// Pulls images lazily for the snapshotter, once per image reference at a time.
+pub struct RemoteLayers {
+    engine: Engine,
+    mode: Mode,
+    index_trust: IndexTrust,
+    /// Per image reference: held while it is pulled, so that its layers' Prepares share one.
+    pulling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Pulled>>>>,
+}
+
+/// What the last pull of an image reference found.
+#[derive(Default)]
+enum Pulled {
+    /// Not pulled yet.
+    #[default]
+    Not,
+    /// Pulled lazily.
+    Lazily(ImageRecord),
+    /// Not available lazily (why), as found at that time: its other layers' Prepares, which
+    /// follow at once, get the same answer without asking the registry again.
+    Refused(Instant, String),
+}
+
+/// How long a refusal stands for the layers of the same image.
+const REFUSAL_STANDS: Duration = Duration::from_secs(30);
+
+impl RemoteLayers {
+    /// Pulls through `engine`, serving new lazy layers in `mode` and trusting indexes as
+    /// `index_trust` says.
+    pub fn new(engine: Engine, mode: Mode, index_trust: IndexTrust) -> RemoteLayers {
+        RemoteLayers {
+            engine,
+            mode,
+            index_trust,
+            pulling: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes the layer `request` names available lazily, or says why it cannot be (containerd
+    /// then downloads and unpacks it). `parent_layer` is the lazy layer the parent snapshot
+    /// stands for, if it is one.
+    pub async fn make_available(
+        &self,
+        request: &LayerRequest,
+        parent_layer: Option<&Digest>,
+    ) -> Result<Available, String> {
+        let slot = self
+            .pulling
+            .lock()
+            .expect("pull table lock")
+            .entry(request.image.clone())
+            .or_default()
+            .clone();
+        let mut pulled = slot.lock().await;
+        // A record pulled for an earlier layer of the image still serves, unless a collection
+        // removed one of its layers since.
+        let usable = match &*pulled {
+            Pulled::Lazily(image) => self.all_present(image)?,
+            Pulled::Refused(when, why) if when.elapsed() < REFUSAL_STANDS => {
+                return Err(why.clone());
+            }
+            _ => false,
+        };
+        let mut new_image = false;
+        if !usable {
+            let before = self.engine.store().images().map_err(|e| e.to_string())?;
+            let options = PullOptions {
+                platform: None,
+                mode: self.mode,
+                index_trust: self.index_trust,
+                lazy_only: true,
+            };
+            let image = match self.engine.pull(&request.image, &options, &|_| {}).await {
+                Ok(done) => done.image,
+                Err(e) => {
+                    *pulled = Pulled::Refused(Instant::now(), e.to_string());
+                    return Err(e.to_string());
+                }
+            };
+            new_image = !before.iter().any(|i| i.manifest == image.manifest);
+            *pulled = Pulled::Lazily(image);
+        }
+        let Pulled::Lazily(image) = &*pulled else {
+            unreachable!("pulled above")
+        };
+        let image = image.clone();
+        check_claims(&image, request, parent_layer)?;
+        Ok(Available {
+            image,
+            new_image,
+            layer: request.layer.clone(),
+        })
+    }
+
+    fn all_present(&self, image: &ImageRecord) -> Result<bool, String> {
+        let store = self.engine.store();
+        for layer in &image.layers {
+            match store.phase(&layer.digest).map_err(|e| e.to_string())? {
+                Some(Phase::Lazy | Phase::Detached) => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Checks that the pulled `image` is what containerd asked for: the manifest it resolved (when
+/// the labels say), the layer among the image's layers, the target the chain ID of the image's
+/// layers up to it, and the parent the layer below.
+pub fn check_claims(
+    image: &ImageRecord,
+    request: &LayerRequest,
+    parent_layer: Option<&Digest>,
+) -> Result<(), String> {
+    if let Some(manifest) = &request.manifest
+        && *manifest != image.manifest
+    {
+        return Err(format!(
+            "{} now names manifest {}, not the {manifest} containerd resolved",
+            request.image, image.manifest
+        ));
+    }
+    let Some(position) = image.layers.iter().position(|l| l.digest == request.layer) else {
+        return Err(format!(
+            "layer {} is not a layer of {} ({})",
+            request.layer, request.image, image.manifest
+        ));
+    };
+    let diff_ids = diff_ids(image)?;
+    let chain = chain_id(&diff_ids[..=position]);
+    if chain != request.target {
+        return Err(format!(
+            "the target {} is not the chain ID {chain} of layer {} of {}",
+            request.target,
+            position + 1,
+            request.image
+        ));
+    }
+    if let Some(parent) = parent_layer {
+        let below = position.checked_sub(1).map(|i| &image.layers[i].digest);
+        if below != Some(parent) {
+            return Err(format!(
+                "the parent snapshot is layer {parent}, not the layer below {} in {}",
+                request.layer, request.image
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The image config's diff IDs, one per layer.
+fn diff_ids(image: &ImageRecord) -> Result<Vec<String>, String> {
+    let ids: Vec<String> = image.config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .filter_map(|id| id.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if ids.len() != image.layers.len() {
+        return Err(format!(
+            "the image config of {} has {} diff IDs for {} layers",
+            image.reference,
+            ids.len(),
+            image.layers.len()
+        ));
+    }
+    Ok(ids)
+}
+
+/// The OCI chain ID of layers with these diff IDs, bottom first (what containerd names a
+/// committed layer snapshot).
+pub fn chain_id(diff_ids: &[String]) -> String {
+    let mut chain = diff_ids[0].clone();
+    for id in &diff_ids[1..] {
+        chain = Digest::sha256(format!("{chain} {id}").as_bytes()).to_string();
+    }
+    chain
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_definition() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        assert_eq!(chain_id(std::slice::from_ref(&a)), a);
+        let expected = Digest::sha256(format!("{a} {b}").as_bytes()).to_string();
+        assert_eq!(chain_id(&[a, b]), expected);
+    }
+}

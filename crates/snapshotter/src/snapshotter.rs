@@ -1,0 +1,597 @@
+//! The snapshotter: containerd's snapshot operations over the metadata database, the
+//! snapshot directories (`ROOT/snapshotter/snapshots/ID/{fs,work}`) and the lazy layers of the
+//! store.
+//!
+//! A Prepare whose labels name a layer of an image with lazy indexes commits a snapshot under
+//! the target name whose `fs` links to the layer's directory, and answers AlreadyExists, as
+//! containerd's remote snapshotter contract asks: containerd then neither downloads nor
+//! unpacks that layer. Everything else is an ordinary overlay snapshot.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use lazylayer_engine::{Engine, IndexTrust, Mode};
+use lazylayer_source::Digest;
+use lazylayer_store::Phase;
+
+use crate::api::Mount;
+use crate::labels::{self, Asked};
+use crate::metadata::{Kind, Metadata, MetadataError, Record, RemoteLayer, now};
+use crate::mounts::{MountPlan, mounts};
+use crate::remote::{Available, RemoteLayers};
+
+/// How deep a chain of parents may be (a cycle in a damaged database ends here).
+const MAX_DEPTH: usize = 4096;
+
+/// A snapshot operation failed; each variant is the gRPC status containerd expects.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No snapshot of that name.
+    #[error("snapshot {0} does not exist")]
+    NotFound(String),
+    /// The name is taken (for a lazy layer: the target is committed, which containerd takes
+    /// as the layer being there).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request cannot be carried out as asked.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The snapshot is not in the state the operation needs.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A lazy layer cannot be served now (failed, gone, or no daemon).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<MetadataError> for Error {
+    fn from(e: MetadataError) -> Error {
+        Error::Internal(e.to_string())
+    }
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Internal(format!("{what}: {e}"))
+}
+
+/// How the snapshotter serves lazy layers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SnapshotterOptions {
+    /// How new lazy layers are served (fanotify or FUSE).
+    pub mode: Mode,
+    /// Which registry indexes may be used lazily.
+    pub index_trust: IndexTrust,
+}
+
+/// containerd's snapshotter over a lazylayer store.
+pub struct Snapshotter {
+    engine: Engine,
+    metadata: Metadata,
+    dir: PathBuf,
+    remote: RemoteLayers,
+    /// Per target: held while a Prepare decides whether it is a lazy layer.
+    targets: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while a cleanup runs.
+    cleaning: tokio::sync::Mutex<()>,
+}
+
+impl Snapshotter {
+    /// Opens the snapshotter's state under the engine's store (`ROOT/snapshotter`), creating
+    /// it private to root.
+    pub fn open(engine: Engine, options: SnapshotterOptions) -> Result<Snapshotter, Error> {
+        engine
+            .store()
+            .make_private()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let dir = engine.store().root().join("snapshotter");
+        for made in [dir.join("snapshots"), dir.join("trash")] {
+            std::fs::create_dir_all(&made).map_err(io(format!("creating {}", made.display())))?;
+            set_mode(&made, 0o700)?;
+        }
+        let metadata = Metadata::open(&dir.join("metadata.redb"))?;
+        let remote = RemoteLayers::new(engine.clone(), options.mode, options.index_trust);
+        Ok(Snapshotter {
+            engine,
+            metadata,
+            dir,
+            remote,
+            targets: Mutex::new(HashMap::new()),
+            cleaning: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The engine it pulls with.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn snapshot_dir(&self, id: u64) -> PathBuf {
+        self.dir.join("snapshots").join(id.to_string())
+    }
+
+    /// A writable snapshot on `parent`; a lazy layer instead when the labels name one (then
+    /// [`Error::AlreadyExists`], as containerd expects of a remote snapshotter).
+    pub async fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Error> {
+        match labels::asked(&labels) {
+            Asked::Plain => {}
+            Asked::Unpack(why) => tracing::info!("{key}: containerd unpacks it: {why}"),
+            Asked::Layer(request) => {
+                let lock = self
+                    .targets
+                    .lock()
+                    .expect("target table lock")
+                    .entry(request.target.clone())
+                    .or_default()
+                    .clone();
+                let _held = lock.lock().await;
+                if let Some(existing) = self.metadata.get(&request.target)? {
+                    if existing.kind == Kind::Committed && existing.parent == parent {
+                        return Err(already_there(&request.target));
+                    }
+                } else {
+                    let parent_layer = match parent {
+                        "" => None,
+                        parent => self
+                            .metadata
+                            .get(parent)?
+                            .and_then(|r| r.remote)
+                            .and_then(|r| r.layer.parse::<Digest>().ok()),
+                    };
+                    match self
+                        .remote
+                        .make_available(&request, parent_layer.as_ref())
+                        .await
+                    {
+                        Ok(available) => {
+                            self.commit_lazy(&request.target, parent, labels, &available)?;
+                            return Err(already_there(&request.target));
+                        }
+                        Err(why) => tracing::warn!(
+                            "layer {} of {} is not lazy (containerd downloads and unpacks \
+                             it): {why}",
+                            request.layer,
+                            request.image
+                        ),
+                    }
+                }
+            }
+        }
+        self.create(key, parent, labels, Kind::Active)?;
+        self.mounts(key).await
+    }
+
+    /// A read-only view of `parent`.
+    pub async fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Error> {
+        self.create(key, parent, labels, Kind::View)?;
+        self.mounts(key).await
+    }
+
+    /// Records a new snapshot `key` of `kind` on `parent`, with its directories.
+    fn create(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+        kind: Kind,
+    ) -> Result<(), Error> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("a snapshot needs a key".into()));
+        }
+        self.metadata.change(|c| {
+            if c.get(key)?.is_some() {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {key} already exists"
+                )));
+            }
+            if !parent.is_empty() {
+                match c.get(parent)? {
+                    None => return Err(Error::NotFound(parent.to_string())),
+                    Some(p) if p.kind != Kind::Committed => {
+                        return Err(Error::InvalidArgument(format!(
+                            "parent {parent} is not a committed snapshot"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            let id = c.next_id()?;
+            let dir = self.snapshot_dir(id);
+            make_dir(&dir, 0o700)?;
+            make_dir(&dir.join("fs"), 0o755)?;
+            if kind == Kind::Active {
+                make_dir(&dir.join("work"), 0o700)?;
+            }
+            let time = now();
+            c.put(
+                key,
+                &Record {
+                    id,
+                    kind,
+                    parent: parent.to_string(),
+                    labels: labels.into_iter().collect(),
+                    created: time,
+                    updated: time,
+                    remote: None,
+                },
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Commits the lazy layer `available` as the snapshot `target` on `parent`.
+    fn commit_lazy(
+        &self,
+        target: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+        available: &Available,
+    ) -> Result<(), Error> {
+        let lower = self
+            .engine
+            .store()
+            .lower_dir(&available.layer)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        self.metadata.change(|c| {
+            if !parent.is_empty() && c.get(parent)?.is_none() {
+                return Err(Error::NotFound(parent.to_string()));
+            }
+            let id = c.next_id()?;
+            let dir = self.snapshot_dir(id);
+            make_dir(&dir, 0o700)?;
+            std::os::unix::fs::symlink(&lower, dir.join("fs"))
+                .map_err(io(format!("linking {} to the layer", dir.display())))?;
+            let mut labels: BTreeMap<String, String> = labels.into_iter().collect();
+            labels.insert(
+                labels::LAZYLAYER_LAYER.to_string(),
+                available.layer.to_string(),
+            );
+            let time = now();
+            c.put(
+                target,
+                &Record {
+                    id,
+                    kind: Kind::Committed,
+                    parent: parent.to_string(),
+                    labels,
+                    created: time,
+                    updated: time,
+                    remote: Some(RemoteLayer {
+                        layer: available.layer.to_string(),
+                        manifest: available.image.manifest.to_string(),
+                    }),
+                },
+            )?;
+            if available.new_image {
+                c.own_image(
+                    &available.image.manifest.to_string(),
+                    &available.image.reference,
+                )?;
+            }
+            Ok(())
+        })?;
+        tracing::info!(
+            "layer {} of {} is lazy as {target}",
+            available.layer,
+            available.image.reference
+        );
+        Ok(())
+    }
+
+    /// The mounts of snapshot `key`; [`Error::Unavailable`] when a lazy layer under it has
+    /// failed or cannot be served.
+    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, Error> {
+        let record = self
+            .metadata
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
+        let mut chain = vec![record.clone()];
+        let mut parent = record.parent.clone();
+        while !parent.is_empty() {
+            if chain.len() > MAX_DEPTH {
+                return Err(Error::Internal(format!(
+                    "{key}: the chain of parents loops"
+                )));
+            }
+            let above = self.metadata.get(&parent)?.ok_or_else(|| {
+                Error::Internal(format!("{key}: its ancestor {parent} is missing"))
+            })?;
+            parent = above.parent.clone();
+            chain.push(above);
+        }
+        let mut lazy_below = false;
+        let mut needs_daemon = false;
+        for (i, snapshot) in chain.iter().enumerate() {
+            if let Some(remote) = &snapshot.remote {
+                lazy_below |= i > 0 || snapshot.kind != Kind::Active;
+                needs_daemon |= self.check_layer(key, remote, &self.snapshot_dir(snapshot.id))?;
+            }
+        }
+        if needs_daemon {
+            self.engine.start_daemon().await.map_err(|e| {
+                Error::Unavailable(format!("{key}: lazy layers under it cannot be served: {e}"))
+            })?;
+        }
+        let plan = MountPlan {
+            kind: record.kind,
+            fs: self.snapshot_dir(record.id).join("fs"),
+            work: self.snapshot_dir(record.id).join("work"),
+            parents: chain[1..]
+                .iter()
+                .map(|s| self.snapshot_dir(s.id).join("fs"))
+                .collect(),
+            lazy_below,
+        };
+        Ok(mounts(&plan))
+    }
+
+    /// Checks that the lazy layer of the snapshot in `dir` can be served and points its `fs`
+    /// at the layer's current lower directory; returns whether it is still lazy.
+    fn check_layer(&self, key: &str, remote: &RemoteLayer, dir: &Path) -> Result<bool, Error> {
+        let store = self.engine.store();
+        let layer: Digest = remote
+            .layer
+            .parse()
+            .map_err(|e| Error::Internal(format!("the layer of {key}: {e}")))?;
+        let internal = |e: lazylayer_store::Error| Error::Internal(e.to_string());
+        if let Some(reason) = store.failure(&layer).map_err(internal)? {
+            return Err(Error::Unavailable(format!(
+                "layer {layer} under {key} failed ({reason}): remove the image (ctr image rm), \
+                 which releases the layer, and pull it again"
+            )));
+        }
+        let lazy = match store.phase(&layer).map_err(internal)? {
+            Some(Phase::Lazy) => true,
+            Some(Phase::Detached) => false,
+            other => {
+                return Err(Error::Unavailable(format!(
+                    "layer {layer} under {key} is not in the store ({other:?}): remove the \
+                     image and pull it again"
+                )));
+            }
+        };
+        let lower = store.lower_dir(&layer).map_err(internal)?;
+        point_link(&dir.join("fs"), &lower)?;
+        Ok(lazy)
+    }
+
+    /// Commits the active snapshot `key` as `name`.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), Error> {
+        self.metadata.change(|c| {
+            let mut record = c
+                .get(key)?
+                .ok_or_else(|| Error::NotFound(key.to_string()))?;
+            if record.kind != Kind::Active {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key} is not active"
+                )));
+            }
+            if c.get(name)?.is_some() {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {name} already exists"
+                )));
+            }
+            record.kind = Kind::Committed;
+            record.labels = labels.into_iter().collect();
+            record.updated = now();
+            c.remove(key)?;
+            c.put(name, &record)?;
+            Ok(())
+        })
+    }
+
+    /// Removes the snapshot `key` (one with children cannot go) and its directory; the lazy
+    /// layer it stood for is released, and goes at the next cleanup if nothing else uses it.
+    pub async fn remove(self: &Arc<Self>, key: &str) -> Result<(), Error> {
+        let record = self.metadata.change(|c| {
+            let record = c
+                .get(key)?
+                .ok_or_else(|| Error::NotFound(key.to_string()))?;
+            if c.has_children(key)? {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key} has children: remove them first"
+                )));
+            }
+            c.remove(key)?;
+            Ok(record)
+        })?;
+        self.discard(record.id)?;
+        if record.remote.is_some() {
+            // containerd calls Cleanup after its own collection, but not after every Remove.
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.cleanup().await {
+                    tracing::warn!("cleaning up after removing a lazy layer's snapshot: {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Moves a snapshot directory to the trash (one step) and deletes it there.
+    fn discard(&self, id: u64) -> Result<(), Error> {
+        let dir = self.snapshot_dir(id);
+        let trashed = self.dir.join("trash").join(format!("{id}-{}", now()));
+        match std::fs::rename(&dir, &trashed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(format!("moving {} to the trash", dir.display()))(e)),
+        }
+        std::fs::remove_dir_all(&trashed).map_err(io(format!("removing {}", trashed.display())))
+    }
+
+    /// The snapshot `key`.
+    pub fn stat(&self, key: &str) -> Result<Record, Error> {
+        self.metadata
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(key.to_string()))
+    }
+
+    /// Updates the labels of snapshot `name`: those `fieldpaths` name (`labels.KEY` or
+    /// `labels`), or all of them when it names none.
+    pub fn update(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+        fieldpaths: &[String],
+    ) -> Result<Record, Error> {
+        self.metadata.change(|c| {
+            let mut record = c
+                .get(name)?
+                .ok_or_else(|| Error::NotFound(name.to_string()))?;
+            if fieldpaths.is_empty() || fieldpaths.iter().any(|p| p == "labels") {
+                record.labels = labels.into_iter().collect();
+            } else {
+                for path in fieldpaths {
+                    let Some(label) = path.strip_prefix("labels.") else {
+                        return Err(Error::InvalidArgument(format!(
+                            "cannot update {path}: only labels can change"
+                        )));
+                    };
+                    match labels.get(label) {
+                        Some(value) => record.labels.insert(label.to_string(), value.clone()),
+                        None => record.labels.remove(label),
+                    };
+                }
+            }
+            record.updated = now();
+            c.put(name, &record)?;
+            Ok(record)
+        })
+    }
+
+    /// Disk bytes and inodes snapshot `key` holds: its own directory, or for a lazy layer the
+    /// layer's directory (blocks allocated: unfilled placeholders hold none).
+    pub async fn usage(&self, key: &str) -> Result<(u64, u64), Error> {
+        let record = self.stat(key)?;
+        let dir = match &record.remote {
+            Some(remote) => {
+                let layer: Digest = remote
+                    .layer
+                    .parse()
+                    .map_err(|e| Error::Internal(format!("the layer of {key}: {e}")))?;
+                self.engine.store().layer_fs(&layer)
+            }
+            None => self.snapshot_dir(record.id).join("fs"),
+        };
+        tokio::task::spawn_blocking(move || crate::usage::disk_usage(&dir))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(io(format!("measuring {key}")))
+    }
+
+    /// Every snapshot, by name.
+    pub fn list(&self) -> Result<Vec<(String, Record)>, Error> {
+        Ok(self.metadata.all()?)
+    }
+
+    /// Removes what no snapshot records: directories left by a crash, images the snapshotter
+    /// pulled whose layers no snapshot stands for any more, and then (as `lazylayer gc`) every
+    /// layer, index and span cache nothing references.
+    pub async fn cleanup(&self) -> Result<(), Error> {
+        let _held = self.cleaning.lock().await;
+        let all = self.metadata.all()?;
+        let ids: HashSet<String> = all.iter().map(|(_, r)| r.id.to_string()).collect();
+        let snapshots = self.dir.join("snapshots");
+        let listing = std::fs::read_dir(&snapshots)
+            .map_err(io(format!("listing {}", snapshots.display())))?;
+        for entry in listing.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Ok(id) = name.parse::<u64>()
+                && !ids.contains(&name)
+            {
+                self.discard(id)?;
+            }
+        }
+        let trash = self.dir.join("trash");
+        if let Ok(listing) = std::fs::read_dir(&trash) {
+            for entry in listing.flatten() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let used: HashSet<String> = all
+            .iter()
+            .filter_map(|(_, r)| r.remote.as_ref().map(|l| l.layer.clone()))
+            .collect();
+        let store = self.engine.store();
+        let images = store.images().map_err(|e| Error::Internal(e.to_string()))?;
+        for (manifest, reference) in self.metadata.owned_images()? {
+            let record = images.iter().find(|i| i.manifest.to_string() == manifest);
+            if let Some(image) = record {
+                if image
+                    .layers
+                    .iter()
+                    .any(|l| used.contains(&l.digest.to_string()))
+                {
+                    continue;
+                }
+                store
+                    .forget_image(&image.manifest)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                tracing::info!("released {reference}: no snapshot uses its layers");
+            }
+            self.metadata
+                .change(|c| c.disown_image(&manifest).map_err(Error::from))?;
+        }
+        let report = self
+            .engine
+            .collect_garbage(false)
+            .await
+            .map_err(|e| Error::Internal(format!("collecting the store: {e}")))?;
+        if !report.removed.is_empty() {
+            tracing::info!(
+                "cleanup removed {} items ({} bytes)",
+                report.removed.len(),
+                report.bytes()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What a Prepare answers for a layer that is (now) a committed lazy snapshot.
+fn already_there(target: &str) -> Error {
+    Error::AlreadyExists(format!("target snapshot {target} (lazily loaded)"))
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("setting the mode of {}", path.display())))
+}
+
+/// Creates `path` with `mode`, whatever the umask.
+fn make_dir(path: &Path, mode: u32) -> Result<(), Error> {
+    std::fs::create_dir(path).map_err(io(format!("creating {}", path.display())))?;
+    set_mode(path, mode)
+}
+
+/// Makes the symlink `link` point at `target`, replacing it in one step if it points
+/// elsewhere (a layer that detached from its FUSE mount since).
+fn point_link(link: &Path, target: &Path) -> Result<(), Error> {
+    if std::fs::read_link(link).is_ok_and(|current| current == target) {
+        return Ok(());
+    }
+    let fresh = link.with_file_name(format!("fs.{}", now()));
+    std::os::unix::fs::symlink(target, &fresh)
+        .map_err(io(format!("linking {}", fresh.display())))?;
+    std::fs::rename(&fresh, link).map_err(io(format!("replacing {}", link.display())))
+}
