@@ -16,9 +16,15 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Starts containerd with the proxy snapshotter `lazylayer` at `snapshotter_socket`; with
-    /// `cri`, its CRI plugin too, using that snapshotter with labels on.
-    pub fn start(snapshotter_socket: &Path, cri: bool) -> Containerd {
+    /// Starts containerd with the proxy snapshotter `lazylayer` at `snapshotter_socket`.
+    pub fn start(snapshotter_socket: &Path) -> Containerd {
+        Containerd::start_with(snapshotter_socket, None)
+    }
+
+    /// Starts containerd with the proxy snapshotter `lazylayer` at `snapshotter_socket` and,
+    /// given a sandbox (pause) image, its CRI plugin, using that snapshotter with snapshot
+    /// labels on and registries configured by `certs_dir()/HOST/hosts.toml`.
+    pub fn start_with(snapshotter_socket: &Path, cri_sandbox_image: Option<&str>) -> Containerd {
         crate::require_tool("containerd");
         crate::require_tool("ctr");
         let dir = tempfile::Builder::new()
@@ -26,17 +32,20 @@ impl Containerd {
             .tempdir_in("/tmp")
             .expect("a directory for containerd");
         let d = dir.path();
-        let cri_section = if cri {
+        let cri = cri_sandbox_image.is_some();
+        let cri_section = if let Some(sandbox) = cri_sandbox_image {
             format!(
                 r#"[plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{sandbox}"
+  # This machine's sandbox lacks CAP_SYS_RESOURCE: no negative oom_score_adj for the pause
+  # container.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "lazylayer"
     disable_snapshot_annotations = false
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{d}/certs.d"
 "#,
-                sandbox = "127.0.0.1/pause:none",
                 d = d.display()
             )
         } else {
@@ -128,6 +137,30 @@ state = "{d}/state"
         self.dir.path().join("certs.d")
     }
 
+    /// CRI's gRPC socket (containerd's own).
+    pub fn cri_socket(&self) -> PathBuf {
+        self.address()
+    }
+
+    /// A directory for CRI pod logs.
+    pub fn pod_logs(&self) -> PathBuf {
+        self.dir.path().join("pods")
+    }
+
+    /// Lets CRI pull from the plain-HTTP registry `host` (HOST:PORT), through its
+    /// `certs.d/HOST/hosts.toml`.
+    pub fn allow_plain_http(&self, host: &str) {
+        let dir = self.certs_dir().join(host);
+        std::fs::create_dir_all(&dir).expect("certs.d");
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .expect("hosts.toml");
+    }
+
     /// containerd's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
@@ -136,11 +169,16 @@ state = "{d}/state"
     /// Runs `ctr` (or another containerd client, `program`) against this containerd in the
     /// test namespace.
     pub fn client(&self, program: &str, args: &[&str]) -> Output {
+        self.client_in(NAMESPACE, program, args)
+    }
+
+    /// Runs `program ARGS` against this containerd in `namespace` (`k8s.io` is CRI's).
+    pub fn client_in(&self, namespace: &str, program: &str, args: &[&str]) -> Output {
         Command::new(program)
             .arg("--address")
             .arg(self.address())
             .arg("--namespace")
-            .arg(NAMESPACE)
+            .arg(namespace)
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -177,9 +215,16 @@ state = "{d}/state"
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    /// The digests in containerd's content store.
+    /// The digests in containerd's content store (in the test namespace).
     pub fn content_digests(&self) -> Vec<String> {
-        self.ctr_ok(&["content", "ls", "-q"])
+        self.content_digests_in(NAMESPACE)
+    }
+
+    /// The digests in containerd's content store in `namespace`.
+    pub fn content_digests_in(&self, namespace: &str) -> Vec<String> {
+        let output = self.client_in(namespace, "ctr", &["content", "ls", "-q"]);
+        assert!(output.status.success(), "ctr content ls failed");
+        String::from_utf8_lossy(&output.stdout)
             .lines()
             .map(|l| l.trim().to_string())
             .filter(|l| !l.is_empty())

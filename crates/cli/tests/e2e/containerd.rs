@@ -6,23 +6,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lazylayer_testkit::containerd::Containerd;
+use lazylayer_testkit::containerd::{Containerd, NAMESPACE};
 use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
 use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
 
 use crate::common::*;
 
 /// A `lazylayer snapshotter` process serving a store.
-struct SnapshotterProcess {
+pub struct SnapshotterProcess {
     child: Option<Child>,
-    socket: PathBuf,
+    pub socket: PathBuf,
     root: String,
     mode: &'static str,
     log: PathBuf,
 }
 
 impl SnapshotterProcess {
-    fn start(lazy: &Lazy) -> SnapshotterProcess {
+    pub fn start(lazy: &Lazy) -> SnapshotterProcess {
         let dir = lazy.fs.dir.path();
         let mut process = SnapshotterProcess {
             child: None,
@@ -71,7 +71,7 @@ impl SnapshotterProcess {
         }
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -96,7 +96,7 @@ impl Setup {
         let lazy = Lazy::with_mode(kind, mode);
         std::fs::create_dir_all(lazy.root()).unwrap();
         let snapshotter = SnapshotterProcess::start(&lazy);
-        let containerd = Containerd::start(&snapshotter.socket, false);
+        let containerd = Containerd::start(&snapshotter.socket);
         Setup {
             containerd,
             snapshotter,
@@ -206,7 +206,7 @@ impl Drop for ViewMount {
     }
 }
 
-fn require_containerd(test: &str) -> bool {
+pub fn require_containerd(test: &str) -> bool {
     if !lazylayer_testkit::require_root(test) {
         return false;
     }
@@ -217,8 +217,8 @@ fn require_containerd(test: &str) -> bool {
 }
 
 /// Whether containerd's content store holds any of `tag`'s layer blobs.
-fn holds_layer_blobs(containerd: &Containerd, tag: &str) -> Vec<String> {
-    let content = containerd.content_digests();
+pub fn holds_layer_blobs(containerd: &Containerd, namespace: &str, tag: &str) -> Vec<String> {
+    let content = containerd.content_digests_in(namespace);
     layer_hexes(tag)
         .into_iter()
         .filter(|hex| content.iter().any(|d| d.ends_with(hex.as_str())))
@@ -240,7 +240,7 @@ fn rpull_runs_lazily_without_layer_downloads(kind: &str, mode: &'static str) {
         let image = format!("{registry}/{name}");
         setup.rpull(&image);
         assert_eq!(
-            holds_layer_blobs(&setup.containerd, tag),
+            holds_layer_blobs(&setup.containerd, NAMESPACE, tag),
             Vec::<String>::new(),
             "containerd downloaded layer blobs of {image}"
         );
@@ -315,7 +315,7 @@ fn images_without_an_index_are_unpacked_by_containerd() {
     let setup = Setup::new("ext4", "fanotify");
     setup.rpull(&image);
     assert_eq!(
-        holds_layer_blobs(&setup.containerd, "layers").len(),
+        holds_layer_blobs(&setup.containerd, NAMESPACE, "layers").len(),
         3,
         "containerd should have downloaded the layers itself"
     );
@@ -446,7 +446,10 @@ fn snapshotter_and_containerd_restarts_keep_containers_and_snapshots() {
     assert_eq!(setup.snapshots(), committed);
     let out = setup.run(&image, "after-restart", &["cat", "/etc/debian_version"]);
     assert!(out.starts_with("12."), "{out:?}");
-    assert_eq!(holds_layer_blobs(&setup.containerd, "bookworm").len(), 0);
+    assert_eq!(
+        holds_layer_blobs(&setup.containerd, NAMESPACE, "bookworm").len(),
+        0
+    );
 }
 
 fn sha256_of(path: &Path) -> String {

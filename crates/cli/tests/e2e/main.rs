@@ -12,6 +12,7 @@ mod common;
 mod background;
 mod cli;
 mod containerd;
+mod cri;
 mod daemon_death;
 mod everyday;
 mod fuse;
