@@ -509,3 +509,53 @@ fn removing_the_image_leaves_nothing_behind() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// An image of 60 layers (the Debian layer and 59 small ones, added by umoci): containerd
+/// mounts its container with every layer a lower, within the one page mount(2) takes for
+/// options, and the container sees each layer's file.
+#[test]
+fn a_sixty_layer_image_runs() {
+    if !require_containerd("containerd::a_sixty_layer_image_runs") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let layout = scratch.path().join("oci");
+    skopeo_copy(
+        &format!("oci:{}:bookworm", layout_dir().display()),
+        &format!("oci:{}:many", layout.display()),
+        &[],
+    );
+    for i in 1..60 {
+        let dir = scratch.path().join(format!("l{i}"));
+        std::fs::create_dir_all(dir.join("layers")).unwrap();
+        std::fs::write(dir.join("layers").join(format!("{i}")), format!("layer {i}\n")).unwrap();
+        let tar = scratch.path().join(format!("l{i}.tar"));
+        sh(&format!(
+            "tar -C {} -cf {} layers && umoci raw add-layer --image {}:many {}",
+            dir.display(),
+            tar.display(),
+            layout.display(),
+            tar.display()
+        ));
+    }
+    let registry = TestRegistry::start(RegistryAuth::Anonymous).unwrap();
+    let image = format!("{}/test/many:layers", registry.host());
+    skopeo_copy(
+        &format!("oci:{}:many", layout.display()),
+        &format!("docker://{image}"),
+        &[],
+    );
+    let index_root = tempfile::tempdir().unwrap();
+    ok(&[
+        "--root",
+        index_root.path().to_str().unwrap(),
+        "index",
+        "--push",
+        &image,
+    ]);
+    let setup = Setup::new("ext4", "fanotify");
+    setup.rpull(&image);
+    assert_eq!(setup.snapshots().len(), 60);
+    let out = setup.run(&image, "many", &["sh", "-c", "cat /layers/* | wc -l; cat /layers/59"]);
+    assert_eq!(out, "59\nlayer 59\n");
+}
