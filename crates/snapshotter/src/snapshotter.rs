@@ -166,7 +166,7 @@ impl Snapshotter {
             }
         }
         self.create(key, parent, labels, Kind::Active)?;
-        self.mounts(key).await
+        self.mounts_of_new(key).await
     }
 
     /// A read-only view of `parent`.
@@ -177,7 +177,26 @@ impl Snapshotter {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Error> {
         self.create(key, parent, labels, Kind::View)?;
-        self.mounts(key).await
+        self.mounts_of_new(key).await
+    }
+
+    /// The mounts of the snapshot just created as `key`; if it cannot be mounted (a lazy
+    /// layer under it failed), it is removed again: containerd takes the Prepare as failed.
+    async fn mounts_of_new(&self, key: &str) -> Result<Vec<Mount>, Error> {
+        match self.mounts(key).await {
+            Ok(mounts) => Ok(mounts),
+            Err(e) => {
+                let removed = self.metadata.change(|c| {
+                    let record = c.get(key)?;
+                    c.remove(key)?;
+                    Ok::<_, MetadataError>(record)
+                });
+                if let Ok(Some(record)) = removed {
+                    let _ = self.discard(record.id);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Records a new snapshot `key` of `kind` on `parent`, with its directories.
@@ -594,4 +613,163 @@ fn point_link(link: &Path, target: &Path) -> Result<(), Error> {
     std::os::unix::fs::symlink(target, &fresh)
         .map_err(io(format!("linking {}", fresh.display())))?;
     std::fs::rename(&fresh, link).map_err(io(format!("replacing {}", link.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazylayer_engine::EngineOptions;
+    use lazylayer_store::state::LayerRecord;
+
+    fn snapshotter(root: &Path) -> Arc<Snapshotter> {
+        let engine = Engine::new(EngineOptions {
+            root: root.to_path_buf(),
+            insecure_registries: Vec::new(),
+            program: "/nonexistent/lazylayer".into(),
+        });
+        Arc::new(Snapshotter::open(engine, SnapshotterOptions::default()).unwrap())
+    }
+
+    fn no_labels() -> HashMap<String, String> {
+        HashMap::new()
+    }
+
+    #[tokio::test]
+    async fn ordinary_snapshots_behave_as_containerd_expects() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = snapshotter(dir.path());
+        let mounts = s.prepare("ns/1/a", "", no_labels()).await.unwrap();
+        assert_eq!(mounts[0].r#type, "bind");
+        assert!(mounts[0].options.contains(&"rw".to_string()));
+        // A name taken, a parent missing or not committed.
+        assert!(matches!(
+            s.prepare("ns/1/a", "", no_labels()).await,
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            s.prepare("ns/2/b", "nothing", no_labels()).await,
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            s.prepare("ns/2/b", "ns/1/a", no_labels()).await,
+            Err(Error::InvalidArgument(_))
+        ));
+        let labels: HashMap<String, String> = [("k".to_string(), "v".to_string())].into();
+        s.commit("layer-a", "ns/1/a", labels).unwrap();
+        assert!(matches!(s.stat("ns/1/a"), Err(Error::NotFound(_))));
+        let committed = s.stat("layer-a").unwrap();
+        assert_eq!(committed.kind, Kind::Committed);
+        assert_eq!(committed.labels["k"], "v");
+        assert!(matches!(
+            s.commit("again", "layer-a", no_labels()),
+            Err(Error::FailedPrecondition(_))
+        ));
+        let mounts = s.prepare("ns/3/c", "layer-a", no_labels()).await.unwrap();
+        assert_eq!(mounts[0].r#type, "overlay");
+        let options = mounts[0].options.join(",");
+        assert!(
+            options.contains("upperdir=") && options.contains("lowerdir="),
+            "{options}"
+        );
+        assert!(!options.contains("metacopy"), "{options}");
+        let view = s.view("ns/4/v", "layer-a", no_labels()).await.unwrap();
+        assert_eq!(
+            (view[0].r#type.as_str(), view[0].options[0].as_str()),
+            ("bind", "ro")
+        );
+        assert!(matches!(
+            s.remove("layer-a").await,
+            Err(Error::FailedPrecondition(_))
+        ));
+        let updated = s
+            .update(
+                "layer-a",
+                [("k2".to_string(), "w".to_string())].into(),
+                &["labels.k2".to_string()],
+            )
+            .unwrap();
+        assert_eq!(updated.labels.len(), 2);
+        assert!(
+            s.update("layer-a", no_labels(), &["parent".to_string()])
+                .is_err()
+        );
+        std::fs::write(
+            s.snapshot_dir(s.stat("ns/3/c").unwrap().id).join("fs/file"),
+            vec![1u8; 8192],
+        )
+        .unwrap();
+        let (bytes, inodes) = s.usage("ns/3/c").await.unwrap();
+        assert!(bytes >= 8192 && inodes == 2, "{bytes} {inodes}");
+        assert_eq!(s.list().unwrap().len(), 3);
+        for key in ["ns/3/c", "ns/4/v", "layer-a"] {
+            s.remove(key).await.unwrap();
+        }
+        assert!(s.list().unwrap().is_empty());
+        let left = std::fs::read_dir(dir.path().join("snapshotter/snapshots")).unwrap();
+        assert_eq!(
+            left.count(),
+            0,
+            "every snapshot directory went with its snapshot"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_lazy_layer_is_unavailable_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = snapshotter(dir.path());
+        let layer: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
+        let layer_dir = dir.path().join("layers/sha256").join(layer.hex());
+        std::fs::create_dir_all(layer_dir.join("fs")).unwrap();
+        LayerRecord {
+            phase: Phase::Failed,
+            entries: 0,
+            mode: Default::default(),
+            bytes_fetched: 0,
+            failure: Some("its index lied about /etc/passwd".into()),
+        }
+        .save(&layer_dir.join("record"))
+        .unwrap();
+        s.metadata
+            .change(|c| {
+                let id = c.next_id()?;
+                make_dir(&s.snapshot_dir(id), 0o700)?;
+                c.put(
+                    "sha256:chain",
+                    &Record {
+                        id,
+                        kind: Kind::Committed,
+                        parent: String::new(),
+                        labels: BTreeMap::new(),
+                        created: now(),
+                        updated: now(),
+                        remote: Some(RemoteLayer {
+                            layer: layer.to_string(),
+                            manifest: format!("sha256:{}", "cd".repeat(32)),
+                        }),
+                    },
+                )?;
+                Ok::<_, Error>(())
+            })
+            .unwrap();
+        let result = s
+            .prepare("ns/1/container", "sha256:chain", no_labels())
+            .await;
+        match result {
+            Err(Error::Unavailable(message)) => {
+                assert!(message.contains("lied about /etc/passwd"), "{message}");
+                assert!(message.contains("pull it again"), "{message}");
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert!(
+            matches!(s.stat("ns/1/container"), Err(Error::NotFound(_))),
+            "a Prepare that failed leaves no snapshot"
+        );
+        // The same once the layer is gone from the store altogether.
+        std::fs::remove_dir_all(&layer_dir).unwrap();
+        assert!(matches!(
+            s.view("ns/2/view", "sha256:chain", no_labels()).await,
+            Err(Error::Unavailable(_))
+        ));
+    }
 }

@@ -528,7 +528,11 @@ fn a_sixty_layer_image_runs() {
     for i in 1..60 {
         let dir = scratch.path().join(format!("l{i}"));
         std::fs::create_dir_all(dir.join("layers")).unwrap();
-        std::fs::write(dir.join("layers").join(format!("{i}")), format!("layer {i}\n")).unwrap();
+        std::fs::write(
+            dir.join("layers").join(format!("{i}")),
+            format!("layer {i}\n"),
+        )
+        .unwrap();
         let tar = scratch.path().join(format!("l{i}.tar"));
         sh(&format!(
             "tar -C {} -cf {} layers && umoci raw add-layer --image {}:many {}",
@@ -556,6 +560,10 @@ fn a_sixty_layer_image_runs() {
     let setup = Setup::new("ext4", "fanotify");
     setup.rpull(&image);
     assert_eq!(setup.snapshots().len(), 60);
-    let out = setup.run(&image, "many", &["sh", "-c", "cat /layers/* | wc -l; cat /layers/59"]);
+    let out = setup.run(
+        &image,
+        "many",
+        &["sh", "-c", "cat /layers/* | wc -l; cat /layers/59"],
+    );
     assert_eq!(out, "59\nlayer 59\n");
 }
