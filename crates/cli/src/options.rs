@@ -67,9 +67,28 @@ pub struct GlobalArgs {
     #[arg(long = "insecure-registry", global = true, value_name = "HOST")]
     pub insecure_registries: Vec<String>,
 
+    /// containerd's registry hosts directory: DIR/HOST[:PORT]/hosts.toml (or
+    /// DIR/_default/hosts.toml) names mirrors tried first and the registry's real server, as
+    /// for containerd on this node. "none" reads none.
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYLAYER_HOSTS_DIR",
+        default_value = "/etc/containerd/certs.d",
+        value_name = "DIR"
+    )]
+    pub hosts_dir: PathBuf,
+
     /// More log output on stderr (-v info, -vv debug, -vvv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+impl GlobalArgs {
+    /// The hosts directory, unless `--hosts-dir none`.
+    pub fn hosts_dir(&self) -> Option<PathBuf> {
+        (self.hosts_dir.as_os_str() != "none").then(|| self.hosts_dir.clone())
+    }
 }
 
 /// The commands. Only commands that work are listed.

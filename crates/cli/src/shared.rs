@@ -15,6 +15,7 @@ pub fn engine(global: &GlobalArgs) -> anyhow::Result<Engine> {
     Ok(Engine::new(EngineOptions {
         root: global.root.clone(),
         insecure_registries: global.insecure_registries.clone(),
+        hosts_dir: global.hosts_dir(),
         program: std::env::current_exe()?,
     }))
 }

@@ -16,6 +16,8 @@ pub struct ServeOptions {
     pub exit_when_idle: bool,
     /// Registries to reach over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// containerd's registry hosts directory (mirrors; see `lazylayer_source::registry::hosts`).
+    pub hosts_dir: Option<PathBuf>,
 }
 
 /// The exit status of a worker that could not start (bad store state, unreadable index): the

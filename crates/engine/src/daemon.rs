@@ -20,6 +20,11 @@ impl Engine {
             extra.push("--insecure-registry".to_string());
             extra.push(host.clone());
         }
+        extra.push("--hosts-dir".to_string());
+        extra.push(match &self.options.hosts_dir {
+            Some(dir) => dir.display().to_string(),
+            None => "none".to_string(),
+        });
         // A daemon started on demand leaves once nothing is lazy; one leaving just as this
         // asks (or one still holding the store while it leaves) is waited out and started
         // again.

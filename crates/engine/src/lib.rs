@@ -38,6 +38,9 @@ pub struct EngineOptions {
     pub root: PathBuf,
     /// Registries (HOST or HOST:PORT) reached over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// containerd's registry hosts directory (mirrors and servers from hosts.toml), for the
+    /// engine's registry client and the daemon it starts.
+    pub hosts_dir: Option<PathBuf>,
     /// The `lazylayer` program: started as `lazylayer serve` for the daemon and as the
     /// container helper (a service or benchmark linking this library is another program).
     pub program: PathBuf,
@@ -71,6 +74,7 @@ impl Engine {
     pub fn registry_client(&self) -> Result<RegistryClient> {
         Ok(RegistryClient::new(ClientOptions {
             insecure_registries: self.options.insecure_registries.clone(),
+            hosts_dir: self.options.hosts_dir.clone(),
             ..ClientOptions::default()
         })?)
     }

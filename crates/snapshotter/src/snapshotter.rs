@@ -625,6 +625,7 @@ mod tests {
         let engine = Engine::new(EngineOptions {
             root: root.to_path_buf(),
             insecure_registries: Vec::new(),
+            hosts_dir: None,
             program: "/nonexistent/lazylayer".into(),
         });
         Arc::new(Snapshotter::open(engine, SnapshotterOptions::default()).unwrap())

@@ -40,6 +40,7 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         background_rate: args.background_rate,
         exit_when_idle: args.exit_when_idle,
         insecure_registries: global.insecure_registries.clone(),
+        hosts_dir: global.hosts_dir(),
     };
     match args.worker_fds {
         Some(fds) => {

@@ -19,6 +19,7 @@ mod fuse;
 mod gc;
 mod hostile;
 mod lazy;
+mod mirrors;
 mod outage;
 mod pjdfstest;
 mod privacy;

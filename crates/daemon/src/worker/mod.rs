@@ -68,6 +68,7 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
     let demand = Demand::new(frontends, options.deadline);
     let client = RegistryClient::new(ClientOptions {
         insecure_registries: options.insecure_registries.clone(),
+        hosts_dir: options.hosts_dir.clone(),
         ..ClientOptions::default()
     })
     .map_err(|e| ServeError::io("the registry client", std::io::Error::other(e)))?;

@@ -5,6 +5,7 @@
 pub mod auth;
 mod blobs;
 pub mod endpoint;
+pub mod hosts;
 mod manifests;
 mod push;
 pub mod retry;
@@ -37,6 +38,9 @@ pub struct ClientOptions {
     pub retry: RetryPolicy,
     /// Where credentials come from.
     pub credentials: CredentialSource,
+    /// containerd's registry hosts directory (`DIR/<registry>/hosts.toml`: mirrors and the
+    /// real server of a registry); `None` reads none.
+    pub hosts_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -47,6 +51,7 @@ impl Default for ClientOptions {
             read_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
             credentials: CredentialSource::Environment,
+            hosts_dir: Some(hosts::DEFAULT_HOSTS_DIR.into()),
         }
     }
 }
@@ -70,6 +75,8 @@ pub struct Repository {
     registry: String,
     name: String,
     base: Url,
+    /// Hosts tried before `base` (hosts.toml).
+    mirrors: Arc<Vec<hosts::Mirror>>,
 }
 
 fn install_crypto_provider() {
@@ -105,11 +112,20 @@ impl RegistryClient {
 
     /// A handle on `repository` of `registry`.
     pub fn repository(&self, registry: &str, repository: &str) -> Result<Repository> {
+        let hosts = match &self.inner.options.hosts_dir {
+            Some(dir) => hosts::Hosts::load(dir, registry)?,
+            None => hosts::Hosts::default(),
+        };
+        let base = match hosts.server {
+            Some(server) => server,
+            None => endpoint::base_url(registry, &self.inner.options.insecure_registries)?,
+        };
         Ok(Repository {
             client: self.clone(),
             registry: registry.to_string(),
             name: repository.to_string(),
-            base: endpoint::base_url(registry, &self.inner.options.insecure_registries)?,
+            base,
+            mirrors: Arc::new(hosts.mirrors),
         })
     }
 

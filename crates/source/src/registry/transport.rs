@@ -1,6 +1,8 @@
 //! Sending one registry request: authentication challenges answered, transient failures
 //! retried within the operation's budget, and registry error bodies turned into messages.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use reqwest::header::{AUTHORIZATION, HeaderMap, WWW_AUTHENTICATE};
 use reqwest::{Method, Response};
@@ -10,7 +12,7 @@ use super::Repository;
 use super::auth::challenge::parse_challenges;
 use super::auth::{Access, AuthContext, sensitive};
 use super::retry::{
-    Attempts, describe_error, is_transient_error, is_transient_status, retry_after,
+    Attempts, RetryPolicy, describe_error, is_transient_error, is_transient_status, retry_after,
 };
 use crate::{Error, Result};
 
@@ -55,18 +57,72 @@ impl Request {
     }
 }
 
+/// How long a mirror is tried before the next host: one retry, soon.
+fn mirror_policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(500),
+        max_elapsed: Duration::from_secs(30),
+        max_retry_after: Duration::from_secs(1),
+    }
+}
+
 impl Repository {
     /// Sends `request` until it succeeds, fails for good, or `attempts` runs out. Only 2xx
-    /// answers come back as `Ok`.
+    /// answers come back as `Ok`. A read is tried on the registry's mirrors (hosts.toml) first,
+    /// in order, each with a short budget of its own; the registry itself comes last.
     pub(crate) async fn send(
         &self,
         request: &Request,
         attempts: &mut Attempts,
     ) -> Result<Response> {
+        let reading =
+            matches!(request.method, Method::GET | Method::HEAD) && request.access == Access::Pull;
+        if reading && !self.mirrors.is_empty() {
+            let resolving = is_tag_lookup(request.url.path());
+            for mirror in self.mirrors.iter() {
+                let allowed = if resolving {
+                    mirror.capabilities.resolve
+                } else {
+                    mirror.capabilities.pull
+                };
+                let Some(url) = allowed
+                    .then(|| rebase(&request.url, &self.base, &mirror.base))
+                    .flatten()
+                else {
+                    continue;
+                };
+                let mut mirror_attempts = Attempts::new(&mirror_policy());
+                match self
+                    .send_to(request, &url, &mirror.host, &mut mirror_attempts)
+                    .await
+                {
+                    Ok(response) => return Ok(response),
+                    Err(e) => tracing::debug!(
+                        "{}: mirror {} did not serve it ({e}); trying the next host",
+                        request.what,
+                        mirror.host
+                    ),
+                }
+            }
+        }
+        self.send_to(request, &request.url, &self.registry, attempts)
+            .await
+    }
+
+    /// Sends `request` to `url` on `host` (whose credentials and tokens it uses).
+    async fn send_to(
+        &self,
+        request: &Request,
+        url: &Url,
+        host: &str,
+        attempts: &mut Attempts,
+    ) -> Result<Response> {
         let client = &self.client.inner;
         let ctx = AuthContext {
             http: &client.http,
-            registry: &self.registry,
+            registry: host,
             repository: &self.name,
             access: request.access,
         };
@@ -75,7 +131,7 @@ impl Repository {
             let authorization = client.auth.header(&ctx, attempts).await?;
             let mut builder = client
                 .http
-                .request(request.method.clone(), request.url.clone())
+                .request(request.method.clone(), url.clone())
                 .headers(request.headers.clone());
             if let Some(secret) = &authorization {
                 builder = builder.header(AUTHORIZATION, sensitive(secret)?);
@@ -162,6 +218,21 @@ impl Repository {
             }
         }
     }
+}
+
+/// Whether the API path asks for a manifest by tag (what hosts.toml calls `resolve`), not by
+/// digest (`pull`, as blobs).
+fn is_tag_lookup(path: &str) -> bool {
+    match path.rsplit_once("/manifests/") {
+        Some((_, reference)) => !reference.contains(':') && !reference.contains("%3A"),
+        None => false,
+    }
+}
+
+/// `url` (under `base`) moved under `mirror`.
+fn rebase(url: &Url, base: &Url, mirror: &Url) -> Option<Url> {
+    let rest = url.as_str().strip_prefix(base.as_str())?;
+    mirror.join(rest).ok()
 }
 
 /// The message of a registry error body (`{"errors":[{"code":..,"message":..}]}`), or the
