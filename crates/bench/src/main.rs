@@ -6,8 +6,10 @@
 //!   cargo build --release && sudo target/release/lazylayer-bench lazy [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench startup [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench fuse [--runs N]
+//!   cargo build --release && sudo target/release/lazylayer-bench containerd [--runs N]
 #![forbid(unsafe_code)]
 
+mod containerd;
 mod fuse;
 mod index;
 mod lazy;
@@ -38,6 +40,9 @@ enum Command {
     /// FUSE mode (as root): passthrough reads and find + stat against the native filesystem,
     /// and the first read of a file not yet local against fanotify mode.
     Fuse(fuse::Args),
+    /// Container start through containerd (as root): its overlayfs snapshotter, lazylayer's
+    /// snapshotter and stargz-snapshotter (eStargz copy) side by side.
+    Containerd(containerd::Args),
 }
 
 #[tokio::main]
@@ -47,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Lazy(args) => lazy::run(args).await,
         Command::Startup(args) => startup::run(args).await,
         Command::Fuse(args) => fuse::run(args).await,
+        Command::Containerd(args) => containerd::run(args).await,
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -140,6 +140,8 @@ struct Shared {
     link_free_at: Mutex<Instant>,
     log: Mutex<Vec<Exchange>>,
     down: AtomicBool,
+    /// Bytes passed from the server to clients.
+    sent: AtomicU64,
 }
 
 /// A running proxy; stops when dropped.
@@ -169,6 +171,7 @@ impl FaultProxy {
             rules: Mutex::new(Vec::new()),
             shaping: Mutex::new(shaping),
             link_free_at: Mutex::new(Instant::now()),
+            sent: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             down: AtomicBool::new(false),
         });
@@ -221,6 +224,11 @@ impl FaultProxy {
         self.shared.down.store(down, Ordering::SeqCst);
     }
 
+    /// Bytes passed from the server to clients so far (what a benchmark counts as fetched).
+    pub fn bytes_sent(&self) -> u64 {
+        self.shared.sent.load(Ordering::Relaxed)
+    }
+
     /// Every request seen so far.
     pub fn exchanges(&self) -> Vec<Exchange> {
         self.shared.log.lock().expect("log").clone()
@@ -261,6 +269,7 @@ impl Shared {
 
     /// Waits until the shared link has carried `n` more bytes at the configured rate.
     async fn pace(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
         let Some(rate) = self.shaping().bytes_per_second else {
             return;
         };

@@ -43,7 +43,10 @@ async fn look(engine: &Engine, keeper: &mut Option<Keeper>) -> Result<(), String
         .iter()
         .any(|digest| matches!(store.mode(digest), Ok(FrontendMode::Fanotify)));
     if fanotify && keeper.is_none() {
-        let fd = client::group_fd(&store.socket())
+        let socket = store.socket();
+        let fd = tokio::task::spawn_blocking(move || client::group_fd(&socket))
+            .await
+            .map_err(|e| e.to_string())?
             .map_err(|e| format!("asking the daemon for its fanotify group: {e}"))?;
         *keeper =
             Some(Keeper::start(store, fd).map_err(|e| format!("keeping the fanotify group: {e}"))?);

@@ -117,8 +117,14 @@ impl RemoteLayers {
         })
     }
 
+    /// Whether `image` is still pulled: its record in the store (a cleanup may have forgotten
+    /// it) and every layer lazy or detached.
     fn all_present(&self, image: &ImageRecord) -> Result<bool, String> {
         let store = self.engine.store();
+        let images = store.images().map_err(|e| e.to_string())?;
+        if !images.iter().any(|i| i.manifest == image.manifest) {
+            return Ok(false);
+        }
         for layer in &image.layers {
             match store.phase(&layer.digest).map_err(|e| e.to_string())? {
                 Some(Phase::Lazy | Phase::Detached) => {}

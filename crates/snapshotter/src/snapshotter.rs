@@ -24,6 +24,11 @@ use crate::remote::{Available, RemoteLayers};
 /// How deep a chain of parents may be (a cycle in a damaged database ends here).
 const MAX_DEPTH: usize = 4096;
 
+/// Who holds (`Store::hold_image`) the images whose layers containerd's snapshots stand for:
+/// `lazylayer rmi` refuses them, so that the daemon keeps serving their lazy layers and a
+/// collection keeps them, until the snapshotter's cleanup releases them.
+pub const HOLDER: &str = "containerd";
+
 /// A snapshot operation failed; each variant is the gRPC status containerd expects.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -75,8 +80,9 @@ pub struct Snapshotter {
     remote: RemoteLayers,
     /// Per target: held while a Prepare decides whether it is a lazy layer.
     targets: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Held while a cleanup runs.
-    cleaning: tokio::sync::Mutex<()>,
+    /// Written while a cleanup runs, read while a Prepare makes a layer lazy: a cleanup never
+    /// releases an image a Prepare is about to commit a snapshot for.
+    cleaning: tokio::sync::RwLock<()>,
 }
 
 impl Snapshotter {
@@ -100,7 +106,7 @@ impl Snapshotter {
             dir,
             remote,
             targets: Mutex::new(HashMap::new()),
-            cleaning: tokio::sync::Mutex::new(()),
+            cleaning: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -133,6 +139,7 @@ impl Snapshotter {
                     .or_default()
                     .clone();
                 let _held = lock.lock().await;
+                let _not_cleaning = self.cleaning.read().await;
                 if let Some(existing) = self.metadata.get(&request.target)? {
                     if existing.kind == Kind::Committed && existing.parent == parent {
                         return Err(already_there(&request.target));
@@ -259,10 +266,14 @@ impl Snapshotter {
         labels: HashMap<String, String>,
         available: &Available,
     ) -> Result<(), Error> {
-        let lower = self
-            .engine
-            .store()
+        let store = self.engine.store();
+        let lower = store
             .lower_dir(&available.layer)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        // Held before the snapshot exists: a crash between the two leaves a hold that the next
+        // cleanup releases, never a snapshot whose image could be forgotten.
+        store
+            .hold_image(&available.image.manifest, HOLDER)
             .map_err(|e| Error::Internal(e.to_string()))?;
         self.metadata.change(|c| {
             if !parent.is_empty() && c.get(parent)?.is_none() {
@@ -526,7 +537,7 @@ impl Snapshotter {
     /// pulled whose layers no snapshot stands for any more, and then (as `lazylayer gc`) every
     /// layer, index and span cache nothing references.
     pub async fn cleanup(&self) -> Result<(), Error> {
-        let _held = self.cleaning.lock().await;
+        let _held = self.cleaning.write().await;
         let all = self.metadata.all()?;
         let ids: HashSet<String> = all.iter().map(|(_, r)| r.id.to_string()).collect();
         let snapshots = self.dir.join("snapshots");
@@ -551,24 +562,41 @@ impl Snapshotter {
             .filter_map(|(_, r)| r.remote.as_ref().map(|l| l.layer.clone()))
             .collect();
         let store = self.engine.store();
-        let images = store.images().map_err(|e| Error::Internal(e.to_string()))?;
-        for (manifest, reference) in self.metadata.owned_images()? {
-            let record = images.iter().find(|i| i.manifest.to_string() == manifest);
-            if let Some(image) = record {
-                if image
-                    .layers
-                    .iter()
-                    .any(|l| used.contains(&l.digest.to_string()))
-                {
-                    continue;
-                }
-                store
-                    .forget_image(&image.manifest)
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-                tracing::info!("released {reference}: no snapshot uses its layers");
+        let internal = |e: lazylayer_store::Error| Error::Internal(e.to_string());
+        let images = store.images().map_err(internal)?;
+        let owned = self.metadata.owned_images()?;
+        for image in &images {
+            let in_use = image
+                .layers
+                .iter()
+                .any(|l| used.contains(&l.digest.to_string()));
+            if in_use {
+                continue;
             }
-            self.metadata
-                .change(|c| c.disown_image(&manifest).map_err(Error::from))?;
+            let holders = store.image_holders(&image.manifest).map_err(internal)?;
+            if holders.iter().any(|h| h == HOLDER) {
+                store
+                    .release_image(&image.manifest, HOLDER)
+                    .map_err(internal)?;
+                tracing::info!("released {}: no snapshot uses its layers", image.reference);
+            }
+            let manifest = image.manifest.to_string();
+            if owned.iter().any(|(m, _)| *m == manifest) {
+                // Pulled for containerd alone: forgotten too (another holder keeps it).
+                match store.forget_image(&image.manifest) {
+                    Ok(()) | Err(lazylayer_store::Error::Held { .. }) => {}
+                    Err(e) => return Err(internal(e)),
+                }
+                self.metadata
+                    .change(|c| c.disown_image(&manifest).map_err(Error::from))?;
+            }
+        }
+        // Images forgotten by other means.
+        for (manifest, _) in owned {
+            if !images.iter().any(|i| i.manifest.to_string() == manifest) {
+                self.metadata
+                    .change(|c| c.disown_image(&manifest).map_err(Error::from))?;
+            }
         }
         let report = self
             .engine

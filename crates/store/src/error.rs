@@ -35,6 +35,12 @@ pub enum Error {
         layer: lazylayer_source::Digest,
         reason: String,
     },
+    /// The image is held by a service that uses its layers (see [`crate::Store::hold_image`]).
+    #[error(
+        "{image} is in use by {holder}: remove it there (for containerd: `ctr image rm`, or \
+         kubelet's image garbage collection), which releases it"
+    )]
+    Held { image: String, holder: String },
 }
 
 /// Result with this crate's [`Error`].

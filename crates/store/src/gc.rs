@@ -81,8 +81,20 @@ impl Store {
     }
 
     /// Forgets an image: its record and its prefetch profile. Its layers stay until a
-    /// collection finds them unreferenced.
+    /// collection finds them unreferenced. An image a service holds ([`Store::hold_image`])
+    /// is not forgotten: [`Error::Held`].
     pub fn forget_image(&self, manifest: &Digest) -> Result<()> {
+        if let Some(holder) = self.image_holders(manifest)?.into_iter().next() {
+            let reference = self
+                .images()?
+                .into_iter()
+                .find(|i| i.manifest == *manifest)
+                .map_or_else(|| manifest.to_string(), |i| i.reference);
+            return Err(Error::Held {
+                image: reference,
+                holder,
+            });
+        }
         let record = self
             .root()
             .join("images")
@@ -90,6 +102,48 @@ impl Store {
         std::fs::remove_file(&record)
             .map_err(|e| Error::io(format!("removing {}", record.display()), e))?;
         remove_if_present(&self.profile_path(manifest))
+    }
+
+    /// Marks the image `manifest` as used by `holder` (a service, e.g. `containerd`): its
+    /// record, and so its layers, stay until the holder releases it; `forget_image` refuses.
+    pub fn hold_image(&self, manifest: &Digest, holder: &str) -> Result<()> {
+        let path = self.hold_path(manifest, holder);
+        lazylayer_durable::write(&path, holder.as_bytes())
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// Ends `holder`'s hold on the image `manifest`.
+    pub fn release_image(&self, manifest: &Digest, holder: &str) -> Result<()> {
+        remove_if_present(&self.hold_path(manifest, holder))
+    }
+
+    /// Who holds the image `manifest`.
+    pub fn image_holders(&self, manifest: &Digest) -> Result<Vec<String>> {
+        let dir = self.root().join("images");
+        let prefix = format!("{}.held-by-", manifest.hex());
+        let listing = match std::fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+        };
+        let mut holders = Vec::new();
+        for entry in listing {
+            let name = entry
+                .map_err(|e| Error::io("listing images", e))?
+                .file_name()
+                .to_string_lossy()
+                .to_string();
+            if let Some(holder) = name.strip_prefix(&prefix) {
+                holders.push(holder.to_string());
+            }
+        }
+        Ok(holders)
+    }
+
+    fn hold_path(&self, manifest: &Digest, holder: &str) -> PathBuf {
+        self.root()
+            .join("images")
+            .join(format!("{}.held-by-{holder}", manifest.hex()))
     }
 
     /// The layers the store holds a directory for.

@@ -18,13 +18,13 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd with the proxy snapshotter `lazylayer` at `snapshotter_socket`.
     pub fn start(snapshotter_socket: &Path) -> Containerd {
-        Containerd::start_with(snapshotter_socket, None)
+        Containerd::start_with(&[("lazylayer", snapshotter_socket)], None)
     }
 
-    /// Starts containerd with the proxy snapshotter `lazylayer` at `snapshotter_socket` and,
-    /// given a sandbox (pause) image, its CRI plugin, using that snapshotter with snapshot
-    /// labels on and registries configured by `certs_dir()/HOST/hosts.toml`.
-    pub fn start_with(snapshotter_socket: &Path, cri_sandbox_image: Option<&str>) -> Containerd {
+    /// Starts containerd with these proxy snapshotters (name, socket) and, given a sandbox
+    /// (pause) image, its CRI plugin, using the `lazylayer` snapshotter with snapshot labels
+    /// on and registries configured by `certs_dir()/HOST/hosts.toml`.
+    pub fn start_with(proxies: &[(&str, &Path)], cri_sandbox_image: Option<&str>) -> Containerd {
         crate::require_tool("containerd");
         crate::require_tool("ctr");
         let dir = tempfile::Builder::new()
@@ -56,6 +56,15 @@ impl Containerd {
         } else {
             r#"disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]"#
         };
+        let proxy_section: String = proxies
+            .iter()
+            .map(|(name, socket)| {
+                format!(
+                    "[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                    socket.display()
+                )
+            })
+            .collect();
         let config = format!(
             r#"version = 2
 root = "{d}/root"
@@ -65,12 +74,8 @@ state = "{d}/state"
   address = "{d}/containerd.sock"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
-[proxy_plugins.lazylayer]
-  type = "snapshot"
-  address = "{socket}"
-{cri_section}"#,
+{proxy_section}{cri_section}"#,
             d = d.display(),
-            socket = snapshotter_socket.display(),
         );
         std::fs::write(d.join("config.toml"), config).expect("writing containerd's config");
         let mut containerd = Containerd { dir, child: None };
@@ -263,12 +268,6 @@ impl Drop for Containerd {
         }
         self.stop();
         // Whatever containerd left mounted under its directories.
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "grep -o ' {}[^ ]*' /proc/self/mounts | sort -r | xargs -r -n1 umount -l",
-                self.dir.path().display()
-            ))
-            .status();
+        crate::unmount_everything_under(self.dir.path());
     }
 }

@@ -57,6 +57,18 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// Unmounts (lazily, deepest first) everything mounted under `dir`: what containerd, a
+/// snapshotter or a test left there.
+pub fn unmount_everything_under(dir: &std::path::Path) {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "grep -o ' {}[^ ]*' /proc/self/mounts | sort -r | xargs -r -n1 umount -l",
+            dir.display()
+        ))
+        .status();
+}
+
 /// Panics with a clear message unless `tool` is on PATH.
 pub fn require_tool(tool: &str) {
     let found = Command::new("sh")

@@ -78,7 +78,7 @@ fn cri_pulls_lazily_and_runs_a_pod() {
     let lazy = Lazy::with_mode("ext4", "fanotify");
     std::fs::create_dir_all(lazy.root()).unwrap();
     let snapshotter = SnapshotterProcess::start(&lazy);
-    let containerd = Containerd::start_with(&snapshotter.socket, Some(&pause));
+    let containerd = Containerd::start_with(&[("lazylayer", &snapshotter.socket)], Some(&pause));
     containerd.allow_plain_http(&registry);
     let logs = containerd.pod_logs();
     std::fs::create_dir_all(&logs).unwrap();

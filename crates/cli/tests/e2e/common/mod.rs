@@ -301,8 +301,14 @@ pub fn own_registry() -> TestRegistry {
 
 /// Pushes the fixture image `tag` to `host/name` with skopeo, then its lazy indexes.
 pub fn push_indexed(host: &str, tag: &str, name: &str) {
+    push_indexed_from(&layout_dir(), tag, host, name);
+}
+
+/// Pushes the image `tag` of the OCI layout `layout` to `host/name` with skopeo, then its
+/// lazy indexes.
+pub fn push_indexed_from(layout: &Path, tag: &str, host: &str, name: &str) {
     skopeo_copy(
-        &format!("oci:{}:{tag}", layout_dir().display()),
+        &format!("oci:{}:{tag}", layout.display()),
         &format!("docker://{host}/{name}"),
         &[],
     );

@@ -1,0 +1,351 @@
+//! Container start through containerd, side by side in one run: containerd's own overlayfs
+//! snapshotter (`ctr image pull` + `ctr run`), lazylayer's snapshotter and stargz-snapshotter
+//! (the peer, on an eStargz copy of the same image made by `ctr-remote image convert`), each
+//! pulling through the same shaped link into a fresh containerd and a fresh snapshotter store,
+//! timed from the pull's start to the workload's exit. Printed as a table with ratios.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lazylayer_testkit::containerd::Containerd;
+use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
+use lazylayer_testkit::proxy::{FaultProxy, Shaping};
+use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
+
+/// Options of the containerd benchmark.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Only the workloads whose name contains this.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Only the 100 Mbit/s + 20 ms link.
+    #[arg(long)]
+    slow_link_only: bool,
+}
+
+/// The snapshotters compared.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Contender {
+    /// containerd's overlayfs snapshotter: the whole image pulled and unpacked first.
+    Overlayfs,
+    /// `lazylayer snapshotter`.
+    Lazylayer,
+    /// stargz-snapshotter's `containerd-stargz-grpc` on the eStargz copy.
+    Stargz,
+}
+
+struct Workload {
+    name: &'static str,
+    /// Repository:tag in the registry (the eStargz copy has `-esgz` after the tag).
+    image: &'static str,
+    command: Vec<&'static str>,
+}
+
+/// A snapshotter process serving one containerd, with its own fresh state.
+struct Snapshotter {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Snapshotter {
+    fn start(contender: Contender, stargz: &Path) -> anyhow::Result<Option<Snapshotter>> {
+        let dir = tempfile::Builder::new()
+            .prefix("ll-bench-snap.")
+            .tempdir_in("/var/tmp")?;
+        let socket = dir.path().join("snapshotter.sock");
+        let root = dir.path().join("root");
+        let mut command = match contender {
+            Contender::Overlayfs => return Ok(None),
+            Contender::Lazylayer => {
+                let mut command = Command::new(lazylayer());
+                command
+                    .arg("--root")
+                    .arg(&root)
+                    .arg("snapshotter")
+                    .arg("--address")
+                    .arg(&socket);
+                command
+            }
+            Contender::Stargz => {
+                let mut command = Command::new(stargz);
+                command
+                    .arg("--root")
+                    .arg(&root)
+                    .arg("--address")
+                    .arg(&socket);
+                command
+            }
+        };
+        let log = match std::env::var_os("LAZYLAYER_BENCH_VERBOSE") {
+            Some(_) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(
+                format!(
+                    "/tmp/lazylayer-bench-{}.log",
+                    if contender == Contender::Stargz {
+                        "stargz"
+                    } else {
+                        "lazylayer"
+                    }
+                ),
+            )?),
+            None => Stdio::null(),
+        };
+        let child = command
+            .env(
+                "LAZYLAYER_LOG",
+                std::env::var("LAZYLAYER_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "the snapshotter did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Some(Snapshotter {
+            child,
+            socket,
+            _dir: dir,
+            root,
+        }))
+    }
+
+    /// Stops it and whatever it started (lazylayer's daemon; stargz's FUSE mounts).
+    fn stop(mut self, contender: Contender) {
+        if contender == Contender::Lazylayer
+            && let Ok(output) = Command::new(lazylayer())
+                .arg("--root")
+                .arg(&self.root)
+                .args(["status", "--json"])
+                .output()
+            && let Ok(status) = serde_json::from_slice::<serde_json::Value>(&output.stdout)
+        {
+            lazylayer_testkit::daemon::kill_from_status(&status);
+        }
+        // SIGINT: stargz unmounts its layers on it; lazylayer's snapshotter stops.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        lazylayer_testkit::unmount_everything_under(self._dir.path());
+    }
+}
+
+fn lazylayer() -> PathBuf {
+    std::env::current_exe()
+        .expect("exe")
+        .with_file_name("lazylayer")
+}
+
+/// One measured start: pull (lazily where the contender can) and run; returns the time and
+/// the bytes the link carried.
+fn start_once(
+    contender: Contender,
+    stargz: &Path,
+    proxy: &FaultProxy,
+    workload: &Workload,
+) -> anyhow::Result<(Duration, u64)> {
+    // Each contender starts with nothing dirty in the page cache: the previous contender's
+    // extraction would otherwise be written back during this one's pull (a sync there waits).
+    Command::new("sync").status()?;
+    let snapshotter = Snapshotter::start(contender, stargz)?;
+    let socket = snapshotter
+        .as_ref()
+        .map(|s| s.socket.clone())
+        .unwrap_or_else(|| PathBuf::from("/nonexistent.sock"));
+    let name = match contender {
+        Contender::Overlayfs => "unused",
+        Contender::Lazylayer => "lazylayer",
+        Contender::Stargz => "stargz",
+    };
+    let containerd = Containerd::start_with(&[(name, &socket)], None);
+    let image = match contender {
+        Contender::Stargz => format!("{}/{}-esgz", proxy.host(), workload.image),
+        _ => format!("{}/{}", proxy.host(), workload.image),
+    };
+    let before = proxy.bytes_sent();
+    let started = Instant::now();
+    match contender {
+        Contender::Overlayfs => {
+            containerd.ctr_ok(&["image", "pull", "--plain-http", &image]);
+        }
+        _ => {
+            containerd.ctr_remote_ok(&[
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                name,
+                &image,
+            ]);
+        }
+    }
+    let pulled = started.elapsed();
+    let mut args = vec!["run", "--rm"];
+    if contender != Contender::Overlayfs {
+        args.extend(["--snapshotter", name]);
+    }
+    args.extend([image.as_str(), "bench"]);
+    args.extend(workload.command.iter().copied());
+    containerd.ctr_ok(&args);
+    let elapsed = started.elapsed();
+    let bytes = proxy.bytes_sent() - before;
+    if std::env::var_os("LAZYLAYER_BENCH_VERBOSE").is_some() {
+        eprintln!(
+            "  {name}: pull {:.2}s, run {:.2}s",
+            pulled.as_secs_f64(),
+            (elapsed - pulled).as_secs_f64()
+        );
+    }
+    drop(containerd);
+    if let Some(snapshotter) = snapshotter {
+        snapshotter.stop(contender);
+    }
+    Ok((elapsed, bytes))
+}
+
+/// The eStargz copies of the images, made with `ctr-remote image convert --estargz --oci`
+/// in a private containerd and pushed next to the originals.
+fn convert_to_estargz(registry: &str, images: &[&str]) -> anyhow::Result<()> {
+    let unused = PathBuf::from("/nonexistent.sock");
+    let containerd = Containerd::start_with(&[("unused", &unused)], None);
+    for image in images {
+        let from = format!("{registry}/{image}");
+        let to = format!("{from}-esgz");
+        eprintln!("containerd bench: converting {from} to eStargz (ctr-remote, about a minute)");
+        containerd.ctr_remote_ok(&["image", "pull", "--plain-http", &from]);
+        containerd.ctr_remote_ok(&["image", "convert", "--estargz", "--oci", &from, &to]);
+        containerd.ctr_remote_ok(&["image", "push", "--plain-http", &to]);
+    }
+    Ok(())
+}
+
+fn median(mut values: Vec<(Duration, u64)>) -> (Duration, u64) {
+    values.sort();
+    values[values.len() / 2]
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        rustix::process::geteuid().is_root(),
+        "the containerd benchmark needs root (containerd, mounts, fanotify)"
+    );
+    let build = Command::new(lazylayer_testkit::repo_root().join("scripts/build-stargz-grpc"))
+        .stderr(Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(build.status.success(), "scripts/build-stargz-grpc failed");
+    let stargz = PathBuf::from(
+        String::from_utf8_lossy(&build.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim(),
+    );
+    let registry = TestRegistry::start(RegistryAuth::Anonymous)?;
+    let scratch = tempfile::tempdir()?;
+    let images = ["bench/debian:bookworm", "bench/python:bookworm"];
+    for (tag, name) in [("bookworm", images[0]), ("bookworm-python", images[1])] {
+        skopeo_copy(
+            &format!("oci:{}:{tag}", layout_dir().display()),
+            &format!("docker://{}/{name}", registry.host()),
+            &[],
+        );
+        let status = Command::new(lazylayer())
+            .arg("--root")
+            .arg(scratch.path())
+            .args(["index", "--push", &format!("{}/{name}", registry.host())])
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "indexing {name}");
+    }
+    convert_to_estargz(&registry.host(), &images)?;
+    let workloads: Vec<Workload> = [
+        Workload {
+            name: "minbase: /bin/true",
+            image: images[0],
+            command: vec!["/bin/true"],
+        },
+        Workload {
+            name: "python3: import json, http.server",
+            image: images[1],
+            command: vec!["python3", "-c", "import json, http.server"],
+        },
+        Workload {
+            name: "perl: one-liner",
+            image: images[0],
+            command: vec![
+                "perl",
+                "-e",
+                "print join(q(,), map { $_ * $_ } 1..5), qq(\\n)",
+            ],
+        },
+    ]
+    .into_iter()
+    .filter(|w| {
+        args.workload
+            .as_ref()
+            .is_none_or(|only| w.name.contains(only.as_str()))
+    })
+    .collect();
+    println!(
+        "containerd: pull + `ctr run` until the workload exits, median of {} runs, fresh \
+         containerd and snapshotter each run; ratio = overlayfs / contender",
+        args.runs
+    );
+    println!(
+        "{:<36} {:<20} {:>10} {:>17} {:>17} {:>13} {:>13}",
+        "workload", "link", "overlayfs", "lazylayer", "stargz", "fetched (ll)", "fetched (sz)"
+    );
+    let mut links = vec![(Shaping::link(100, 20), "100 Mbit/s + 20 ms")];
+    if !args.slow_link_only {
+        links.push((Shaping::link(1000, 1), "1 Gbit/s + 1 ms"));
+    }
+    for (shaping, label) in links {
+        let proxy = FaultProxy::start(registry.addr(), shaping)?;
+        for workload in &workloads {
+            let mut results = [Vec::new(), Vec::new(), Vec::new()];
+            for _ in 0..args.runs {
+                for (i, contender) in [
+                    Contender::Overlayfs,
+                    Contender::Lazylayer,
+                    Contender::Stargz,
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    results[i].push(start_once(contender, &stargz, &proxy, workload)?);
+                }
+            }
+            let [overlay, lazy, peer] = results.map(median);
+            let ratio = |d: Duration| overlay.0.as_secs_f64() / d.as_secs_f64();
+            println!(
+                "{:<36} {:<20} {:>9.2}s {:>9.2}s {:>5.2}x {:>9.2}s {:>5.2}x {:>12.1}M {:>12.1}M",
+                workload.name,
+                label,
+                overlay.0.as_secs_f64(),
+                lazy.0.as_secs_f64(),
+                ratio(lazy.0),
+                peer.0.as_secs_f64(),
+                ratio(peer.0),
+                lazy.1 as f64 / 1048576.0,
+                peer.1 as f64 / 1048576.0,
+            );
+        }
+    }
+    Ok(())
+}
