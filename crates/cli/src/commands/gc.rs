@@ -35,6 +35,16 @@ pub async fn run_rmi(global: &GlobalArgs, args: RmiArgs) -> anyhow::Result<()> {
         .iter()
         .map(|image| engine.find_image(image))
         .collect::<Result<Vec<_>, _>>()?;
+    // An image a service holds (containerd's snapshots) refuses before any is forgotten.
+    for record in &records {
+        if let Some(holder) = store.image_holders(&record.manifest)?.into_iter().next() {
+            return Err(lazylayer_store::Error::Held {
+                image: record.reference.clone(),
+                holder,
+            }
+            .into());
+        }
+    }
     let mut text = String::new();
     for record in &records {
         store.forget_image(&record.manifest)?;
