@@ -163,8 +163,13 @@ impl Metadata {
             .mode(0o600)
             .open(path)
             .map_err(|e| MetadataError(format!("creating {}: {e}", path.display())))?;
-        let db = Database::create(path)
-            .map_err(|e| MetadataError(format!("opening {}: {e}", path.display())))?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => MetadataError(format!(
+                "{} is in use: another lazylayer snapshotter serves this store (--root)",
+                path.display()
+            )),
+            e => MetadataError(format!("opening {}: {e}", path.display())),
+        })?;
         let metadata = Metadata { db };
         metadata.change(|_| Ok::<_, MetadataError>(()))?;
         Ok(metadata)
@@ -260,6 +265,11 @@ mod tests {
             assert!(failed.is_err());
         }
         let metadata = Metadata::open(&path).unwrap();
+        let second = Metadata::open(&path).err().expect("one process at a time");
+        assert!(
+            second.to_string().contains("another lazylayer snapshotter"),
+            "{second}"
+        );
         let names: Vec<String> = metadata
             .all()
             .unwrap()
