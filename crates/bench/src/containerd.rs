@@ -296,11 +296,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
     ]
     .into_iter()
-    .filter(|w| {
-        args.workload
-            .as_ref()
-            .is_none_or(|only| w.name.contains(only.as_str()))
-    })
+    .filter(|w| crate::selected(args.workload.as_deref(), w.name))
     .collect();
     println!(
         "containerd: pull + `ctr run` until the workload exits, median of {} runs, fresh \

@@ -56,6 +56,11 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Whether a workload named `name` is selected by `--workload` (`only`: a part of its name).
+pub fn selected(only: Option<&str>, name: &str) -> bool {
+    only.is_none_or(|only| name.contains(only))
+}
+
 /// Runs `f` `runs` times and returns the median wall time.
 pub fn median<F: FnMut() -> anyhow::Result<()>>(runs: usize, mut f: F) -> anyhow::Result<Duration> {
     let mut times = Vec::with_capacity(runs);

@@ -169,11 +169,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ];
     let workloads: Vec<Workload> = workloads
         .into_iter()
-        .filter(|w| {
-            args.workload
-                .as_ref()
-                .is_none_or(|only| w.name.contains(only.as_str()))
-        })
+        .filter(|w| crate::selected(args.workload.as_deref(), w.name))
         .collect();
     println!(
         "startup: time until the workload exits, median of {} runs; ratio = baseline / contender; spans of {} KiB",

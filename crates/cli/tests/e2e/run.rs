@@ -266,12 +266,7 @@ fn serve_held_back(root: &Root) -> std::process::Child {
 fn files_populated(root: &Root) -> u64 {
     let status: serde_json::Value =
         serde_json::from_slice(&lazylayer(root.path(), &["status", "--json"]).stdout).unwrap();
-    status["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["files_populated"].as_u64().unwrap())
-        .sum()
+    crate::common::files_populated(&status)
 }
 
 #[test]

@@ -10,22 +10,13 @@ use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 use lazylayer_testkit::require_root;
 
 use crate::common::{
-    Lazy, Reference, all_detached, assert_same_tree, indexed_registry, layer_hexes, sh,
+    Lazy, Reference, all_detached, assert_same_tree, files_populated, indexed_registry,
+    layer_hexes, sh,
 };
 
 fn signal(child: &Child, signal: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a pid");
     rustix::process::kill_process(pid, signal).expect("signal the daemon");
-}
-
-/// Files filled in all layers, as `status --json` counts them.
-fn files_populated(status: &serde_json::Value) -> u64 {
-    status["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["files_populated"].as_u64().unwrap())
-        .sum()
 }
 
 /// Waits for the daemon to exit (within `limit`); returns its exit code.

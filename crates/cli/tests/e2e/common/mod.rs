@@ -348,6 +348,16 @@ pub fn wait_for_status(lazy: &Lazy, what: &str, done: impl Fn(&serde_json::Value
     }
 }
 
+/// Files filled in all layers, as `status --json` counts them.
+pub fn files_populated(status: &serde_json::Value) -> u64 {
+    status["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["files_populated"].as_u64().unwrap())
+        .sum()
+}
+
 /// Whether every layer in a `status --json` is detached.
 pub fn all_detached(status: &serde_json::Value) -> bool {
     status["layers"]
