@@ -9,6 +9,7 @@ use crate::commands::detach::DetachArgs;
 use crate::commands::gc::{GcArgs, RmiArgs};
 use crate::commands::index::IndexArgs;
 use crate::commands::inspect::InspectArgs;
+use crate::commands::layerstore::LayerStoreArgs;
 use crate::commands::mount::{MountArgs, UmountArgs};
 use crate::commands::pull::PullArgs;
 use crate::commands::run::RunArgs;
@@ -272,4 +273,42 @@ pub enum Command {
             ctr run --rm --snapshotter lazylayer registry.example.com/app:1.0 demo /bin/true"
     )]
     Snapshotter(SnapshotterArgs),
+
+    /// Serve podman and CRI-O as their additional layer store: lazily loaded layers for
+    /// containers/storage.
+    #[command(
+        name = "layerstore",
+        long_about = "A FUSE filesystem at MOUNTPOINT in the layout containers/storage (podman, \
+        CRI-O, buildah) reads from an additional layer store. When podman pulls an image, it \
+        first asks the store for each layer (MOUNTPOINT/<base64 of the image reference>/<layer \
+        digest>/diff); that lookup pulls the image lazily as `lazylayer pull` does and answers \
+        with the layer's directory, so podman downloads nothing for it and containers start \
+        while the daemon fills the layers on access and in the background. Layers of images \
+        without a lazy index bound to the image (see `lazylayer index --push` and \
+        --index-trust), or of another platform, are answered \"not here\" and podman downloads \
+        them as usual. The files of a layer directory are `diff` (a symlink to the layer's \
+        directory: no file data passes through this filesystem), `info` (the layer record \
+        podman stores) and `blob` (the compressed layer, fetched and verified span by span, \
+        for `podman push` and `podman save`).\n\n\
+        podman signals each use of a layer by creating `use` and its end (podman rmi) by \
+        removing the layer directory; the counts are kept under --root/layerstore across \
+        restarts. An image podman uses is held: `lazylayer rmi` refuses it and `lazylayer gc` \
+        keeps it. When podman no longer uses any of its layers, an image this store pulled is \
+        forgotten, and `lazylayer gc` removes its layers. While a layer is lazy the store keeps \
+        the daemon running and holds its fanotify group. Stopping the store (SIGTERM) unmounts \
+        it lazily; running containers are not affected.\n\n\
+        Limits: the store must be mounted before podman starts (containers/storage checks the \
+        directory), and only the first additionallayerstores entry is used by podman 4.x. \
+        podman 4.x (containers/image before 5.31, as in Debian 12) asks for every layer; newer \
+        podman asks an additional layer store only for zstd:chunked and eStargz layers, which \
+        this store does not serve yet. Rootless podman cannot use it: the store is root's.",
+        after_help = "Wire it into podman (/etc/containers/storage.conf):\n  \
+            [storage.options]\n  \
+            additionallayerstores = [\"/var/lib/lazylayer/layerstore:ref\"]\n\n\
+            Then:\n  \
+            lazylayer layerstore /var/lib/lazylayer/layerstore &   # or contrib/lazylayer-layerstore.service\n  \
+            podman run --rm registry.example.com/app:1.0 /bin/true\n  \
+            podman rmi registry.example.com/app:1.0 && lazylayer gc"
+    )]
+    LayerStore(LayerStoreArgs),
 }

@@ -14,7 +14,9 @@
 mod daemon;
 mod error;
 mod gc;
+pub mod guardian;
 mod images;
+mod lazy_pulls;
 mod mount;
 mod pull;
 mod run;
@@ -23,6 +25,7 @@ use std::path::PathBuf;
 
 pub use error::{Error, Result};
 pub use images::canonical_reference;
+pub use lazy_pulls::{LazyPull, LazyPulls};
 pub use lazylayer_index::distribution::{IndexOrigin, IndexTrust};
 pub use lazylayer_store::GcReport;
 pub use pull::{LayerLabel, Mode, PullEvent, PullOptions, Pulled};

@@ -405,6 +405,21 @@ impl Filesystem for LayerFs {
         }
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No file flags or other ioctls here (`lsattr`, tar and podman ask for FS_IOC_GETFLAGS).
+        reply.error(Errno::ENOTTY);
+    }
+
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let value = match self.xattrs(ino.0) {
             Ok(xattrs) => xattrs

@@ -130,6 +130,8 @@ pub struct Exchange {
     /// The status the client saw (0 if none: reset or truncated head).
     pub status: u16,
     pub fault: Option<Fault>,
+    /// The request's Range header, if it had one (a whole-blob download has none).
+    pub range: Option<String>,
 }
 
 struct Shared {
@@ -264,6 +266,7 @@ impl Shared {
             target,
             status,
             fault,
+            range: head.header("range").map(str::to_string),
         });
     }
 

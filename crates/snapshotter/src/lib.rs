@@ -11,11 +11,10 @@
 //!
 //! Data flow: containerd -> [`service`] (gRPC) -> [`Snapshotter`] -> [`remote`] (labels ->
 //! `lazylayer-engine` pull) and [`metadata`] (snapshots in redb) -> [`mounts`] (overlay
-//! over layer directories) -> containerd mounts them for the container. [`guardian`] keeps the
-//! daemon and its fanotify group alive while lazy layers are in use.
+//! over layer directories) -> containerd mounts them for the container. The engine's guardian
+//! keeps the daemon and its fanotify group alive while lazy layers are in use.
 
 mod api;
-pub mod guardian;
 pub mod labels;
 pub mod metadata;
 pub mod mounts;

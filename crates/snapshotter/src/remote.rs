@@ -3,13 +3,9 @@
 //! claim is checked against what the pull found before the layer stands for containerd's
 //! target snapshot.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use lazylayer_engine::{Engine, IndexTrust, Mode, PullOptions};
+use lazylayer_engine::{Engine, IndexTrust, LazyPulls, Mode};
 use lazylayer_source::Digest;
-use lazylayer_store::{ImageRecord, Phase};
+use lazylayer_store::ImageRecord;
 
 use crate::labels::LayerRequest;
 
@@ -24,40 +20,18 @@ pub struct Available {
     pub layer: Digest,
 }
 
-/// Pulls images lazily for the snapshotter, once per image reference at a time.
+/// Pulls images lazily for the snapshotter, once per image reference at a time (its layers'
+/// Prepares share one pull).
 pub struct RemoteLayers {
-    engine: Engine,
-    mode: Mode,
-    index_trust: IndexTrust,
-    /// Per image reference: held while it is pulled, so that its layers' Prepares share one.
-    pulling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Pulled>>>>,
+    pulls: LazyPulls,
 }
-
-/// What the last pull of an image reference found.
-#[derive(Default)]
-enum Pulled {
-    /// Not pulled yet.
-    #[default]
-    Not,
-    /// Pulled lazily.
-    Lazily(ImageRecord),
-    /// Not available lazily (why), as found at that time: its other layers' Prepares, which
-    /// follow at once, get the same answer without asking the registry again.
-    Refused(Instant, String),
-}
-
-/// How long a refusal stands for the layers of the same image.
-const REFUSAL_STANDS: Duration = Duration::from_secs(30);
 
 impl RemoteLayers {
     /// Pulls through `engine`, serving new lazy layers in `mode` and trusting indexes as
     /// `index_trust` says.
     pub fn new(engine: Engine, mode: Mode, index_trust: IndexTrust) -> RemoteLayers {
         RemoteLayers {
-            engine,
-            mode,
-            index_trust,
-            pulling: Mutex::new(HashMap::new()),
+            pulls: LazyPulls::new(engine, mode, index_trust),
         }
     }
 
@@ -69,69 +43,13 @@ impl RemoteLayers {
         request: &LayerRequest,
         parent_layer: Option<&Digest>,
     ) -> Result<Available, String> {
-        let slot = self
-            .pulling
-            .lock()
-            .expect("pull table lock")
-            .entry(request.image.clone())
-            .or_default()
-            .clone();
-        let mut pulled = slot.lock().await;
-        // A record pulled for an earlier layer of the image still serves, unless a collection
-        // removed one of its layers since.
-        let usable = match &*pulled {
-            Pulled::Lazily(image) => self.all_present(image)?,
-            Pulled::Refused(when, why) if when.elapsed() < REFUSAL_STANDS => {
-                return Err(why.clone());
-            }
-            _ => false,
-        };
-        let mut new_image = false;
-        if !usable {
-            let before = self.engine.store().images().map_err(|e| e.to_string())?;
-            let options = PullOptions {
-                platform: None,
-                mode: self.mode,
-                index_trust: self.index_trust,
-                lazy_only: true,
-            };
-            let image = match self.engine.pull(&request.image, &options, &|_| {}).await {
-                Ok(done) => done.image,
-                Err(e) => {
-                    *pulled = Pulled::Refused(Instant::now(), e.to_string());
-                    return Err(e.to_string());
-                }
-            };
-            new_image = !before.iter().any(|i| i.manifest == image.manifest);
-            *pulled = Pulled::Lazily(image);
-        }
-        let Pulled::Lazily(image) = &*pulled else {
-            unreachable!("pulled above")
-        };
-        let image = image.clone();
-        check_claims(&image, request, parent_layer)?;
+        let pulled = self.pulls.pull(&request.image).await?;
+        check_claims(&pulled.image, request, parent_layer)?;
         Ok(Available {
-            image,
-            new_image,
+            image: pulled.image,
+            new_image: pulled.new_image,
             layer: request.layer.clone(),
         })
-    }
-
-    /// Whether `image` is still pulled: its record in the store (a cleanup may have forgotten
-    /// it) and every layer lazy or detached.
-    fn all_present(&self, image: &ImageRecord) -> Result<bool, String> {
-        let store = self.engine.store();
-        let images = store.images().map_err(|e| e.to_string())?;
-        if !images.iter().any(|i| i.manifest == image.manifest) {
-            return Ok(false);
-        }
-        for layer in &image.layers {
-            match store.phase(&layer.digest).map_err(|e| e.to_string())? {
-                Some(Phase::Lazy | Phase::Detached) => {}
-                _ => return Ok(false),
-            }
-        }
-        Ok(true)
     }
 }
 

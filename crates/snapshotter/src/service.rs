@@ -232,7 +232,7 @@ pub struct ServeOptions {
 /// connect.
 pub async fn serve(snapshotter: Arc<Snapshotter>, options: &ServeOptions) -> Result<(), String> {
     let listener = bind(&options.address)?;
-    let guardian = crate::guardian::spawn(snapshotter.engine().clone());
+    let guardian = lazylayer_engine::guardian::spawn(snapshotter.engine().clone());
     let own = rustix::process::geteuid().as_raw();
     let incoming =
         tokio_stream::wrappers::UnixListenerStream::new(listener).filter(move |connection| {

@@ -58,7 +58,7 @@ pub struct ImageRecord {
 }
 
 /// The directories under the root, each private to root (see [`Store::make_private`]).
-const PRIVATE_DIRS: [&str; 11] = [
+const PRIVATE_DIRS: [&str; 12] = [
     "layers",
     "spans",
     "indexes",
@@ -70,6 +70,7 @@ const PRIVATE_DIRS: [&str; 11] = [
     "trash",
     "keepers",
     "snapshotter",
+    "layerstore",
 ];
 
 /// The right to set up one layer, from [`Store::lock_layer`].
@@ -392,6 +393,22 @@ impl Store {
             }
         }
         Ok(lazy)
+    }
+
+    /// The record of the image `manifest`, if the store has it.
+    pub fn image(&self, manifest: &Digest) -> Result<Option<ImageRecord>> {
+        let path = self
+            .root
+            .join("images")
+            .join(format!("{}.json", manifest.hex()));
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
     }
 
     /// Every image record.

@@ -10,6 +10,7 @@
 //! - [`fixtures`]: images built by tools lazylayer did not write (`scripts/build-fixtures`),
 //!   cached, and pushed into a registry with skopeo;
 //! - [`hostile`]: a corpus of malicious layers, as an OCI layout;
+//! - [`podman`]: a private podman (its own storage.conf and containers.conf);
 //! - [`blackhole`]: a loopback address where connects hang, for connect timeouts;
 //! - [`daemon`]: stopping the lazylayer daemons (holder and worker) a test started.
 //!
@@ -20,6 +21,7 @@ pub mod containerd;
 pub mod daemon;
 pub mod fixtures;
 pub mod hostile;
+pub mod podman;
 pub mod registry;
 pub mod token_issuer;
 pub mod tree_diff;

@@ -6,6 +6,7 @@ pub mod gc;
 pub mod index;
 pub mod inspect;
 mod layer_indexes;
+pub mod layerstore;
 pub mod mount;
 pub mod pull;
 pub mod run;
@@ -24,6 +25,7 @@ fn needs_root(command: &Command) -> Option<&'static str> {
         Command::Pull(_) => "pull",
         Command::Serve(_) => "serve",
         Command::Snapshotter(_) => "snapshotter",
+        Command::LayerStore(_) => "layerstore",
         Command::Mount(_) => "mount",
         Command::Umount(_) => "umount",
         Command::Detach(_) => "detach",
@@ -53,6 +55,7 @@ async fn run_other(cli: Cli) -> anyhow::Result<()> {
         Command::Pull(args) => pull::run(&cli.global, args).await,
         Command::Serve(args) => serve::run(&cli.global, args).await,
         Command::Snapshotter(args) => snapshotter::run(&cli.global, args).await,
+        Command::LayerStore(args) => layerstore::run(&cli.global, args).await,
         Command::Mount(args) => mount::run_mount(&cli.global, args).await,
         Command::Umount(args) => mount::run_umount(&cli.global, args).await,
         Command::Status(args) => status::run(&cli.global, args).await,

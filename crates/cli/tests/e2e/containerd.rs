@@ -3,7 +3,7 @@
 //! (which sends the layer labels) from the shared registry, containers run with `ctr run`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lazylayer_testkit::containerd::{Containerd, NAMESPACE};
@@ -14,73 +14,44 @@ use crate::common::*;
 
 /// A `lazylayer snapshotter` process serving a store.
 pub struct SnapshotterProcess {
-    child: Option<Child>,
+    service: Service,
     pub socket: PathBuf,
-    root: String,
-    mode: &'static str,
-    log: PathBuf,
 }
 
 impl SnapshotterProcess {
     pub fn start(lazy: &Lazy) -> SnapshotterProcess {
         let dir = lazy.fs.dir.path();
+        let socket = dir.join("snapshotter.sock");
+        let args = vec![
+            "--root".to_string(),
+            lazy.root_arg(),
+            "snapshotter".to_string(),
+            "--mode".to_string(),
+            lazy.mode.to_string(),
+            "--address".to_string(),
+            socket.display().to_string(),
+        ];
         let mut process = SnapshotterProcess {
-            child: None,
-            socket: dir.join("snapshotter.sock"),
-            root: lazy.root_arg(),
-            mode: lazy.mode,
-            log: dir.join("snapshotter.log"),
+            service: Service::new(args, dir.join("snapshotter.log")),
+            socket,
         };
         process.launch();
         process
     }
 
     fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(EXE)
-            .args(["--root", &self.root, "snapshotter", "--mode", self.mode])
-            .arg("--address")
-            .arg(&self.socket)
-            .env("LAZYLAYER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the snapshotter did not start: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let socket = self.socket.clone();
+        self.service
+            .launch(|| std::os::unix::net::UnixStream::connect(&socket).is_ok());
     }
 
     /// `kill -9`, as a crash would.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.service.kill();
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for SnapshotterProcess {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            lazylayer_testkit::daemon::stop(&mut child);
-        }
+        self.service.log()
     }
 }
 

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    EXE, Lazy, Reference, all_detached, assert_same_tree, indexed_registry, run, wait_for_status,
-    walk,
+    EXE, Lazy, Reference, all_detached, assert_same_tree, indexed_registry, layer_digests, run,
+    wait_for_status, walk,
 };
 use lazylayer_testkit::require_root;
 
@@ -28,23 +28,6 @@ fn stored_layers(root: &Path) -> Vec<String> {
 /// Files under a store directory (indexes, spans, mounts ...).
 fn files_under(dir: &Path) -> usize {
     if dir.exists() { walk(dir).len() } else { 0 }
-}
-
-fn layer_digests(lazy: &Lazy, image: &str) -> Vec<String> {
-    let inspect: serde_json::Value =
-        serde_json::from_str(&lazy.ll(&["inspect", "--json", image])).unwrap();
-    inspect["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            l["digest"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("sha256:")
-                .to_string()
-        })
-        .collect()
 }
 
 #[test]

@@ -22,6 +22,7 @@ mod lazy;
 mod mirrors;
 mod outage;
 mod pjdfstest;
+mod podman;
 mod privacy;
 mod run;
 mod stopping;

@@ -406,3 +406,94 @@ macro_rules! on_every_store {
         }
     )+};
 }
+
+/// A long-running `lazylayer` service a test starts (the snapshotter, the layer store), its
+/// output in a log file; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Service {
+    child: Option<Child>,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Service {
+    /// The service `lazylayer ARGS`, logging to `log`; not started yet.
+    pub fn new(args: Vec<String>, log: PathBuf) -> Service {
+        Service {
+            child: None,
+            args,
+            log,
+        }
+    }
+
+    /// Starts it and waits (20 s at most) until `ready` says it serves.
+    pub fn launch(&mut self, ready: impl Fn() -> bool) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(EXE)
+            .args(&self.args)
+            .env("LAZYLAYER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready() {
+            assert!(
+                Instant::now() < deadline,
+                "lazylayer {:?} did not start: {}",
+                self.args,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kill -9`, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops it: SIGTERM, then SIGKILL if it has not exited within 10 s.
+    pub fn kill_gently(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            lazylayer_testkit::daemon::stop(&mut child);
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill_gently();
+    }
+}
+
+/// The hex digests of `image`'s layer blobs, bottom first, as `lazylayer inspect` sees them.
+pub fn layer_digests(lazy: &Lazy, image: &str) -> Vec<String> {
+    let inspect: serde_json::Value =
+        serde_json::from_str(&lazy.ll(&["inspect", "--json", image])).unwrap();
+    inspect["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect()
+}

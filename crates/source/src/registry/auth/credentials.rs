@@ -65,7 +65,8 @@ impl Credential {
 #[derive(Clone, Debug, Default)]
 pub enum CredentialSource {
     /// The usual files, in the order podman uses them: `$REGISTRY_AUTH_FILE`,
-    /// `$XDG_RUNTIME_DIR/containers/auth.json`, `~/.config/containers/auth.json`, then Docker's
+    /// `$XDG_RUNTIME_DIR/containers/auth.json` (without a runtime directory,
+    /// `/run/containers/UID/auth.json`), `~/.config/containers/auth.json`, then Docker's
     /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
     #[default]
     Environment,
@@ -86,8 +87,14 @@ impl CredentialSource {
                 if let Some(file) = env("REGISTRY_AUTH_FILE") {
                     files.push(PathBuf::from(file));
                 }
-                if let Some(runtime) = env("XDG_RUNTIME_DIR") {
-                    files.push(Path::new(&runtime).join("containers/auth.json"));
+                match env("XDG_RUNTIME_DIR") {
+                    Some(runtime) => files.push(Path::new(&runtime).join("containers/auth.json")),
+                    // Where podman keeps `podman login` credentials without a runtime
+                    // directory (root's: /run/containers/0/auth.json).
+                    None => files.push(PathBuf::from(format!(
+                        "/run/containers/{}/auth.json",
+                        rustix::process::getuid().as_raw()
+                    ))),
                 }
                 let home = env("HOME").map(PathBuf::from);
                 if let Some(home) = &home {

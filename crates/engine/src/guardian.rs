@@ -1,19 +1,21 @@
-//! Keeps lazy layers served while containerd's containers may read them: the snapshotter
-//! starts a daemon whenever none answers while a layer is lazy, and holds a duplicate of the
-//! daemon's fanotify group (as `lazylayer run` does) so that if both daemon processes die,
-//! readers of unfilled files wait for the next daemon instead of reading zeros.
+//! Keeps lazy layers served while another engine's containers may read them (containerd's
+//! through the snapshotter, podman's through the layer store): a long-running service starts a
+//! daemon whenever none answers while a layer is lazy, and holds a duplicate of the daemon's
+//! fanotify group (as `lazylayer run` does) so that if both daemon processes die, readers of
+//! unfilled files wait for the next daemon instead of reading zeros.
 
 use std::time::Duration;
 
 use lazylayer_daemon::client;
 use lazylayer_daemon::keeper::Keeper;
-use lazylayer_engine::Engine;
 use lazylayer_store::FrontendMode;
+
+use crate::Engine;
 
 /// How often the guardian looks.
 const PERIOD: Duration = Duration::from_secs(1);
 
-/// Watches the daemon for as long as the returned task runs.
+/// Watches the daemon for as long as the returned task runs (abort it to stop).
 pub fn spawn(engine: Engine) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut keeper: Option<Keeper> = None;
