@@ -7,12 +7,14 @@
 //!   cargo build --release && sudo target/release/lazylayer-bench startup [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench fuse [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench containerd [--runs N]
+//!   cargo build --release && sudo target/release/lazylayer-bench podman [--runs N]
 #![forbid(unsafe_code)]
 
 mod containerd;
 mod fuse;
 mod index;
 mod lazy;
+mod podman;
 mod startup;
 
 use std::time::{Duration, Instant};
@@ -43,6 +45,9 @@ enum Command {
     /// Container start through containerd (as root): its overlayfs snapshotter, lazylayer's
     /// snapshotter and stargz-snapshotter (eStargz copy) side by side.
     Containerd(containerd::Args),
+    /// Container start through podman (as root): `podman run` on its own and with
+    /// `lazylayer layerstore` as its additional layer store, side by side.
+    Podman(podman::Args),
 }
 
 #[tokio::main]
@@ -53,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Startup(args) => startup::run(args).await,
         Command::Fuse(args) => fuse::run(args).await,
         Command::Containerd(args) => containerd::run(args).await,
+        Command::Podman(args) => podman::run(args).await,
     }
 }
 

@@ -125,9 +125,18 @@ impl Conn {
         Ok(n)
     }
 
-    /// Reads a message head; `None` on a clean end of stream before any byte of it.
+    /// Reads a message head; `None` on a clean end of stream before any byte of it. A stream
+    /// that does not start as HTTP does (a method or `HTTP/`) fails at once: a client trying
+    /// TLS first (podman with `--tls-verify=false`) must see the connection close, not wait
+    /// for a head that never comes.
     pub async fn read_head(&mut self) -> io::Result<Option<Head>> {
         loop {
+            if self.buf.first().is_some_and(|b| !b.is_ascii_alphabetic()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not HTTP (a TLS handshake?)",
+                ));
+            }
             if let Some(end) = find(&self.buf, b"\r\n\r\n") {
                 let raw = self.buf.split_to(end + 4);
                 return Head::parse(&raw[..end]).map(Some);
@@ -216,4 +225,42 @@ pub fn chunk_size(line: &[u8]) -> io::Result<u64> {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn conn_reading(bytes: &'static [u8]) -> Conn {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client.write_all(bytes).await.unwrap();
+            // Keep the connection open, as a client waiting for an answer does.
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        });
+        Conn::new(listener.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_is_refused_at_once() {
+        // The start of a TLS ClientHello record: no CRLF CRLF ever follows.
+        let mut conn = conn_reading(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await;
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read_head())
+            .await
+            .expect("read_head answered without waiting for more bytes");
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn an_http_request_is_read() {
+        let mut conn = conn_reading(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let head = conn.read_head().await.unwrap().unwrap();
+        assert_eq!(
+            head.method_and_target(),
+            ("GET".to_string(), "/v2/".to_string())
+        );
+    }
 }

@@ -166,8 +166,17 @@ pub fn require_podman(test: &str) -> bool {
 fn podman_runs_lazily_without_layer_downloads(mode: &'static str) {
     let setup = Setup::new(mode, true);
     let image = setup.image("test/debian:bookworm");
-    let out = setup.podman.run(&image, &["cat", "/etc/debian_version"]);
+    // Two podmans (two graph roots) on one layer store, started together on an image not
+    // pulled yet: one lazy pull serves both.
+    let second = Podman::new(Some(&setup.store.mountpoint));
+    let (out, second_out) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| setup.podman.run(&image, &["cat", "/etc/debian_version"]));
+        let other = scope.spawn(|| second.run(&image, &["cat", "/etc/debian_version"]));
+        (first.join().unwrap(), other.join().unwrap())
+    });
     assert!(out.starts_with("12."), "{out:?}");
+    assert_eq!(out, second_out);
+    drop(second);
     assert!(
         setup
             .proxy
@@ -229,6 +238,22 @@ fn podman_runs_lazily_without_layer_downloads(mode: &'static str) {
         .map(|d| d.as_str().unwrap().to_string())
         .collect();
     assert_eq!(layers, diff_ids);
+
+    // Once the layer is detached, `diff` is the plain layer directory (no FUSE mount of the
+    // daemon left in the path) and new containers start from it.
+    setup.lazy.ll(&["detach", "--wait", &image]);
+    let diff = setup
+        .store
+        .mountpoint
+        .join(lazylayer_layerstore::names::encode_reference(&image))
+        .join(format!("sha256:{}", hexes[0]))
+        .join("diff");
+    assert_eq!(
+        std::fs::read_link(&diff).unwrap(),
+        setup.lazy.layer_fs(&hexes[0])
+    );
+    let out = setup.podman.run(&image, &["cat", "/etc/debian_version"]);
+    assert!(out.starts_with("12."), "{out:?}");
 }
 
 fn sha256_file(path: &Path) -> String {
@@ -405,4 +430,39 @@ fn the_store_restarted_serves_on() {
             .all(|e| !e.unwrap().file_name().to_string_lossy().contains("held-by")),
         "an image is still held"
     );
+}
+
+/// An image without a lazy index is "not here" to podman, which downloads and stores it as
+/// usual: it equals the extraction, and nothing lazy is made for it.
+#[test]
+fn images_without_an_index_are_downloaded_by_podman() {
+    if !require_podman("podman::images_without_an_index_are_downloaded_by_podman") {
+        return;
+    }
+    let name = "test/podman-plain:layers";
+    skopeo_copy(
+        &format!("oci:{}:layers", layout_dir().display()),
+        &format!("docker://{}/{name}", indexed_registry()),
+        &[],
+    );
+    let setup = Setup::new("fanotify", false);
+    let image = setup.image(name);
+    setup.podman.ok(&["pull", "--tls-verify=false", &image]);
+    let hexes = layer_hexes("layers");
+    let mut downloaded = setup.whole_downloads(&hexes);
+    downloaded.sort();
+    downloaded.dedup();
+    assert_eq!(
+        downloaded.len(),
+        3,
+        "podman should have downloaded the layers"
+    );
+    assert_eq!(setup.layers_from_the_store(), Vec::<PathBuf>::new());
+    let log = setup.store.log();
+    assert!(log.contains("not serving"), "{log}");
+    let status = setup.lazy.status();
+    assert_eq!(status["layers"], serde_json::json!([]), "{status}");
+    let mounted = setup.podman.ok(&["image", "mount", &image]);
+    assert_same_tree(&Reference::new("layers").path(), Path::new(mounted.trim()));
+    setup.podman.ok(&["image", "unmount", &image]);
 }
