@@ -9,23 +9,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lazylayer_testkit::containerd::Containerd;
-use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
-use lazylayer_testkit::proxy::{FaultProxy, Shaping};
+
+use crate::images::{IMAGES, Workload};
+use crate::lazylayer;
+use lazylayer_testkit::proxy::FaultProxy;
 use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
 
-/// Options of the containerd benchmark.
-#[derive(clap::Args)]
-pub struct Args {
-    /// Repetitions of each measurement (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Only the workloads whose name contains this.
-    #[arg(long)]
-    workload: Option<String>,
-    /// Only the 100 Mbit/s + 20 ms link.
-    #[arg(long)]
-    slow_link_only: bool,
-}
+/// Options of the benchmark (shared with the other engine benchmarks).
+pub use crate::images::Args;
 
 /// The snapshotters compared.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -36,13 +27,6 @@ enum Contender {
     Lazylayer,
     /// stargz-snapshotter's `containerd-stargz-grpc` on the eStargz copy.
     Stargz,
-}
-
-struct Workload {
-    name: &'static str,
-    /// Repository:tag in the registry (the eStargz copy has `-esgz` after the tag).
-    image: &'static str,
-    command: Vec<&'static str>,
 }
 
 /// A snapshotter process serving one containerd, with its own fresh state.
@@ -144,12 +128,6 @@ impl Snapshotter {
         let _ = self.child.wait();
         lazylayer_testkit::unmount_everything_under(self._dir.path());
     }
-}
-
-fn lazylayer() -> PathBuf {
-    std::env::current_exe()
-        .expect("exe")
-        .with_file_name("lazylayer")
 }
 
 /// One measured start: pull (lazily where the contender can) and run; returns the time and
@@ -257,47 +235,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .trim(),
     );
     let registry = TestRegistry::start(RegistryAuth::Anonymous)?;
-    let scratch = tempfile::tempdir()?;
-    let images = ["bench/debian:bookworm", "bench/python:bookworm"];
-    for (tag, name) in [("bookworm", images[0]), ("bookworm-python", images[1])] {
-        skopeo_copy(
-            &format!("oci:{}:{tag}", layout_dir().display()),
-            &format!("docker://{}/{name}", registry.host()),
-            &[],
-        );
-        let status = Command::new(lazylayer())
-            .arg("--root")
-            .arg(scratch.path())
-            .args(["index", "--push", &format!("{}/{name}", registry.host())])
-            .stdout(Stdio::null())
-            .status()?;
-        anyhow::ensure!(status.success(), "indexing {name}");
-    }
-    convert_to_estargz(&registry.host(), &images)?;
-    let workloads: Vec<Workload> = [
-        Workload {
-            name: "minbase: /bin/true",
-            image: images[0],
-            command: vec!["/bin/true"],
-        },
-        Workload {
-            name: "python3: import json, http.server",
-            image: images[1],
-            command: vec!["python3", "-c", "import json, http.server"],
-        },
-        Workload {
-            name: "perl: one-liner",
-            image: images[0],
-            command: vec![
-                "perl",
-                "-e",
-                "print join(q(,), map { $_ * $_ } 1..5), qq(\\n)",
-            ],
-        },
-    ]
-    .into_iter()
-    .filter(|w| crate::selected(args.workload.as_deref(), w.name))
-    .collect();
+    crate::images::push_indexed(&registry.host())?;
+    // The eStargz copy of each image has `-esgz` after its tag.
+    convert_to_estargz(&registry.host(), &IMAGES)?;
+    let workloads = crate::images::workloads(args.workload.as_deref());
     println!(
         "containerd: pull + `ctr run` until the workload exits, median of {} runs, fresh \
          containerd and snapshotter each run; ratio = overlayfs / contender",
@@ -307,11 +248,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "{:<36} {:<20} {:>10} {:>17} {:>17} {:>13} {:>13}",
         "workload", "link", "overlayfs", "lazylayer", "stargz", "fetched (ll)", "fetched (sz)"
     );
-    let mut links = vec![(Shaping::link(100, 20), "100 Mbit/s + 20 ms")];
-    if !args.slow_link_only {
-        links.push((Shaping::link(1000, 1), "1 Gbit/s + 1 ms"));
-    }
-    for (shaping, label) in links {
+    for (shaping, label) in crate::images::links(args.slow_link_only) {
         let proxy = FaultProxy::start(registry.addr(), shaping)?;
         for workload in &workloads {
             let mut results = [Vec::new(), Vec::new(), Vec::new()];

@@ -14,7 +14,8 @@ use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
 
-use crate::lazy::{drop_caches, find_stat, lazylayer, ll, sh};
+use crate::lazy::{drop_caches, find_stat, ll, sh};
+use crate::lazylayer;
 
 /// Options of the FUSE benchmark.
 #[derive(clap::Args)]

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::lazylayer;
 use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
 use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
@@ -20,12 +21,6 @@ pub struct Args {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-}
-
-pub(crate) fn lazylayer() -> PathBuf {
-    std::env::current_exe()
-        .expect("exe")
-        .with_file_name("lazylayer")
 }
 
 pub(crate) fn ll(root: &Path, args: &[&str]) -> anyhow::Result<String> {

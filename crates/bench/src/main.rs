@@ -12,11 +12,13 @@
 
 mod containerd;
 mod fuse;
+mod images;
 mod index;
 mod lazy;
 mod podman;
 mod startup;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -60,6 +62,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Containerd(args) => containerd::run(args).await,
         Command::Podman(args) => podman::run(args).await,
     }
+}
+
+/// The `lazylayer` program built beside this one.
+pub fn lazylayer() -> PathBuf {
+    std::env::current_exe()
+        .expect("exe")
+        .with_file_name("lazylayer")
 }
 
 /// Whether a workload named `name` is selected by `--workload` (`only`: a part of its name).

@@ -4,35 +4,19 @@
 //! podman storage and a fresh lazylayer store, pulling through the same shaped link, timed from
 //! the start of `podman run` to the workload's exit. Printed as a table with ratios.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
 use lazylayer_testkit::podman::Podman;
-use lazylayer_testkit::proxy::{FaultProxy, Shaping};
+use lazylayer_testkit::proxy::FaultProxy;
 use lazylayer_testkit::registry::{RegistryAuth, TestRegistry};
 
-/// Options of the podman benchmark.
-#[derive(clap::Args)]
-pub struct Args {
-    /// Repetitions of each measurement (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Only the workloads whose name contains this.
-    #[arg(long)]
-    workload: Option<String>,
-    /// Only the 100 Mbit/s + 20 ms link.
-    #[arg(long)]
-    slow_link_only: bool,
-}
+use crate::images::Workload;
+use crate::lazylayer;
 
-struct Workload {
-    name: &'static str,
-    /// Repository:tag in the registry.
-    image: &'static str,
-    command: Vec<&'static str>,
-}
+/// Options of the benchmark (shared with the other engine benchmarks).
+pub use crate::images::Args;
 
 /// A `lazylayer layerstore` over a fresh store, mounted; stopped with whatever it started.
 struct LayerStore {
@@ -57,7 +41,7 @@ impl LayerStore {
             .spawn()?;
         let store = LayerStore { child, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_mounted(&store.mountpoint()) {
+        while !lazylayer_testkit::is_mounted(&store.mountpoint()) {
             anyhow::ensure!(Instant::now() < deadline, "the layer store did not mount");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -94,20 +78,6 @@ fn verbose_log() -> anyhow::Result<Stdio> {
         ),
         None => Stdio::null(),
     })
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let path = path.display().to_string();
-    mounts
-        .lines()
-        .any(|line| line.split_whitespace().nth(1) == Some(path.as_str()))
-}
-
-fn lazylayer() -> PathBuf {
-    std::env::current_exe()
-        .expect("exe")
-        .with_file_name("lazylayer")
 }
 
 /// One measured start: `podman run --rm IMAGE COMMAND` on a fresh podman storage (with the
@@ -153,46 +123,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "the podman benchmark needs root (podman, mounts, fanotify)"
     );
     let registry = TestRegistry::start(RegistryAuth::Anonymous)?;
-    let scratch = tempfile::tempdir()?;
-    let images = ["bench/debian:bookworm", "bench/python:bookworm"];
-    for (tag, name) in [("bookworm", images[0]), ("bookworm-python", images[1])] {
-        skopeo_copy(
-            &format!("oci:{}:{tag}", layout_dir().display()),
-            &format!("docker://{}/{name}", registry.host()),
-            &[],
-        );
-        let status = Command::new(lazylayer())
-            .arg("--root")
-            .arg(scratch.path())
-            .args(["index", "--push", &format!("{}/{name}", registry.host())])
-            .stdout(Stdio::null())
-            .status()?;
-        anyhow::ensure!(status.success(), "indexing {name}");
-    }
-    let workloads: Vec<Workload> = [
-        Workload {
-            name: "minbase: /bin/true",
-            image: images[0],
-            command: vec!["/bin/true"],
-        },
-        Workload {
-            name: "python3: import json, http.server",
-            image: images[1],
-            command: vec!["python3", "-c", "import json, http.server"],
-        },
-        Workload {
-            name: "perl: one-liner",
-            image: images[0],
-            command: vec![
-                "perl",
-                "-e",
-                "print join(q(,), map { $_ * $_ } 1..5), qq(\\n)",
-            ],
-        },
-    ]
-    .into_iter()
-    .filter(|w| crate::selected(args.workload.as_deref(), w.name))
-    .collect();
+    crate::images::push_indexed(&registry.host())?;
+    let workloads = crate::images::workloads(args.workload.as_deref());
     println!(
         "podman: `podman run --rm` (pull included) until the workload exits, median of {} runs, \
          fresh podman storage and lazylayer store each run; ratio = podman / with the layer store",
@@ -202,11 +134,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "{:<36} {:<20} {:>10} {:>17} {:>13} {:>13}",
         "workload", "link", "podman", "+ layerstore", "fetched (pm)", "fetched (ll)"
     );
-    let mut links = vec![(Shaping::link(100, 20), "100 Mbit/s + 20 ms")];
-    if !args.slow_link_only {
-        links.push((Shaping::link(1000, 1), "1 Gbit/s + 1 ms"));
-    }
-    for (shaping, label) in links {
+    for (shaping, label) in crate::images::links(args.slow_link_only) {
         let proxy = FaultProxy::start(registry.addr(), shaping)?;
         for workload in &workloads {
             let mut plain = Vec::new();

@@ -4,10 +4,11 @@
 //! built yet), (d) lazylayer with a profile recorded by (b). Printed as a table with ratios to
 //! the baseline and bytes fetched; results and the command are kept in docs/benchmarks.md.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::lazylayer;
 use lazylayer_container::baseline::{Timing, pull_extract_run, timed};
 use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
@@ -26,12 +27,6 @@ pub struct Args {
     /// Only the workloads whose name contains this.
     #[arg(long)]
     workload: Option<String>,
-}
-
-fn lazylayer() -> PathBuf {
-    std::env::current_exe()
-        .expect("exe")
-        .with_file_name("lazylayer")
 }
 
 fn ll(root: &Path) -> tokio::process::Command {

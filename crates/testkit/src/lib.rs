@@ -71,6 +71,15 @@ pub fn unmount_everything_under(dir: &std::path::Path) {
         .status();
 }
 
+/// Whether a filesystem is mounted at `path` (in this mount namespace).
+pub fn is_mounted(path: &std::path::Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let path = path.display().to_string();
+    mounts
+        .lines()
+        .any(|line| line.split_whitespace().nth(1) == Some(path.as_str()))
+}
+
 /// Panics with a clear message unless `tool` is on PATH.
 pub fn require_tool(tool: &str) {
     let found = Command::new("sh")

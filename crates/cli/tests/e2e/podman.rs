@@ -41,7 +41,8 @@ impl LayerStoreProcess {
 
     fn launch(&mut self) {
         let mountpoint = self.mountpoint.clone();
-        self.service.launch(|| is_mounted(&mountpoint));
+        self.service
+            .launch(|| lazylayer_testkit::is_mounted(&mountpoint));
     }
 
     /// `kill -9`, as a crash would: the mount is left, dead.
@@ -62,15 +63,6 @@ impl Drop for LayerStoreProcess {
             .arg(&self.mountpoint)
             .status();
     }
-}
-
-/// Whether a filesystem is mounted at `path`.
-fn is_mounted(path: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let path = path.display().to_string();
-    mounts
-        .lines()
-        .any(|line| line.split_whitespace().nth(1) == Some(path.as_str()))
 }
 
 /// podman over a lazylayer store and its layer store, with the registry behind a logging
