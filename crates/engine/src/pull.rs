@@ -2,7 +2,10 @@
 //! each layer's lazy index, make the layer's placeholder tree, and have the daemon take the
 //! lazy layers up. Returns once the image can be mounted.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use futures_util::StreamExt;
 
 use lazylayer_index::distribution::{
     IndexOrigin, IndexTrust, RemoteIndexes, fetch_index, find_bound_indexes, find_referrer_indexes,
@@ -146,6 +149,16 @@ impl Engine {
             ImageSource::Layout { .. } => None,
         };
         let mut remote = RemoteLookup::default();
+        // The registry's indexes of the layers not set up yet, fetched all at once: one
+        // round trip for an image of many layers, not one per layer.
+        let mut prefetched = match repository {
+            Some(repository) => {
+                remote
+                    .prefetch(repository, &resolved, store, options.index_trust)
+                    .await?
+            }
+            None => HashMap::new(),
+        };
         let mut built_here = 0;
         let count = resolved.layers.len();
         for (i, layer) in resolved.layers.iter().enumerate() {
@@ -180,10 +193,15 @@ impl Engine {
             if index.is_none()
                 && let Some(repository) = repository
             {
-                match remote
-                    .index_of(repository, &resolved, layer, options.index_trust)
-                    .await
-                {
+                let found = match prefetched.remove(&layer.digest) {
+                    Some(found) => found,
+                    None => {
+                        remote
+                            .index_of(repository, &resolved, layer, options.index_trust)
+                            .await
+                    }
+                };
+                match found {
                     Ok(Some((fetched, origin))) => {
                         store.indexes().put(layer, &fetched, origin)?;
                         index = Some((fetched, origin));
@@ -300,7 +318,65 @@ struct RemoteLookup {
     referrers: Option<std::result::Result<RemoteIndexes, String>>,
 }
 
+/// What looking for a layer's index in the registry found.
+type RemoteIndex =
+    std::result::Result<Option<(lazylayer_index::LayerIndex, IndexOrigin)>, RemoteIndexError>;
+
+/// Registry indexes fetched at once.
+const PREFETCHES_IN_FLIGHT: usize = 8;
+
+/// Fetches the index `descriptor` found for `layer` (see [`RemoteLookup::prefetch`]).
+async fn fetch_one(
+    repository: lazylayer_source::Repository,
+    layer: lazylayer_source::BlobDescriptor,
+    descriptor: std::result::Result<
+        Option<(lazylayer_source::BlobDescriptor, IndexOrigin)>,
+        RemoteIndexError,
+    >,
+) -> (Digest, RemoteIndex) {
+    let found = match descriptor {
+        Ok(Some((descriptor, origin))) => fetch_index(&repository, &descriptor, &layer)
+            .await
+            .map(|(index, _)| Some((index, origin)))
+            .map_err(|e| RemoteIndexError::Unusable(e.to_string())),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e),
+    };
+    (layer.digest, found)
+}
+
 impl RemoteLookup {
+    /// The registry's indexes of `image`'s layers that the store has neither set up nor an
+    /// index for, looked up and fetched concurrently (a few at a time), by layer.
+    async fn prefetch(
+        &mut self,
+        repository: &lazylayer_source::Repository,
+        image: &lazylayer_source::ResolvedImage,
+        store: &lazylayer_store::Store,
+        trust: IndexTrust,
+    ) -> Result<HashMap<Digest, RemoteIndex>> {
+        let mut wanted = Vec::new();
+        for layer in &image.layers {
+            if matches!(
+                store.phase(&layer.digest)?,
+                Some(Phase::Lazy | Phase::Detached)
+            ) || store.indexes().get_trusted(layer, trust)?.is_some()
+            {
+                continue;
+            }
+            let descriptor = self.descriptor_of(repository, image, layer, trust).await;
+            wanted.push(fetch_one(repository.clone(), layer.clone(), descriptor));
+        }
+        if wanted.len() < 2 {
+            // Nothing to gain: the loop fetches the one there is.
+            return Ok(HashMap::new());
+        }
+        Ok(futures_util::stream::iter(wanted)
+            .buffer_unordered(PREFETCHES_IN_FLIGHT)
+            .collect()
+            .await)
+    }
+
     /// The index of `layer` that `trust` accepts, fetched and verified, if the registry has
     /// one.
     async fn index_of(
@@ -309,8 +385,25 @@ impl RemoteLookup {
         image: &lazylayer_source::ResolvedImage,
         layer: &lazylayer_source::BlobDescriptor,
         trust: IndexTrust,
-    ) -> std::result::Result<Option<(lazylayer_index::LayerIndex, IndexOrigin)>, RemoteIndexError>
-    {
+    ) -> RemoteIndex {
+        let descriptor = self.descriptor_of(repository, image, layer, trust).await;
+        fetch_one(repository.clone(), layer.clone(), descriptor)
+            .await
+            .1
+    }
+
+    /// Where the registry keeps the index of `layer` that `trust` accepts (the bound ones are
+    /// looked up first, the referrers only when a layer has no bound index; each list once).
+    async fn descriptor_of(
+        &mut self,
+        repository: &lazylayer_source::Repository,
+        image: &lazylayer_source::ResolvedImage,
+        layer: &lazylayer_source::BlobDescriptor,
+        trust: IndexTrust,
+    ) -> std::result::Result<
+        Option<(lazylayer_source::BlobDescriptor, IndexOrigin)>,
+        RemoteIndexError,
+    > {
         if self.bound.is_none() {
             let found = find_bound_indexes(repository, image).await;
             self.bound = Some(found.map_err(|e| e.to_string()));
@@ -319,33 +412,25 @@ impl RemoteLookup {
             Ok(bound) => bound.by_layer.get(&layer.digest).cloned(),
             Err(reason) => return Err(RemoteIndexError::Unusable(reason.clone())),
         };
-        let (descriptor, origin) = match descriptor {
-            Some(descriptor) => (descriptor, IndexOrigin::Bound),
-            None => {
-                if self.referrers.is_none() {
-                    let found = find_referrer_indexes(repository, image).await;
-                    self.referrers = Some(found.map_err(|e| e.to_string()));
-                }
-                let descriptor = match self.referrers.as_ref().expect("looked up") {
-                    Ok(referrers) => referrers.by_layer.get(&layer.digest).cloned(),
-                    // A broken referrer is said only to those who would have used it.
-                    Err(reason) if trust.accepts(IndexOrigin::Referrer) => {
-                        return Err(RemoteIndexError::Unusable(reason.clone()));
-                    }
-                    Err(_) => None,
-                };
-                match descriptor {
-                    None => return Ok(None),
-                    Some(_) if !trust.accepts(IndexOrigin::Referrer) => {
-                        return Err(RemoteIndexError::Unbound);
-                    }
-                    Some(descriptor) => (descriptor, IndexOrigin::Referrer),
-                }
+        if let Some(descriptor) = descriptor {
+            return Ok(Some((descriptor, IndexOrigin::Bound)));
+        }
+        if self.referrers.is_none() {
+            let found = find_referrer_indexes(repository, image).await;
+            self.referrers = Some(found.map_err(|e| e.to_string()));
+        }
+        let descriptor = match self.referrers.as_ref().expect("looked up") {
+            Ok(referrers) => referrers.by_layer.get(&layer.digest).cloned(),
+            // A broken referrer is said only to those who would have used it.
+            Err(reason) if trust.accepts(IndexOrigin::Referrer) => {
+                return Err(RemoteIndexError::Unusable(reason.clone()));
             }
+            Err(_) => None,
         };
-        match fetch_index(repository, &descriptor, layer).await {
-            Ok((index, _)) => Ok(Some((index, origin))),
-            Err(e) => Err(RemoteIndexError::Unusable(e.to_string())),
+        match descriptor {
+            None => Ok(None),
+            Some(_) if !trust.accepts(IndexOrigin::Referrer) => Err(RemoteIndexError::Unbound),
+            Some(descriptor) => Ok(Some((descriptor, IndexOrigin::Referrer))),
         }
     }
 }
