@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lazylayer_source::Digest;
 use lazylayer_store::{ImageRecord, Phase};
 
 use crate::{Engine, IndexTrust, Mode, PullOptions};
@@ -63,8 +64,9 @@ impl LazyPulls {
     }
 
     /// The image `reference` names, pulled lazily (or found pulled by an earlier request, if
-    /// it is still whole in the store), or why it cannot be.
-    pub async fn pull(&self, reference: &str) -> Result<LazyPull, String> {
+    /// it is still whole in the store and has the layer `needs`: a tag may have moved since),
+    /// or why it cannot be.
+    pub async fn pull(&self, reference: &str, needs: Option<&Digest>) -> Result<LazyPull, String> {
         let slot = self
             .pulling
             .lock()
@@ -76,7 +78,10 @@ impl LazyPulls {
         match &*pulled {
             // A record pulled for an earlier layer still serves, unless a collection removed
             // it or one of its layers since.
-            Pulled::Lazily(image) if self.still_whole(image)? => {
+            Pulled::Lazily(image)
+                if needs.is_none_or(|d| image.layers.iter().any(|l| l.digest == *d))
+                    && self.still_whole(image)? =>
+            {
                 return Ok(LazyPull {
                     image: image.clone(),
                     new_image: false,

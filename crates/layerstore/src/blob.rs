@@ -13,6 +13,9 @@ use sha2::{Digest as _, Sha256};
 
 /// Compressed bytes fetched at least per request (read-ahead for sequential readers).
 pub const READ_AHEAD: u64 = 8 << 20;
+/// The most compressed bytes one read fetches and holds (a span larger than this, as a
+/// single-frame zstd layer has, is not served).
+pub const MAX_RUN: u64 = 256 << 20;
 
 /// The spans (first and last, inclusive) holding the bytes `range` of the blob, extended
 /// forwards to about [`READ_AHEAD`] bytes; `None` for an empty range or one past the end.

@@ -376,16 +376,23 @@ impl Filesystem for StoreFs {
         if name.as_bytes() != USE.as_bytes() {
             return reply.error(Errno::EROFS);
         }
-        // containers/storage's "notification-aware" store counts the use and answers ENOENT.
-        match self.resolve(&reference, &digest) {
-            Ok(served) => {
-                if let Err(why) = self.layers.add_use(&served) {
-                    tracing::warn!("counting a use of {reference} layer {digest}: {why}");
-                }
+        // containers/storage's "notification-aware" store counts the use and answers ENOENT;
+        // any other answer tells it the use was not counted (it logs a warning and goes on).
+        let served_from = match self.resolve(&reference, &digest) {
+            Ok(served) => Some(served.manifest.clone()),
+            Err(_) => self.layers.recorded_image(&reference, &digest),
+        };
+        let Some(served_from) = served_from else {
+            tracing::warn!("a use of {reference} layer {digest}, which is not served");
+            return reply.error(Errno::EIO);
+        };
+        match self.layers.add_use(&reference, &digest, &served_from) {
+            Ok(()) => reply.error(Errno::ENOENT),
+            Err(why) => {
+                tracing::warn!("counting a use of {reference} layer {digest}: {why}");
+                reply.error(Errno::EIO)
             }
-            Err(_) => tracing::warn!("a use of {reference} layer {digest}, which is not served"),
         }
-        reply.error(Errno::ENOENT)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {

@@ -65,6 +65,8 @@ pub struct Layers {
     served: Mutex<HashMap<(String, Digest), Arc<ServedLayer>>>,
     sources: Mutex<HashMap<String, ImageSource>>,
     recent: Mutex<VecDeque<(Digest, Verified)>>,
+    /// Held while a use is counted or released together with its image's hold.
+    accounting: Mutex<()>,
 }
 
 impl Layers {
@@ -78,6 +80,7 @@ impl Layers {
             served: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
             recent: Mutex::new(VecDeque::new()),
+            accounting: Mutex::new(()),
         }
     }
 
@@ -119,7 +122,7 @@ impl Layers {
         }
         let image = match image {
             Some(image) if self.present(digest)? => image,
-            _ => self.pull(reference).await?,
+            _ => self.pull(reference, digest).await?,
         };
         let served = Arc::new(self.serve_from(reference, &image, digest)?);
         self.uses.record(reference, digest, &served.manifest)?;
@@ -152,12 +155,12 @@ impl Layers {
                 .is_some())
     }
 
-    /// Pulls `reference` lazily (once at a time), owning the image if the pull added it.
-    async fn pull(&self, reference: &str) -> Result<ImageRecord, String> {
-        tracing::info!("pulling {reference} lazily for containers/storage");
+    /// Pulls `reference` lazily (once at a time; again if the image pulled before lacks
+    /// `layer`: its tag may have moved), owning the image if the pull added it.
+    async fn pull(&self, reference: &str, layer: &Digest) -> Result<ImageRecord, String> {
         let pulled = self
             .pulls
-            .pull(reference)
+            .pull(reference, Some(layer))
             .await
             .map_err(|e| format!("{reference} is not available lazily: {e}"))?;
         if pulled.new_image {
@@ -204,19 +207,34 @@ impl Layers {
         })
     }
 
-    /// Counts a use of `served` (containers/storage created `use`): its image is held.
-    pub fn add_use(&self, served: &ServedLayer) -> Result<(), String> {
-        self.uses
-            .add_use(&served.reference, &served.blob.digest, &served.manifest)?;
+    /// Counts a use of the layer path (containers/storage created `use`) under the image
+    /// `served_from` (or the one its uses already are): the image is held first.
+    pub fn add_use(
+        &self,
+        reference: &str,
+        digest: &Digest,
+        served_from: &Digest,
+    ) -> Result<(), String> {
+        let _accounting = self.accounting.lock().expect("use accounting");
+        let manifest = self.uses.image_to_count(reference, digest, served_from);
         self.engine
             .store()
-            .hold_image(&served.manifest, HOLDER)
-            .map_err(|e| e.to_string())
+            .hold_image(&manifest, HOLDER)
+            .map_err(|e| e.to_string())?;
+        self.uses.add_use(reference, digest, &manifest)
+    }
+
+    /// The image the layer path was served from, as recorded (for a use signalled when the
+    /// layer cannot be resolved now).
+    pub fn recorded_image(&self, reference: &str, digest: &Digest) -> Option<Digest> {
+        self.uses.served_from(reference, digest)
     }
 
     /// Ends a use of the layer path (containers/storage removed its directory): at the image's
-    /// last use its hold ends, and an image this store pulled is forgotten.
+    /// last use its hold ends, and an image this store pulled is forgotten. Counting and
+    /// holding are one step against concurrent uses (FUSE requests come on several threads).
     pub fn release(&self, reference: &str, digest: &Digest) -> Result<(), String> {
+        let _accounting = self.accounting.lock().expect("use accounting");
         let Released::Unused { manifest, owned } = self.uses.release(reference, digest)? else {
             return Ok(());
         };
@@ -279,6 +297,16 @@ impl Layers {
             .ok_or_else(|| format!("no span of {digest} holds bytes {range:?}"))?;
         let start = served.spans[first].compressed_start;
         let end = served.spans[last].compressed_end;
+        if end - start > blob::MAX_RUN {
+            // A span this large (a single-frame zstd layer) is verified only whole: too much
+            // to hold for one read.
+            return Err(format!(
+                "span {first} of {digest} holds {} bytes: the blob is served only in spans of up \
+                 to {} bytes",
+                end - start,
+                blob::MAX_RUN
+            ));
+        }
         let source = self.source(&served.reference)?;
         let bytes = source
             .read_range(digest, start..end)

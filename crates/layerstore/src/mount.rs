@@ -24,13 +24,23 @@ impl StoreMount {
         mountpoint: &Path,
     ) -> std::io::Result<StoreMount> {
         check_mountpoint(mountpoint).map_err(std::io::Error::other)?;
-        // A store that died leaves a mount answering ENOTCONN: detach it (a plain directory
-        // is left alone by the kernel, EINVAL).
-        let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+        match mounted_at(mountpoint) {
+            None => {}
+            // A store that died leaves its mount behind, answering ENOTCONN: detach it.
+            Some((source, kind)) if source == FS_NAME && kind.starts_with("fuse") => {
+                let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+            }
+            Some((_, kind)) => {
+                return Err(std::io::Error::other(format!(
+                    "{} is a mountpoint already ({kind}): choose an empty directory",
+                    mountpoint.display()
+                )));
+            }
+        }
         std::fs::create_dir_all(mountpoint)?;
         let mut config = Config::default();
         config.mount_options = vec![
-            MountOption::FSName("lazylayer".into()),
+            MountOption::FSName(FS_NAME.into()),
             MountOption::Subtype("layerstore".into()),
             MountOption::RW,
             MountOption::DefaultPermissions,
@@ -64,6 +74,21 @@ impl Drop for StoreMount {
     }
 }
 
+/// The source the kernel shows for this store's mount (`lazylayer`, of type `fuse` or
+/// `fuse.layerstore`).
+const FS_NAME: &str = "lazylayer";
+
+/// The source and type of the filesystem mounted at `path` (the last mount there), if one is.
+fn mounted_at(path: &Path) -> Option<(String, String)> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let path = path.display().to_string();
+    mounts.lines().rev().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (source, target, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (target == path).then(|| (source.to_string(), kind.to_string()))
+    })
+}
+
 /// containers/storage splits `additionallayerstores` entries at `:` and `,` and wants an
 /// absolute path: a mountpoint it cannot name is refused here, not found missing later.
 pub fn check_mountpoint(mountpoint: &Path) -> Result<(), String> {
@@ -85,6 +110,15 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_type_of_what_is_mounted_is_found() {
+        // Every Linux system has procfs at /proc; a fresh directory has nothing mounted.
+        let (_, kind) = mounted_at(Path::new("/proc")).unwrap();
+        assert_eq!(kind, "proc");
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(mounted_at(dir.path()), None);
+    }
 
     #[test]
     fn mountpoints_storage_conf_cannot_name_are_refused() {

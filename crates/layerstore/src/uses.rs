@@ -30,7 +30,7 @@ struct PathUse {
 }
 
 /// The file's contents.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct State {
     paths: Vec<PathUse>,
     /// Images this store pulled (forgotten when their last use ends).
@@ -93,91 +93,120 @@ impl Uses {
     }
 
     /// Records that the layer path is served from the image `manifest` (which a restart
-    /// must find again).
+    /// must find again). A path with uses stays with the image it was counted under.
     pub fn record(&self, reference: &str, layer: &Digest, manifest: &Digest) -> Result<(), String> {
-        let mut state = self.state.lock().expect("use counts");
-        match state
-            .paths
-            .iter_mut()
-            .find(|p| p.reference == reference && p.layer == *layer)
-        {
-            Some(path) if path.manifest == *manifest => return Ok(()),
-            Some(path) => path.manifest = manifest.clone(),
-            None => state.paths.push(PathUse {
-                reference: reference.to_string(),
-                layer: layer.clone(),
-                manifest: manifest.clone(),
-                uses: 0,
-            }),
-        }
-        self.save(&state)
+        self.change(|state| {
+            match state
+                .paths
+                .iter_mut()
+                .find(|p| p.reference == reference && p.layer == *layer)
+            {
+                Some(path) if path.manifest == *manifest || path.uses > 0 => return false,
+                Some(path) => path.manifest = manifest.clone(),
+                None => state.paths.push(PathUse {
+                    reference: reference.to_string(),
+                    layer: layer.clone(),
+                    manifest: manifest.clone(),
+                    uses: 0,
+                }),
+            }
+            true
+        })
     }
 
-    /// Counts a use of the layer path, served from `manifest`.
+    /// The image a use of the layer path is counted under: the one its uses already are, else
+    /// `served_from`.
+    pub fn image_to_count(&self, reference: &str, layer: &Digest, served_from: &Digest) -> Digest {
+        let state = self.state.lock().expect("use counts");
+        state
+            .paths
+            .iter()
+            .find(|p| p.reference == reference && p.layer == *layer && p.uses > 0)
+            .map_or_else(|| served_from.clone(), |p| p.manifest.clone())
+    }
+
+    /// Applies `change` to the state, saved before it takes effect (a failed save changes
+    /// nothing); `change` says whether it changed anything.
+    fn change(&self, change: impl FnOnce(&mut State) -> bool) -> Result<(), String> {
+        let mut state = self.state.lock().expect("use counts");
+        let mut next = state.clone();
+        if change(&mut next) {
+            self.save(&next)?;
+            *state = next;
+        }
+        Ok(())
+    }
+
+    /// Counts a use of the layer path under the image `manifest` (see
+    /// [`image_to_count`](Self::image_to_count)).
     pub fn add_use(
         &self,
         reference: &str,
         layer: &Digest,
         manifest: &Digest,
     ) -> Result<(), String> {
-        let mut state = self.state.lock().expect("use counts");
-        match state
-            .paths
-            .iter_mut()
-            .find(|p| p.reference == reference && p.layer == *layer)
-        {
-            Some(path) => {
-                path.manifest = manifest.clone();
-                path.uses += 1;
+        self.change(|state| {
+            match state
+                .paths
+                .iter_mut()
+                .find(|p| p.reference == reference && p.layer == *layer)
+            {
+                Some(path) => {
+                    path.manifest = manifest.clone();
+                    path.uses += 1;
+                }
+                None => state.paths.push(PathUse {
+                    reference: reference.to_string(),
+                    layer: layer.clone(),
+                    manifest: manifest.clone(),
+                    uses: 1,
+                }),
             }
-            None => state.paths.push(PathUse {
-                reference: reference.to_string(),
-                layer: layer.clone(),
-                manifest: manifest.clone(),
-                uses: 1,
-            }),
-        }
-        self.save(&state)
+            true
+        })
     }
 
     /// Ends a use of the layer path.
     pub fn release(&self, reference: &str, layer: &Digest) -> Result<Released, String> {
-        let mut state = self.state.lock().expect("use counts");
-        let Some(path) = state
-            .paths
-            .iter_mut()
-            .find(|p| p.reference == reference && p.layer == *layer && p.uses > 0)
-        else {
-            return Ok(Released::Unknown);
-        };
-        path.uses -= 1;
-        let manifest = path.manifest.clone();
-        let still_used = state
-            .paths
-            .iter()
-            .any(|p| p.manifest == manifest && p.uses > 0);
-        let released = if still_used {
-            Released::StillUsed
-        } else {
-            // The paths of an unused image are forgotten with it: a later lookup resolves
-            // them afresh (pulling again if the image is gone).
-            state.paths.retain(|p| p.manifest != manifest);
-            let owned = state.owned.contains(&manifest);
-            state.owned.retain(|m| *m != manifest);
-            Released::Unused { manifest, owned }
-        };
-        self.save(&state)?;
+        let mut released = Released::Unknown;
+        self.change(|state| {
+            let Some(path) = state
+                .paths
+                .iter_mut()
+                .find(|p| p.reference == reference && p.layer == *layer && p.uses > 0)
+            else {
+                return false;
+            };
+            path.uses -= 1;
+            let manifest = path.manifest.clone();
+            let still_used = state
+                .paths
+                .iter()
+                .any(|p| p.manifest == manifest && p.uses > 0);
+            released = if still_used {
+                Released::StillUsed
+            } else {
+                // The paths of an unused image are forgotten with it: a later lookup resolves
+                // them afresh (pulling again if the image is gone).
+                state.paths.retain(|p| p.manifest != manifest);
+                let owned = state.owned.contains(&manifest);
+                state.owned.retain(|m| *m != manifest);
+                Released::Unused { manifest, owned }
+            };
+            true
+        })?;
         Ok(released)
     }
 
     /// Records that this store pulled the image `manifest`.
     pub fn mark_owned(&self, manifest: &Digest) -> Result<(), String> {
-        let mut state = self.state.lock().expect("use counts");
-        if state.owned.contains(manifest) {
-            return Ok(());
-        }
-        state.owned.push(manifest.clone());
-        self.save(&state)
+        self.change(|state| {
+            if state.owned.contains(manifest) {
+                return false;
+            }
+            state.owned.push(manifest.clone());
+            true
+        })
     }
 
     /// Whether any layer path served from the image `manifest` has uses.
@@ -249,6 +278,39 @@ mod tests {
                 owned: false
             }
         );
+    }
+
+    #[test]
+    fn a_counted_path_stays_with_its_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let uses = Uses::open(&dir.path().join("uses.json")).unwrap();
+        let (old, new, layer) = (digest("old"), digest("new"), digest("layer"));
+        uses.add_use("r/a:1", &layer, &old).unwrap();
+        // Resolved again later (e.g. the old record was rebuilt): the count stays with `old`.
+        uses.record("r/a:1", &layer, &new).unwrap();
+        assert_eq!(uses.served_from("r/a:1", &layer), Some(old.clone()));
+        assert_eq!(uses.image_to_count("r/a:1", &layer, &new), old);
+        assert_eq!(
+            uses.release("r/a:1", &layer).unwrap(),
+            Released::Unused {
+                manifest: old,
+                owned: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_save_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state/uses.json");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let uses = Uses::open(&file).unwrap();
+        let (m, layer) = (digest("m"), digest("layer"));
+        uses.add_use("r/a:1", &layer, &m).unwrap();
+        // The directory goes: the next save fails.
+        std::fs::remove_dir_all(file.parent().unwrap()).unwrap();
+        assert!(uses.release("r/a:1", &layer).is_err());
+        assert!(uses.in_use(&m), "a release that was not saved took effect");
     }
 
     #[test]

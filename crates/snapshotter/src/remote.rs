@@ -43,7 +43,10 @@ impl RemoteLayers {
         request: &LayerRequest,
         parent_layer: Option<&Digest>,
     ) -> Result<Available, String> {
-        let pulled = self.pulls.pull(&request.image).await?;
+        let pulled = self
+            .pulls
+            .pull(&request.image, Some(&request.layer))
+            .await?;
         check_claims(&pulled.image, request, parent_layer)?;
         Ok(Available {
             image: pulled.image,

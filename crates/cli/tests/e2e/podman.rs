@@ -41,8 +41,10 @@ impl LayerStoreProcess {
 
     fn launch(&mut self) {
         let mountpoint = self.mountpoint.clone();
-        self.service
-            .launch(|| lazylayer_testkit::is_mounted(&mountpoint));
+        // Mounted and answering (a dead mount left by a killed store answers ENOTCONN).
+        self.service.launch(|| {
+            lazylayer_testkit::is_mounted(&mountpoint) && std::fs::metadata(&mountpoint).is_ok()
+        });
     }
 
     /// `kill -9`, as a crash would: the mount is left, dead.
@@ -457,4 +459,27 @@ fn images_without_an_index_are_downloaded_by_podman() {
     let mounted = setup.podman.ok(&["image", "mount", &image]);
     assert_same_tree(&Reference::new("layers").path(), Path::new(mounted.trim()));
     setup.podman.ok(&["image", "unmount", &image]);
+}
+
+/// The layer store refuses a mountpoint where something else is mounted (it would hide it),
+/// and one containers/storage cannot name.
+#[test]
+fn the_layer_store_refuses_mountpoints_it_must_not_use() {
+    if !lazylayer_testkit::require_root("podman::the_layer_store_refuses_mountpoints") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path().to_str().unwrap();
+    let occupied = run(&["--root", root, "layerstore", "/proc"]);
+    assert!(!occupied.status.success());
+    let stderr = String::from_utf8_lossy(&occupied.stderr);
+    assert!(
+        stderr.contains("is a mountpoint already (proc)"),
+        "{stderr}"
+    );
+    assert!(lazylayer_testkit::is_mounted(Path::new("/proc")));
+    let unnameable = run(&["--root", root, "layerstore", "/tmp/a:b"]);
+    assert!(!unnameable.status.success());
+    let stderr = String::from_utf8_lossy(&unnameable.stderr);
+    assert!(stderr.contains("':' or ','"), "{stderr}");
 }
