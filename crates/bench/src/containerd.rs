@@ -213,11 +213,6 @@ fn convert_to_estargz(registry: &str, images: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(mut values: Vec<(Duration, u64)>) -> (Duration, u64) {
-    values.sort();
-    values[values.len() / 2]
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         rustix::process::geteuid().is_root(),
@@ -264,7 +259,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     results[i].push(start_once(contender, &stargz, &proxy, workload)?);
                 }
             }
-            let [overlay, lazy, peer] = results.map(median);
+            let [overlay, lazy, peer] = results.map(crate::median_run);
             let ratio = |d: Duration| overlay.0.as_secs_f64() / d.as_secs_f64();
             println!(
                 "{:<36} {:<20} {:>9.2}s {:>9.2}s {:>5.2}x {:>9.2}s {:>5.2}x {:>12.1}M {:>12.1}M",

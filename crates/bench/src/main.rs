@@ -76,6 +76,12 @@ pub fn selected(only: Option<&str>, name: &str) -> bool {
     only.is_none_or(|only| name.contains(only))
 }
 
+/// The median of measured runs (time, bytes), by time.
+pub fn median_run(mut values: Vec<(Duration, u64)>) -> (Duration, u64) {
+    values.sort();
+    values[values.len() / 2]
+}
+
 /// Runs `f` `runs` times and returns the median wall time.
 pub fn median<F: FnMut() -> anyhow::Result<()>>(runs: usize, mut f: F) -> anyhow::Result<Duration> {
     let mut times = Vec::with_capacity(runs);

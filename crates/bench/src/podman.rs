@@ -112,11 +112,6 @@ fn start_once(
     Ok((elapsed, bytes))
 }
 
-fn median(mut values: Vec<(Duration, u64)>) -> (Duration, u64) {
-    values.sort();
-    values[values.len() / 2]
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         rustix::process::geteuid().is_root(),
@@ -143,7 +138,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 plain.push(start_once(false, &proxy, workload)?);
                 lazy.push(start_once(true, &proxy, workload)?);
             }
-            let (plain, lazy) = (median(plain), median(lazy));
+            let (plain, lazy) = (crate::median_run(plain), crate::median_run(lazy));
             println!(
                 "{:<36} {:<20} {:>9.2}s {:>9.2}s {:>5.2}x {:>12.1}M {:>12.1}M",
                 workload.name,

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::lazylayer;
 use lazylayer_container::baseline::{Timing, pull_extract_run, timed};
@@ -55,11 +55,6 @@ struct Workload {
     name: &'static str,
     image: &'static str,
     command: Vec<String>,
-}
-
-fn median(mut values: Vec<(Duration, u64)>) -> (Duration, u64) {
-    values.sort();
-    values[values.len() / 2]
 }
 
 /// One lazylayer run on a fresh store (with the profiles of `profile_from` copied in, if
@@ -198,9 +193,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 let (timing, bytes, _) = lazy_run(&image, workload, Some(&profiles), false).await?;
                 profiled.push((timing.exit, bytes));
             }
-            let (base, _) = median(base);
-            let (lazy, lazy_bytes) = median(lazy);
-            let (profiled, _) = median(profiled);
+            let (base, _) = crate::median_run(base);
+            let (lazy, lazy_bytes) = crate::median_run(lazy);
+            let (profiled, _) = crate::median_run(profiled);
             let size = sizes[workload.image];
             println!(
                 "{:<36} {:<20} {:>9.2}s {:>9.2}s {:>5.2}x {:>9.2}s {:>5.2}x {:>10} {:>9.1}M {:>4.0}%",

@@ -59,7 +59,6 @@ pub struct PullPolicy {
 
 /// The layers served, and the pulls and uses behind them.
 pub struct Layers {
-    engine: Engine,
     pulls: LazyPulls,
     uses: Uses,
     served: Mutex<HashMap<(String, Digest), Arc<ServedLayer>>>,
@@ -74,8 +73,7 @@ impl Layers {
     /// `uses`.
     pub fn new(engine: Engine, policy: PullPolicy, uses: Uses) -> Layers {
         Layers {
-            pulls: LazyPulls::new(engine.clone(), policy.mode, policy.index_trust),
-            engine,
+            pulls: LazyPulls::new(engine, policy.mode, policy.index_trust),
             uses,
             served: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
@@ -86,7 +84,7 @@ impl Layers {
 
     /// The engine.
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        self.pulls.engine()
     }
 
     /// The layer the path `reference`/`digest` stands for, made available (see the module
@@ -108,7 +106,7 @@ impl Layers {
         {
             return Ok(served);
         }
-        let store = self.engine.store();
+        let store = self.engine().store();
         let mut image = None;
         if let Some(manifest) = self.uses.served_from(reference, digest) {
             image = store.image(&manifest).map_err(|e| e.to_string())?;
@@ -136,7 +134,7 @@ impl Layers {
     /// Whether the layer is in the store, lazy or detached.
     fn present(&self, digest: &Digest) -> Result<bool, String> {
         Ok(matches!(
-            self.engine
+            self.engine()
                 .store()
                 .phase(digest)
                 .map_err(|e| e.to_string())?,
@@ -148,7 +146,7 @@ impl Layers {
     fn still_served(&self, served: &ServedLayer) -> Result<bool, String> {
         Ok(self.present(&served.blob.digest)?
             && self
-                .engine
+                .engine()
                 .store()
                 .image(&served.manifest)
                 .map_err(|e| e.to_string())?
@@ -183,7 +181,7 @@ impl Layers {
             ));
         };
         let blob = image.layers[position].clone();
-        let indexes = self.engine.store().indexes();
+        let indexes = self.engine().store().indexes();
         let index = indexes
             .get(&blob)
             .map_err(|e| e.to_string())?
@@ -217,7 +215,7 @@ impl Layers {
     ) -> Result<(), String> {
         let _accounting = self.accounting.lock().expect("use accounting");
         let manifest = self.uses.image_to_count(reference, digest, served_from);
-        self.engine
+        self.engine()
             .store()
             .hold_image(&manifest, HOLDER)
             .map_err(|e| e.to_string())?;
@@ -238,7 +236,7 @@ impl Layers {
         let Released::Unused { manifest, owned } = self.uses.release(reference, digest)? else {
             return Ok(());
         };
-        let store = self.engine.store();
+        let store = self.engine().store();
         store
             .release_image(&manifest, HOLDER)
             .map_err(|e| e.to_string())?;
@@ -274,7 +272,7 @@ impl Layers {
         }
         if served.origin == IndexOrigin::Referrer
             && self
-                .engine
+                .engine()
                 .store()
                 .phase(digest)
                 .map_err(|e| e.to_string())?
@@ -334,7 +332,7 @@ impl Layers {
             return Ok(source.clone());
         }
         let parsed: ImageReference = reference.parse().map_err(|e| format!("{e}"))?;
-        let client = self.engine.registry_client().map_err(|e| e.to_string())?;
+        let client = self.engine().registry_client().map_err(|e| e.to_string())?;
         let source = ImageSource::open(&parsed, &client).map_err(|e| e.to_string())?;
         sources.insert(reference.to_string(), source.clone());
         Ok(source)
