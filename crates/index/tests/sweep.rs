@@ -38,6 +38,16 @@ async fn open(image: &str) -> (ImageSource, ResolvedImage) {
     (source, resolved)
 }
 
+/// The Debian image's layout, its layer and the layer's index built from the layout.
+async fn debian_layer() -> (ImageSource, BlobDescriptor, Arc<LayerIndex>) {
+    let (layout, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
+    let layer = image.layers[0].clone();
+    let index = build(&layout, &layer, None, BuildOptions::default())
+        .await
+        .unwrap();
+    (layout, layer, Arc::new(index))
+}
+
 fn blob_path(digest: &Digest) -> PathBuf {
     layout_dir().join("blobs/sha256").join(digest.hex())
 }
@@ -472,13 +482,8 @@ async fn wrong_bytes_from_the_registry_are_errors_never_data() {
 
 #[tokio::test]
 async fn spans_are_fetched_once_and_a_small_file_costs_a_span() {
-    let (layout, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
-    let layer = &image.layers[0];
-    let index = Arc::new(
-        build(&layout, layer, None, BuildOptions::default())
-            .await
-            .unwrap(),
-    );
+    let (_, layer, index) = debian_layer().await;
+    let layer = &layer;
     let (source, _) = open(&format!(
         "{}/test/debian:bookworm",
         shared_registry().host()
@@ -656,13 +661,7 @@ async fn broken_indexes_are_rejected_with_a_clear_error() {
 
 #[tokio::test]
 async fn concurrent_reads_of_one_span_fetch_it_once() {
-    let (layout, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
-    let layer = &image.layers[0];
-    let index = Arc::new(
-        build(&layout, layer, None, BuildOptions::default())
-            .await
-            .unwrap(),
-    );
+    let (_, _, index) = debian_layer().await;
     let (source, _) = open(&format!(
         "{}/test/debian:bookworm",
         shared_registry().host()
@@ -771,13 +770,8 @@ fn blob_gets(proxy: &FaultProxy, layer: &Digest) -> usize {
 
 #[tokio::test]
 async fn a_run_of_missing_spans_is_one_ranged_get() {
-    let (layout, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
-    let layer = &image.layers[0];
-    let index = Arc::new(
-        build(&layout, layer, None, BuildOptions::default())
-            .await
-            .unwrap(),
-    );
+    let (layout, layer, index) = debian_layer().await;
+    let layer = &layer;
     let (first, last) = (4, 8);
     assert!(index.spans.len() > last + 1, "{} spans", index.spans.len());
     let range = index.spans[first].uncompressed_start..index.span_uncompressed_end(last);
@@ -816,6 +810,56 @@ async fn a_run_of_missing_spans_is_one_ranged_get() {
     let stats = reader.stats();
     assert_eq!(blob_gets(&proxy, &layer.digest) - before, 2);
     assert_eq!((stats.requests, stats.spans_fetched), (3, 5), "{stats:?}");
+}
+
+/// A reader waiting for the first span of a long run gets it when it has arrived, not when the
+/// run ends: a profile or background fetch of many spans never holds back a reader.
+#[tokio::test]
+async fn a_span_is_served_while_the_rest_of_its_run_is_still_arriving() {
+    let (layout, layer, index) = debian_layer().await;
+    let layer = &layer;
+    let (first, last) = (4, 8);
+    let proxy = FaultProxy::start(shared_registry().addr(), Shaping::default()).unwrap();
+    // The run's GET stops after its first span and two more bytes, for good.
+    let first_len = index.spans[first].compressed_end - index.spans[first].compressed_start;
+    proxy.add_rule(
+        Rule::new(Fault::StallAfter {
+            after: first_len + 2,
+            pause: None,
+        })
+        .on_path(&format!("/blobs/{}", layer.digest)),
+    );
+    let (source, _) = open(&format!("{}/test/debian:bookworm", proxy.host())).await;
+    let cache = tempfile::tempdir().unwrap();
+    let reader = Arc::new(LayerReader::new(index.clone(), source, cache.path()).unwrap());
+    let run = tokio::spawn({
+        let reader = reader.clone();
+        async move { reader.ensure(first..=last).await }
+    });
+    // A read of the first span, started once the run is in flight, completes while the run
+    // is still stalled.
+    while reader.stats().requests == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let range = index.spans[first].uncompressed_start..index.span_uncompressed_end(first);
+    let local = tempfile::tempdir().unwrap();
+    let expected = LayerReader::new(index.clone(), layout, local.path())
+        .unwrap()
+        .read_uncompressed(range.clone())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        reader.read_uncompressed(range),
+    )
+    .await
+    .expect("the first span is served before the run ends")
+    .unwrap();
+    assert!(got == expected);
+    assert!(!run.is_finished(), "the run is still stalled");
+    let stats = reader.stats();
+    assert_eq!((stats.requests, stats.spans_fetched), (1, 1), "{stats:?}");
+    run.abort();
 }
 
 #[tokio::test]

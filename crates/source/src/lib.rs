@@ -89,4 +89,22 @@ impl ImageSource {
             ImageSource::Layout { layout, .. } => layout.read_range(digest, range).await,
         }
     }
+
+    /// Reads a byte range of a blob, handing its bytes to `sink` as they arrive (unverified:
+    /// see [`Repository::read_range_progressively`]); a layout's range comes in one piece.
+    pub async fn read_range_progressively(
+        &self,
+        digest: &Digest,
+        range: Range<u64>,
+        sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send),
+    ) -> Result<()> {
+        match self {
+            ImageSource::Registry { repository, .. } => {
+                repository
+                    .read_range_progressively(digest, range, sink)
+                    .await
+            }
+            ImageSource::Layout { layout, .. } => sink(&layout.read_range(digest, range).await?),
+        }
+    }
 }

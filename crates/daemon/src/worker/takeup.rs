@@ -83,8 +83,21 @@ impl Worker {
         Ok(())
     }
 
-    /// The entries of `layer` that the prefetch profiles of images using it list, in order.
+    /// The entries of `layer` to fill first: those the prefetch profiles of images using it
+    /// list, in order, then the files nearly every container start opens
+    /// ([`lazylayer_store::startup_files`]) that the profiles did not list.
     fn profile_files(&self, layer: &Layer) -> Vec<usize> {
+        let mut first = self.recorded_profile_files(layer);
+        for i in lazylayer_store::startup_files(&layer.index) {
+            if !first.contains(&i) {
+                first.push(i);
+            }
+        }
+        first
+    }
+
+    /// The entries of `layer` that the prefetch profiles of images using it list, in order.
+    fn recorded_profile_files(&self, layer: &Layer) -> Vec<usize> {
         let by_path: HashMap<String, usize> = layer
             .index
             .entries

@@ -460,7 +460,8 @@ impl LayerReader {
     }
 
     /// Fetches a run of spans, unless another read is fetching (some of) them: it waits for
-    /// that one and fetches only what is still missing.
+    /// that one and fetches only what is still missing. Each span is released to readers
+    /// waiting for it as soon as it has arrived and matched its digest, not when the run ends.
     async fn fetch_run(&self, run: RangeInclusive<usize>) -> Result<()> {
         let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
             let mut fetching = self.fetching.lock().expect("fetching");
@@ -475,12 +476,14 @@ impl LayerReader {
         };
         let mut guards = Vec::with_capacity(locks.len());
         for lock in &locks {
-            guards.push(lock.lock().await);
+            guards.push(Some(lock.lock().await));
         }
+        let first = *run.start();
         let mut result = Ok(());
-        let mut i = *run.start();
+        let mut i = first;
         while i <= *run.end() && result.is_ok() {
             if self.cache.has(i) {
+                guards[i - first] = None;
                 i += 1;
                 continue;
             }
@@ -488,7 +491,9 @@ impl LayerReader {
             while end < *run.end() && !self.cache.has(end + 1) {
                 end += 1;
             }
-            result = self.fetch_missing(i..=end).await;
+            result = self
+                .fetch_missing(i..=end, &mut guards[i - first..=end - first])
+                .await;
             i = end + 1;
         }
         drop(guards);
@@ -502,34 +507,69 @@ impl LayerReader {
         result
     }
 
-    async fn fetch_missing(&self, run: RangeInclusive<usize>) -> Result<()> {
+    /// One ranged GET for `run`; each span is checked and stored as soon as its last byte has
+    /// arrived, and its lock in `guards` (one per span of the run) released.
+    async fn fetch_missing<G: Send>(
+        &self,
+        run: RangeInclusive<usize>,
+        guards: &mut [Option<G>],
+    ) -> Result<()> {
         let (first, last) = (*run.start(), *run.end());
         let start = self.index.spans[first].compressed_start;
         let end = self.index.spans[last].compressed_end;
-        let bytes = self
-            .source
-            .read_range(&self.index.blob_digest, start..end)
-            .await?;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.bytes_fetched
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        for i in first..=last {
-            let span = &self.index.spans[i];
-            let slice = &bytes
-                [(span.compressed_start - start) as usize..(span.compressed_end - start) as usize];
-            if sha256(slice) != span.digest {
-                let mut mismatches = self.mismatches.lock().expect("mismatches");
-                let count = mismatches.entry(i).or_insert(0);
-                *count += 1;
-                return Err(if *count >= SPAN_ATTEMPTS {
-                    self.condemned(i)
-                } else {
-                    self.mismatch(i)
-                });
+        let mut bytes: Vec<u8> = Vec::with_capacity((end - start).min(16 << 20) as usize);
+        let mut next = first;
+        let mut refused: Option<Error> = None;
+        let mut sink = |piece: &[u8]| -> std::result::Result<(), lazylayer_source::Error> {
+            self.bytes_fetched
+                .fetch_add(piece.len() as u64, Ordering::Relaxed);
+            bytes.extend_from_slice(piece);
+            let arrived = start + bytes.len() as u64;
+            while next <= last && self.index.spans[next].compressed_end <= arrived {
+                let span = &self.index.spans[next];
+                let slice = &bytes[(span.compressed_start - start) as usize
+                    ..(span.compressed_end - start) as usize];
+                if let Err(e) = self.accept_span(next, slice) {
+                    let reason = e.to_string();
+                    refused = Some(e);
+                    return Err(lazylayer_source::Error::Protocol {
+                        request: format!("span {next} of layer {}", self.index.blob_digest),
+                        detail: reason,
+                    });
+                }
+                guards[next - first] = None;
+                next += 1;
             }
-            self.cache.store(i, span.compressed_start, slice)?;
-            self.spans_fetched.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        };
+        let outcome = self
+            .source
+            .read_range_progressively(&self.index.blob_digest, start..end, &mut sink)
+            .await;
+        match (outcome, refused) {
+            (_, Some(refusal)) => Err(refusal),
+            (Err(e), None) => Err(e.into()),
+            (Ok(()), None) => Ok(()),
         }
+    }
+
+    /// Checks span `i`'s bytes against its digest and keeps them; a span that failed its
+    /// digest [`SPAN_ATTEMPTS`] times is condemned.
+    fn accept_span(&self, i: usize, slice: &[u8]) -> Result<()> {
+        let span = &self.index.spans[i];
+        if sha256(slice) != span.digest {
+            let mut mismatches = self.mismatches.lock().expect("mismatches");
+            let count = mismatches.entry(i).or_insert(0);
+            *count += 1;
+            return Err(if *count >= SPAN_ATTEMPTS {
+                self.condemned(i)
+            } else {
+                self.mismatch(i)
+            });
+        }
+        self.cache.store(i, span.compressed_start, slice)?;
+        self.spans_fetched.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }

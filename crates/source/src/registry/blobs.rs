@@ -85,14 +85,34 @@ impl Repository {
     /// a partial read cannot be checked against the blob digest, so callers check them against
     /// the span digests of a lazy index.
     pub async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes> {
-        if range.start >= range.end {
-            return Ok(Bytes::new());
-        }
-        let len = (range.end - range.start) as usize;
+        let len = range.end.saturating_sub(range.start) as usize;
         let mut out = BytesMut::with_capacity(len.min(8 << 20));
+        self.read_range_progressively(digest, range, &mut |bytes| {
+            out.extend_from_slice(bytes);
+            Ok(())
+        })
+        .await?;
+        Ok(out.freeze())
+    }
+
+    /// Like [`read_range`](Self::read_range), but hands each piece of the range to `sink` as
+    /// it arrives, in order and each byte once (a retried transfer resumes where it stopped),
+    /// so that a caller can use the first bytes of a long range before the last have come.
+    /// An error from `sink` ends the transfer with that error.
+    pub async fn read_range_progressively(
+        &self,
+        digest: &Digest,
+        range: Range<u64>,
+        sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send),
+    ) -> Result<()> {
+        if range.start >= range.end {
+            return Ok(());
+        }
+        let len = range.end - range.start;
+        let mut received = 0u64;
         let mut attempts = Attempts::new(self.client.retry_policy());
         loop {
-            let start = range.start + out.len() as u64;
+            let start = range.start + received;
             let request = self
                 .blob_request(Method::GET, digest)?
                 .header(RANGE, &format!("bytes={}-{}", start, range.end - 1));
@@ -126,10 +146,13 @@ impl Repository {
                             skip -= drop as u64;
                             let _ = chunk.split_to(drop);
                         }
-                        let take = chunk.len().min(len - out.len());
-                        out.extend_from_slice(&chunk[..take]);
-                        if out.len() == len {
-                            return Ok(out.freeze());
+                        let take = chunk.len().min((len - received) as usize);
+                        if take > 0 {
+                            sink(&chunk[..take])?;
+                            received += take as u64;
+                        }
+                        if received == len {
+                            return Ok(());
                         }
                     }
                     Ok(None) => break "the body ended early".to_string(),
