@@ -288,9 +288,7 @@ impl Store {
         };
         record(Phase::Creating).save(&record_path)?;
         let tree = LayerTree::open(&dir.join("fs"))?;
-        for entry in &index.entries {
-            tree.create(entry)?;
-        }
+        tree.create_all(&index.entries)?;
         tree.set_dir_times(index.entries.iter())?;
         tree.sync()?;
         record(Phase::Lazy).save(&record_path)?;

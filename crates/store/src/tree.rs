@@ -28,6 +28,19 @@ pub struct LayerTree {
     path: PathBuf,
 }
 
+/// Threads creating placeholders at once ([`LayerTree::create_all`]): creations are short
+/// system calls that mostly wait for the filesystem's journal and metadata reads.
+const CREATE_THREADS: usize = 8;
+
+/// How deep `path` is in the layer (the root is 0, `etc` 1, `etc/ssl` 2).
+fn depth(path: &[u8]) -> usize {
+    if path.is_empty() {
+        0
+    } else {
+        1 + path.iter().filter(|&&b| b == b'/').count()
+    }
+}
+
 fn beneath() -> ResolveFlags {
     ResolveFlags::BENEATH
         | ResolveFlags::NO_SYMLINKS
@@ -199,6 +212,45 @@ impl LayerTree {
                 self.apply_metadata_at(&dir, name, entry, true)
             }
         }
+    }
+
+    /// Creates the placeholders of all `entries` ([`create`](Self::create)), several at a time:
+    /// directories level by level (parents first, whatever the order of the table), then
+    /// everything else but hard links, then hard links (their targets exist by then). On a
+    /// busy filesystem each creation waits on the disk, and waits overlap.
+    pub fn create_all(&self, entries: &[Entry]) -> Result<()> {
+        let mut dirs: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Dir)
+            .collect();
+        dirs.sort_by_key(|e| depth(&e.path));
+        for level in dirs.chunk_by(|a, b| depth(&a.path) == depth(&b.path)) {
+            self.create_concurrently(level)?;
+        }
+        let (links, others): (Vec<&Entry>, Vec<&Entry>) = entries
+            .iter()
+            .filter(|e| e.kind != EntryKind::Dir)
+            .partition(|e| e.kind == EntryKind::Hardlink);
+        self.create_concurrently(&others)?;
+        self.create_concurrently(&links)
+    }
+
+    /// [`create`](Self::create) for each of `entries`, on up to [`CREATE_THREADS`] threads.
+    fn create_concurrently(&self, entries: &[&Entry]) -> Result<()> {
+        if entries.len() < 2 * CREATE_THREADS {
+            return entries.iter().try_for_each(|e| self.create(e));
+        }
+        let chunk = entries.len().div_ceil(CREATE_THREADS);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = entries
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().try_for_each(|e| self.create(e))))
+                .collect();
+            // The scope joins every thread before it returns, also after an early error.
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().expect("placeholder thread"))
+        })
     }
 
     /// Metadata of a symlink or node, by name in its directory, never following the name:
