@@ -8,10 +8,12 @@
 //!   cargo build --release && sudo target/release/lazylayer-bench fuse [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench containerd [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench podman [--runs N]
+//!   cargo run --release -p lazylayer-bench -- granularity --index FILE --profile FILE
 #![forbid(unsafe_code)]
 
 mod containerd;
 mod fuse;
+mod granularity;
 mod images;
 mod index;
 mod lazy;
@@ -50,6 +52,9 @@ enum Command {
     /// Container start through podman (as root): `podman run` on its own and with
     /// `lazylayer layerstore` as its additional layer store, side by side.
     Podman(podman::Args),
+    /// A model of lever 2: the demand misses of a recorded profile replayed against a layer's
+    /// index at finer fetch granularities (bytes, round trips, estimated time).
+    Granularity(granularity::Args),
 }
 
 #[tokio::main]
@@ -61,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Fuse(args) => fuse::run(args).await,
         Command::Containerd(args) => containerd::run(args).await,
         Command::Podman(args) => podman::run(args).await,
+        Command::Granularity(args) => granularity::run(args).await,
     }
 }
 

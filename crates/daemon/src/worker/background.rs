@@ -76,9 +76,9 @@ impl Worker {
         managed: Arc<Managed>,
         first: Vec<usize>,
     ) {
-        self.prefetch_profile(&managed, first).await;
+        let prefetch_failed = !self.prefetch_profile(&managed, first).await;
         managed.become_(LayerLife::Streaming);
-        match self.stream(&managed).await {
+        match self.stream(&managed, prefetch_failed).await {
             Ok(()) => {}
             Err(Stop::Condemned(reason)) => {
                 tracing::error!("layer {}: {reason}", managed.layer.digest);
@@ -105,8 +105,9 @@ impl Worker {
         }
     }
 
-    /// The spans of every profile file in a few ranged requests, then the files.
-    async fn prefetch_profile(&self, managed: &Managed, first: Vec<usize>) {
+    /// The spans of every profile file in a few ranged requests, then the files; at the first
+    /// failure the rest is left to the stream (which retries and reports). Whether all went well.
+    async fn prefetch_profile(&self, managed: &Managed, first: Vec<usize>) -> bool {
         let layer = &managed.layer;
         let mut spans = std::collections::BTreeSet::new();
         for &i in &first {
@@ -120,19 +121,28 @@ impl Worker {
             }
         }
         if let Err(e) = layer.reader().ensure_set(spans).await {
+            // An outage, most likely: the stream fills these files in its turn, retrying with
+            // growing pauses, and `status` shows the error meanwhile.
             tracing::warn!("layer {}: prefetching profile spans: {e}", layer.digest);
+            managed.set_error(&e);
+            return false;
         }
         for i in first {
             match layer.populate(i).await {
                 Ok(()) => self.demand.populated(layer, i),
-                Err(e) => tracing::warn!("layer {}: prefetching a profile file: {e}", layer.digest),
+                Err(e) => {
+                    tracing::warn!("layer {}: prefetching a profile file: {e}", layer.digest);
+                    managed.set_error(&e);
+                    return false;
+                }
             }
         }
+        true
     }
 
     /// Every file not filled yet, in stream order; an error when the layer cannot be
-    /// completed (see [`Stop`]).
-    async fn stream(&self, managed: &Managed) -> Result<(), Stop> {
+    /// completed (see [`Stop`]). `recovering`: an error is shown that the first fill clears.
+    async fn stream(&self, managed: &Managed, mut recovering: bool) -> Result<(), Stop> {
         let layer = &managed.layer;
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
@@ -168,8 +178,14 @@ impl Worker {
                 let span = layer.index.span_at(layer.index.entries[i].data_offset);
                 if span >= prefetched {
                     let last = (span + FETCH_AHEAD).min(layer.index.spans.len() - 1);
-                    if layer.reader().ensure(span..=last).await.is_ok() {
-                        prefetched = last + 1;
+                    match layer.reader().ensure(span..=last).await {
+                        Ok(()) => prefetched = last + 1,
+                        // A span that never matches its digest: the fill below stops the layer.
+                        Err(_) if layer.reader().condemned_span().is_some() => {}
+                        Err(e) => {
+                            retry_later(managed, "fetch", &e, &mut backoff).await;
+                            continue;
+                        }
                     }
                 }
             }
@@ -177,9 +193,10 @@ impl Worker {
                 Ok(()) => {
                     self.demand.populated(layer, i);
                     queue.next();
-                    if backoff > FIRST_BACKOFF {
+                    if recovering || backoff > FIRST_BACKOFF {
                         // Recovered: the last error no longer describes the layer.
                         managed.clear_error();
+                        recovering = false;
                     }
                     backoff = FIRST_BACKOFF;
                     since_persist += 1;
@@ -191,14 +208,7 @@ impl Worker {
                     if layer.reader().condemned_span().is_some() {
                         return Err(Stop::Condemned(e.to_string()));
                     }
-                    // Kept for `status` first: on a full disk the log may not be written.
-                    managed.set_error(&e);
-                    tracing::warn!(
-                        "layer {}: background fill: {e}; retrying in {backoff:?}",
-                        layer.digest
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    retry_later(managed, "fill", &e, &mut backoff).await;
                     continue;
                 }
             }
@@ -212,6 +222,23 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// After a failed background `step`: the error shown by `status` (kept there first: on a full
+/// disk the log may not be written), logged, then a pause that doubles each time.
+async fn retry_later(
+    managed: &Managed,
+    step: &str,
+    error: &(dyn std::fmt::Display + Sync),
+    backoff: &mut Duration,
+) {
+    managed.set_error(error);
+    tracing::warn!(
+        "layer {}: background {step}: {error}; retrying in {backoff:?}",
+        managed.layer.digest
+    );
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
 }
 
 #[cfg(test)]
