@@ -56,8 +56,15 @@ fn population_resumes_by_itself_after_an_outage() {
     }
     let file = denied.expect("some file late in the layer was not local during the outage");
 
-    // The outage lasts; the daemon reports it and does not give up.
-    std::thread::sleep(Duration::from_secs(40));
+    // The outage lasts; the daemon reports it (a background transfer caught in flight by the
+    // outage fails only after its read timeout and retries, up to about 50 s) and does not give
+    // up.
+    wait_for_status(&lazy, "the outage never showed in status", |s| {
+        s["layers"][0]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty())
+    });
+    std::thread::sleep(Duration::from_secs(10));
     let status = lazy.status();
     let layer = &status["layers"][0];
     assert_eq!(layer["phase"], "lazy", "{status}");
