@@ -48,6 +48,21 @@ async fn debian_layer() -> (ImageSource, BlobDescriptor, Arc<LayerIndex>) {
     (layout, layer, Arc::new(index))
 }
 
+/// Uncompressed bytes `range` of the layer read from the local layout (what a registry read
+/// must equal).
+async fn read_from_layout(
+    layout: ImageSource,
+    index: &Arc<LayerIndex>,
+    range: std::ops::Range<u64>,
+) -> Vec<u8> {
+    let cache = tempfile::tempdir().unwrap();
+    LayerReader::new(index.clone(), layout, cache.path())
+        .unwrap()
+        .read_uncompressed(range)
+        .await
+        .unwrap()
+}
+
 fn blob_path(digest: &Digest) -> PathBuf {
     layout_dir().join("blobs/sha256").join(digest.hex())
 }
@@ -778,12 +793,7 @@ async fn a_run_of_missing_spans_is_one_ranged_get() {
     let proxy = FaultProxy::start(shared_registry().addr(), Shaping::default()).unwrap();
     let (source, _) = open(&format!("{}/test/debian:bookworm", proxy.host())).await;
     // The same bytes read from the local layout, to compare with.
-    let local = tempfile::tempdir().unwrap();
-    let expected = LayerReader::new(index.clone(), layout, local.path())
-        .unwrap()
-        .read_uncompressed(range.clone())
-        .await
-        .unwrap();
+    let expected = read_from_layout(layout, &index, range.clone()).await;
 
     // Cold: the five spans come in one request, each verified and kept.
     let cache = tempfile::tempdir().unwrap();
@@ -842,12 +852,7 @@ async fn a_span_is_served_while_the_rest_of_its_run_is_still_arriving() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let range = index.spans[first].uncompressed_start..index.span_uncompressed_end(first);
-    let local = tempfile::tempdir().unwrap();
-    let expected = LayerReader::new(index.clone(), layout, local.path())
-        .unwrap()
-        .read_uncompressed(range.clone())
-        .await
-        .unwrap();
+    let expected = read_from_layout(layout, &index, range.clone()).await;
     let got = tokio::time::timeout(
         std::time::Duration::from_secs(20),
         reader.read_uncompressed(range),
