@@ -8,6 +8,7 @@
 //!   cargo build --release && sudo target/release/lazylayer-bench fuse [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench containerd [--runs N]
 //!   cargo build --release && sudo target/release/lazylayer-bench podman [--runs N]
+//!   cargo build --release && sudo target/release/lazylayer-bench populate [--runs N]
 //!   cargo run --release -p lazylayer-bench -- granularity --index FILE --profile FILE
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,7 @@ mod images;
 mod index;
 mod lazy;
 mod podman;
+mod populate;
 mod startup;
 
 use std::path::PathBuf;
@@ -52,6 +54,9 @@ enum Command {
     /// Container start through podman (as root): `podman run` on its own and with
     /// `lazylayer layerstore` as its additional layer store, side by side.
     Podman(podman::Args),
+    /// Whole-layer population (as root): pull + detach --wait against curl | tar -xz, and the
+    /// daemon's peak memory, on the Debian and python images and a layer of many small files.
+    Populate(populate::Args),
     /// A model of lever 2: the demand misses of a recorded profile replayed against a layer's
     /// index at finer fetch granularities (bytes, round trips, estimated time).
     Granularity(granularity::Args),
@@ -66,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Fuse(args) => fuse::run(args).await,
         Command::Containerd(args) => containerd::run(args).await,
         Command::Podman(args) => podman::run(args).await,
+        Command::Populate(args) => populate::run(args).await,
         Command::Granularity(args) => granularity::run(args).await,
     }
 }

@@ -22,4 +22,4 @@ pub use entry::{Entry, EntryKind, Piece};
 pub use error::{Error, Result};
 pub use format::{Compression, INDEX_MEDIA_TYPE, IndexMeta, LayerIndex, Span, SpanStart};
 pub use local::IndexStore;
-pub use read::{LayerReader, ReaderStats};
+pub use read::{LayerReader, ReaderStats, Verification};

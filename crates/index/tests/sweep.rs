@@ -940,6 +940,53 @@ async fn a_complete_layer_is_checked_against_its_blob_and_a_rebuilt_index() {
 }
 
 #[tokio::test]
+async fn the_check_of_a_layer_follows_its_spans_as_they_arrive() {
+    let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
+    let layer = &image.layers[0];
+    let built = build(&layout, layer, None, BuildOptions { spacing: 64 << 10 })
+        .await
+        .unwrap();
+    assert!(built.spans.len() > 4, "{} spans", built.spans.len());
+    let good = built.encode().unwrap();
+    let mut wrong = LayerIndex::decode("good", &good).unwrap();
+    let file = wrong
+        .entries
+        .iter_mut()
+        .find(|e| e.kind == EntryKind::File && e.size > 1)
+        .unwrap();
+    file.mode ^= 0o4000;
+    let wrong = wrong.encode().unwrap();
+    for (what, bytes, passes) in [("right index", &good, true), ("wrong index", &wrong, false)] {
+        let cache = tempfile::tempdir().unwrap();
+        let index = Arc::new(LayerIndex::decode(what, bytes).unwrap());
+        let reader = LayerReader::new(index.clone(), layout.clone(), cache.path()).unwrap();
+        // Started before anything is local: it waits for the first span.
+        let check = reader.start_verification().unwrap();
+        // The spans arrive last first, as readers in a random order would fetch them.
+        for i in (0..index.spans.len()).rev() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert!(
+                !check.is_finished(),
+                "{what}: ended before span {i} arrived"
+            );
+            reader.ensure(i..=i).await.unwrap();
+        }
+        let result = tokio::time::timeout(std::time::Duration::from_secs(60), check.finish())
+            .await
+            .expect("the check ends once every span is in");
+        match (passes, result) {
+            (true, Ok(())) => {}
+            (false, Err(e)) => assert!(
+                e.to_string()
+                    .contains("differs from the index rebuilt from the verified blob"),
+                "{what}: {e}"
+            ),
+            (_, result) => panic!("{what}: {result:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_blob_that_does_not_match_its_digest_never_gets_an_index() {
     use lazylayer_testkit::hostile::{Expect, HostileLayer, write_layout};
     // A small tar of random and repetitive content, which gzip levels compress differently.

@@ -391,3 +391,35 @@ pub fn large_random_file(size: usize) -> HostileLayer {
         expect: Expect::Contained,
     }
 }
+
+/// Not an attack: an ordinary layer of `count` small files (0-2 KiB of words drawn at random
+/// from a small vocabulary, which compresses about as well as source code; a thousand per
+/// directory), for the memory bound of populating large layers (`lazylayer-bench populate`).
+pub fn many_small_files(count: usize) -> HostileLayer {
+    const WORDS: [&str; 16] = [
+        "fn", "let", "struct", "impl", "return", "match", "layer", "index", "span", "file", "read",
+        "write", "self", "Result", "Vec<u8>", "usize",
+    ];
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut tar = Vec::with_capacity(count * 1536 + 1024);
+    for i in 0..count {
+        let name = format!("d{:04}/f{:04}", i / 1000, i % 1000);
+        let size = rng.usize(..2048);
+        let mut body = Vec::with_capacity(size + 16);
+        while body.len() < size {
+            body.extend_from_slice(WORDS[rng.usize(..WORDS.len())].as_bytes());
+            body.push(if rng.u8(..8) == 0 { b'\n' } else { b' ' });
+        }
+        body.truncate(size);
+        tar.extend_from_slice(&header(name.as_bytes(), b'0', b"", size as u64, 0o644));
+        tar.extend_from_slice(&body);
+        tar.resize(tar.len().div_ceil(512) * 512, 0);
+    }
+    tar.extend_from_slice(&[0u8; 1024]);
+    HostileLayer {
+        name: "many-small-files",
+        attack: "none: a large ordinary layer",
+        tar,
+        expect: Expect::Contained,
+    }
+}

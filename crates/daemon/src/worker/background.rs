@@ -4,6 +4,7 @@
 //! rate cap unless the layer is urgent, fetching ahead in runs of spans when uncapped, and
 //! retrying failures with a growing pause. Then the layer is verified and detached.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -17,6 +18,9 @@ pub const DEMAND_QUIET: Duration = Duration::from_millis(1500);
 
 /// Spans fetched ahead of the current file in one ranged request when uncapped.
 const FETCH_AHEAD: usize = 8;
+
+/// Files filled at once in stream order.
+const FILLS_AT_ONCE: usize = 4;
 
 /// The first pause after a failed fill; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -76,6 +80,14 @@ impl Worker {
         managed: Arc<Managed>,
         first: Vec<usize>,
     ) {
+        // The check of the whole layer follows the spans as they arrive, on another thread.
+        let early_check = match managed.layer.reader().start_verification() {
+            Ok(check) => Some(check),
+            Err(e) => {
+                tracing::warn!("layer {}: early check: {e}", managed.layer.digest);
+                None
+            }
+        };
         let prefetch_failed = !self.prefetch_profile(&managed, first).await;
         managed.become_(LayerLife::Streaming);
         match self.stream(&managed, prefetch_failed).await {
@@ -91,7 +103,7 @@ impl Worker {
             }
         }
         managed.become_(LayerLife::Verifying);
-        match self.detach(&managed).await {
+        match self.detach(&managed, early_check).await {
             Ok(()) => managed.become_(LayerLife::Detached),
             Err(e @ LayerError::Verify { .. }) => {
                 // The index does not match the verified blob: what the tree shows may be a lie.
@@ -149,8 +161,8 @@ impl Worker {
         let mut prefetched = 0usize;
         let mut last_persist = Instant::now();
         let mut since_persist = 0;
-        let mut queue = layer.pending_files().into_iter().peekable();
-        while let Some(&i) = queue.peek() {
+        let mut queue: VecDeque<usize> = layer.pending_files().into();
+        while let Some(&i) = queue.front() {
             if let Some(reason) = layer.proven_wrong() {
                 return Err(Stop::ProvenWrong(reason));
             }
@@ -189,19 +201,48 @@ impl Worker {
                     }
                 }
             }
-            match layer.populate(i).await {
-                Ok(()) => {
-                    self.demand.populated(layer, i);
-                    queue.next();
+            // Several files at once, on the runtime's threads: a layer of many small files is
+            // bound by the system calls of each fill, not by inflating.
+            let batch: Vec<usize> = queue.drain(..queue.len().min(FILLS_AT_ONCE)).collect();
+            let fills: Vec<_> = batch
+                .iter()
+                .map(|&i| {
+                    let layer = managed.layer.clone();
+                    tokio::spawn(async move { layer.populate(i).await })
+                })
+                .collect();
+            let mut failure = None;
+            let mut unfilled = Vec::new();
+            for (&i, fill) in batch.iter().zip(fills) {
+                let filled = match fill.await {
+                    Ok(filled) => filled,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                };
+                match filled {
+                    Ok(()) => {
+                        self.demand.populated(layer, i);
+                        since_persist += 1;
+                    }
+                    Err(e) => {
+                        unfilled.push(i);
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+            // What failed is tried again first.
+            for &i in unfilled.iter().rev() {
+                queue.push_front(i);
+            }
+            match failure {
+                None => {
                     if recovering || backoff > FIRST_BACKOFF {
                         // Recovered: the last error no longer describes the layer.
                         managed.clear_error();
                         recovering = false;
                     }
                     backoff = FIRST_BACKOFF;
-                    since_persist += 1;
                 }
-                Err(e) => {
+                Some(e) => {
                     if let Some(reason) = layer.proven_wrong() {
                         return Err(Stop::ProvenWrong(reason));
                     }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use lazylayer_index::Verification;
 use lazylayer_store::Phase;
 
 use crate::error::LayerError;
@@ -12,17 +13,28 @@ use crate::worker::lifecycle::Managed;
 
 impl Worker {
     /// Verifies and detaches the complete layer of `managed`; a fetch that fails is retried
-    /// with a growing pause, a layer that does not match is an error.
-    pub(super) async fn detach(&self, managed: &Managed) -> Result<(), LayerError> {
+    /// with a growing pause, a layer that does not match is an error. `early`: the check
+    /// started with population, which has followed the spans as they arrived.
+    pub(super) async fn detach(
+        &self,
+        managed: &Managed,
+        early: Option<Verification>,
+    ) -> Result<(), LayerError> {
         let layer = &managed.layer;
         let store_error = |cause| LayerError::Store {
             layer: layer.digest.clone(),
             cause,
         };
         layer.persist().map_err(store_error)?;
+        let verify_error = |cause| LayerError::Verify {
+            layer: layer.digest.clone(),
+            cause,
+        };
         let mut backoff = Duration::from_millis(500);
+        let every_span = 0..=layer.index.spans.len() - 1;
         loop {
-            match layer.reader().verify_complete().await {
+            // The spans no file needed (headers only) have not been fetched yet.
+            match layer.reader().ensure(every_span.clone()).await {
                 Ok(()) => break,
                 Err(lazylayer_index::Error::Source(e)) => {
                     tracing::warn!(
@@ -33,13 +45,22 @@ impl Worker {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
-                Err(cause) => {
-                    return Err(LayerError::Verify {
-                        layer: layer.digest.clone(),
-                        cause,
-                    });
-                }
+                Err(cause) => return Err(verify_error(cause)),
             }
+        }
+        let checked = match early {
+            Some(check) => check.finish().await,
+            None => Err(lazylayer_index::Error::BadRead("no check started".into())),
+        };
+        if let Err(e) = checked {
+            // Checked once more from the start, before the layer is called wrong: the early
+            // check may have read a span the cache has since found torn and fetched again.
+            tracing::debug!("layer {}: early check: {e}; checking again", layer.digest);
+            layer
+                .reader()
+                .verify_complete()
+                .await
+                .map_err(verify_error)?;
         }
         managed.clear_error();
         self.demand.detach(layer);

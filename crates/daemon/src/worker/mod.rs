@@ -3,9 +3,9 @@
 //! ([`holder_link`], [`demand`]) through the layer's frontend ([`frontends`]), fills every
 //! layer in the background in stream order ([`background`]), verifies and detaches each layer
 //! once it is complete ([`detach`]), fails for good a layer whose index proved wrong
-//! ([`failure`]), follows each layer through its life ([`lifecycle`]), and
-//! answers commands on the control socket ([`control`], [`status`]). It may die at any moment:
-//! the holder keeps the group and starts another.
+//! ([`failure`]), follows each layer through its life ([`lifecycle`]), keeps its heap small
+//! ([`memory`]), and answers commands on the control socket ([`control`], [`status`]). It may
+//! die at any moment: the holder keeps the group and starts another.
 
 mod background;
 mod control;
@@ -15,6 +15,7 @@ mod failure;
 pub mod frontends;
 pub mod holder_link;
 pub mod lifecycle;
+mod memory;
 mod status;
 mod takeup;
 
@@ -56,6 +57,7 @@ struct Worker {
 /// Runs the worker until shut down (or idle, with `exit_when_idle`): exit status 0 tells the
 /// holder to stop too.
 pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeError> {
+    memory::keep_span_buffers_off_the_heap();
     let store = Store::new(&options.root);
     let socket = store.socket();
     let group = Arc::new(Group::from_fd(fds.group));

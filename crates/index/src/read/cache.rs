@@ -6,7 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::format::LayerIndex;
 use crate::{Error, Result};
@@ -16,7 +16,7 @@ pub struct SpanCache {
     data_path: std::path::PathBuf,
     data: File,
     marks: File,
-    present: Mutex<Vec<bool>>,
+    present: SpanPresence,
     what: String,
 }
 
@@ -60,7 +60,9 @@ impl SpanCache {
             data_path: data_path.clone(),
             data,
             marks,
-            present: Mutex::new(present.iter().map(|b| *b == 1).collect()),
+            present: SpanPresence(Arc::new(Mutex::new(
+                present.iter().map(|b| *b == 1).collect(),
+            ))),
             what: data_path.display().to_string(),
         })
     }
@@ -72,12 +74,19 @@ impl SpanCache {
 
     /// Whether span `i` is believed present (it is verified again when read).
     pub fn has(&self, i: usize) -> bool {
-        self.present.lock().expect("cache lock")[i]
+        self.present.has(i)
+    }
+
+    /// A handle that tells which spans are present, for a reader of the cache file on another
+    /// thread (the verification that follows the spans as they arrive).
+    pub fn presence(&self) -> SpanPresence {
+        self.present.clone()
     }
 
     /// How many spans are present.
     pub fn count(&self) -> usize {
         self.present
+            .0
             .lock()
             .expect("cache lock")
             .iter()
@@ -93,13 +102,13 @@ impl SpanCache {
         self.marks
             .write_all_at(&[1], i as u64)
             .map_err(|e| Error::io(format!("marking span {i} in {}", self.what), e))?;
-        self.present.lock().expect("cache lock")[i] = true;
+        self.present.0.lock().expect("cache lock")[i] = true;
         Ok(())
     }
 
     /// Marks every span present: the caller wrote the whole blob, verified against its digest.
     pub fn mark_all_present(&self) -> Result<()> {
-        let mut present = self.present.lock().expect("cache lock");
+        let mut present = self.present.0.lock().expect("cache lock");
         let ones = vec![1u8; present.len()];
         self.marks
             .write_all_at(&ones, 0)
@@ -110,7 +119,7 @@ impl SpanCache {
 
     /// Forgets span `i` (its bytes did not verify).
     pub fn forget(&self, i: usize) -> Result<()> {
-        self.present.lock().expect("cache lock")[i] = false;
+        self.present.0.lock().expect("cache lock")[i] = false;
         self.marks
             .write_all_at(&[0], i as u64)
             .map_err(|e| Error::io(format!("unmarking span {i} in {}", self.what), e))
@@ -123,5 +132,16 @@ impl SpanCache {
             .read_exact_at(&mut bytes, start)
             .map_err(|e| Error::io(format!("reading {}", self.what), e))?;
         Ok(bytes)
+    }
+}
+
+/// Which spans of a [`SpanCache`] are present, shared with the cache.
+#[derive(Clone)]
+pub struct SpanPresence(Arc<Mutex<Vec<bool>>>);
+
+impl SpanPresence {
+    /// Whether span `i` is believed present.
+    pub fn has(&self, i: usize) -> bool {
+        self.0.lock().expect("cache lock")[i]
     }
 }

@@ -8,6 +8,7 @@
 //! the condemned spans and the recent-span cache.
 
 pub mod cache;
+mod verification;
 
 use std::collections::VecDeque;
 use std::ops::{Range, RangeInclusive};
@@ -19,6 +20,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use lazylayer_source::ImageSource;
 
 use self::cache::SpanCache;
+pub use self::verification::Verification;
 use crate::codec;
 use crate::entry::{Entry, EntryKind, Piece};
 use crate::format::{LayerIndex, sha256};
@@ -27,9 +29,10 @@ use crate::{Error, Result};
 /// Ranged requests in flight at once for one read.
 const MAX_IN_FLIGHT: usize = 4;
 /// Decompressed spans kept in memory, so reads of neighbouring files inflate a span once.
-const RECENT_SPANS: usize = 8;
-/// ... and at most this many bytes of them.
-const RECENT_BYTES: usize = 512 << 20;
+const RECENT_SPANS: usize = 4;
+/// ... and at most this many bytes of them, the newest span excepted (a 1 MiB span of text
+/// inflates to 3-4 MiB): the worker's memory stays small while it populates every layer.
+const RECENT_BYTES: usize = 16 << 20;
 /// A span whose output is larger than this is never held in memory whole (a decompression
 /// bomb): its bytes are streamed instead, from its checkpoint for each read. Below it, a large
 /// span (a single-frame zstd layer) is decompressed once and kept, so that filling its files
@@ -66,6 +69,8 @@ pub struct LayerReader {
     /// One lock per span being fetched, so that concurrent reads needing the same span fetch
     /// it once (taken in ascending order: overlapping runs cannot deadlock).
     fetching: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per span being inflated into [`Self::recent`], for the same reason.
+    inflating: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
     /// How many fetches of each span did not match its digest (see [`SPAN_ATTEMPTS`]).
     mismatches: Mutex<std::collections::HashMap<usize, u32>>,
 }
@@ -84,6 +89,7 @@ impl LayerReader {
             recent: Mutex::new(VecDeque::new()),
             large_span_output: AtomicU64::new(LARGE_SPAN_OUTPUT),
             fetching: Mutex::new(std::collections::HashMap::new()),
+            inflating: Mutex::new(std::collections::HashMap::new()),
             mismatches: Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -225,14 +231,35 @@ impl LayerReader {
 
     /// The uncompressed output of span `i` (from memory if it was decompressed recently).
     pub async fn span_output(&self, i: usize) -> Result<Arc<Vec<u8>>> {
-        if let Some(output) = self
-            .recent
+        if let Some(output) = self.recent_output(i) {
+            return Ok(output);
+        }
+        // Files of one span filled at once inflate it once: the others wait for it.
+        let lock = self
+            .inflating
+            .lock()
+            .expect("inflating")
+            .entry(i)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone();
+        let guard = lock.lock().await;
+        let result = self.inflate_and_keep(i).await;
+        drop(guard);
+        self.inflating.lock().expect("inflating").remove(&i);
+        result
+    }
+
+    fn recent_output(&self, i: usize) -> Option<Arc<Vec<u8>>> {
+        self.recent
             .lock()
             .expect("recent spans")
             .iter()
             .find(|(span, _)| *span == i)
             .map(|(_, output)| output.clone())
-        {
+    }
+
+    async fn inflate_and_keep(&self, i: usize) -> Result<Arc<Vec<u8>>> {
+        if let Some(output) = self.recent_output(i) {
             return Ok(output);
         }
         let (_, output) = self.decompress(i..=i).await?;
@@ -422,41 +449,19 @@ impl LayerReader {
     /// rebuilds the index from it to check that the index in use (perhaps from a registry)
     /// says exactly what the verified blob says: spans, file table, diff_id.
     pub async fn verify_complete(&self) -> Result<()> {
-        let layer = self.index.blob_digest.to_string();
         self.ensure(0..=self.index.spans.len() - 1).await?;
-        let descriptor = lazylayer_source::BlobDescriptor {
-            digest: self.index.blob_digest.clone(),
-            media_type: self.index.media_type.clone(),
-            size: self.index.blob_size,
-        };
-        let path = self.cache.data_path().to_path_buf();
-        let index = self.index.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let file = std::fs::File::open(&path)
-                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-            let blob = std::io::Read::take(file, descriptor.size);
-            let verifier = BlobDigestCheck::new(blob, &descriptor);
-            let rebuilt = crate::build_from_reader(
-                verifier,
-                &descriptor,
-                Some(&index.diff_id),
-                crate::BuildOptions {
-                    spacing: index.spacing,
-                },
-            )?;
-            if rebuilt.entries != index.entries || rebuilt.spans != index.spans {
-                return Err(Error::bad_index(
-                    format!("of layer {}", index.blob_digest),
-                    "differs from the index rebuilt from the verified blob",
-                ));
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| Error::BadLayer {
-            layer,
-            reason: format!("verification task failed: {e}"),
-        })?
+        self.start_verification()?.finish().await
+    }
+
+    /// Starts the check of [`verify_complete`](Self::verify_complete) now, before the spans
+    /// are all local: it follows them as they arrive and ends once the last is in. It fetches
+    /// nothing (see [`Verification`]).
+    pub fn start_verification(&self) -> Result<Verification> {
+        Verification::start(
+            self.index.clone(),
+            self.cache.data_path(),
+            self.cache.presence(),
+        )
     }
 
     /// Fetches a run of spans, unless another read is fetching (some of) them: it waits for
@@ -571,45 +576,6 @@ impl LayerReader {
         self.cache.store(i, span.compressed_start, slice)?;
         self.spans_fetched.fetch_add(1, Ordering::Relaxed);
         Ok(())
-    }
-}
-
-/// A reader that fails at its end if what passed does not hash to the blob's digest.
-struct BlobDigestCheck<R> {
-    inner: R,
-    hasher: Option<lazylayer_source::DigestHasher>,
-    expected: lazylayer_source::Digest,
-}
-
-impl<R> BlobDigestCheck<R> {
-    fn new(inner: R, blob: &lazylayer_source::BlobDescriptor) -> Self {
-        BlobDigestCheck {
-            inner,
-            hasher: Some(lazylayer_source::DigestHasher::new(blob.digest.algorithm())),
-            expected: blob.digest.clone(),
-        }
-    }
-}
-
-impl<R: std::io::Read> std::io::Read for BlobDigestCheck<R> {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(out)?;
-        if n > 0 {
-            if let Some(hasher) = self.hasher.as_mut() {
-                hasher.update(&out[..n]);
-            }
-        } else if !out.is_empty()
-            && let Some(hasher) = self.hasher.take()
-        {
-            let actual = hasher.finish();
-            if actual != self.expected {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("the layer's bytes hash to {actual}, not {}", self.expected),
-                ));
-            }
-        }
-        Ok(n)
     }
 }
 
