@@ -1,8 +1,9 @@
 //! Background population: the scheduler that fills a layer to completion. A layer's profile
 //! files first (not held back by the rate cap: a workload is about to need them), then every
-//! file in stream order, keeping off the network while readers wait (demand first), under the
-//! rate cap unless the layer is urgent, fetching ahead in runs of spans when uncapped, and
-//! retrying failures with a growing pause. Then the layer is verified and detached.
+//! file in stream order (a few at a time), keeping off the network while readers wait (demand
+//! first), under the rate cap unless the layer is urgent, fetching ahead in runs of spans when
+//! uncapped, and retrying failures with a growing pause. The check of the whole layer starts
+//! with it and follows the spans as they arrive; the layer is detached once both are done.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -19,8 +19,10 @@ use super::cache::SpanPresence;
 use crate::format::LayerIndex;
 use crate::{Error, Result};
 
-/// How often a check that waits for a span looks again.
-const POLL: Duration = Duration::from_millis(10);
+/// How soon a check that waits for a span looks again; the pause doubles while it waits, up to
+/// [`MAX_POLL`] (a layer held back by the rate cap can wait for hours).
+const FIRST_POLL: Duration = Duration::from_millis(5);
+const MAX_POLL: Duration = Duration::from_millis(100);
 
 /// A check of the whole layer, running on a blocking thread; it stops when dropped.
 pub struct Verification {
@@ -117,11 +119,13 @@ impl Read for ArrivingBlob {
         let i = spans.partition_point(|s| s.compressed_end <= self.position);
         let end = spans.get(i).map_or(size, |s| s.compressed_end.min(size));
         if i < spans.len() {
+            let mut pause = FIRST_POLL;
             while !self.presence.has(i) {
                 if self.stop.load(Ordering::Relaxed) {
                     return Err(std::io::Error::other("the check of the layer was stopped"));
                 }
-                std::thread::sleep(POLL);
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(MAX_POLL);
             }
         }
         let len = buf.len().min((end - self.position) as usize);
