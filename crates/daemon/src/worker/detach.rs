@@ -48,14 +48,19 @@ impl Worker {
                 Err(cause) => return Err(verify_error(cause)),
             }
         }
-        let checked = match early {
-            Some(check) => check.finish().await,
-            None => Err(lazylayer_index::Error::BadRead("no check started".into())),
+        let passed = match early {
+            Some(check) => match check.finish().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!("layer {}: early check: {e}; checking again", layer.digest);
+                    false
+                }
+            },
+            None => false,
         };
-        if let Err(e) = checked {
-            // Checked once more from the start, before the layer is called wrong: the early
-            // check may have read a span the cache has since found torn and fetched again.
-            tracing::debug!("layer {}: early check: {e}; checking again", layer.digest);
+        if !passed {
+            // Checked (again) from the start before the layer is called wrong: the early check
+            // may have read a span the cache has since found torn and fetched again.
             layer
                 .reader()
                 .verify_complete()
