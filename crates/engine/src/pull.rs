@@ -159,6 +159,8 @@ impl Engine {
             }
             None => HashMap::new(),
         };
+        // Layers written for lazy reading (eStargz) announce their table of contents here.
+        let annotations = lazylayer_index::toc::layer_annotations(&resolved.manifest_bytes);
         let mut built_here = 0;
         let count = resolved.layers.len();
         for (i, layer) in resolved.layers.iter().enumerate() {
@@ -215,6 +217,26 @@ impl Engine {
                         reason,
                     }),
                 }
+            }
+            if index.is_none()
+                && let Some(toc) =
+                    lazylayer_index::toc::announced(annotations.get(i).unwrap_or(&HashMap::new()))?
+            {
+                let diff_id = resolved
+                    .config_summary
+                    .rootfs
+                    .diff_ids
+                    .get(i)
+                    .ok_or_else(|| {
+                        Error::Refused(format!(
+                            "the image config has no diff_id for layer {}",
+                            layer.digest
+                        ))
+                    })?;
+                let made =
+                    lazylayer_index::toc::index_from_toc(&source, layer, &toc, diff_id).await?;
+                store.indexes().put(layer, &made, IndexOrigin::Toc)?;
+                index = Some((made, IndexOrigin::Toc));
             }
             let fetched_whole = index.is_none();
             let (index, origin) = match index {

@@ -152,7 +152,7 @@ fn is_file_type(flag: u8) -> bool {
 }
 
 /// Which fields differ, for the error message.
-fn differences(found: &crate::Entry, claimed: &crate::Entry) -> String {
+pub(crate) fn differences(found: &crate::Entry, claimed: &crate::Entry) -> String {
     let checks = [
         ("type", found.kind == claimed.kind),
         ("size", found.size == claimed.size),
@@ -167,6 +167,9 @@ fn differences(found: &crate::Entry, claimed: &crate::Entry) -> String {
         ),
         ("xattrs", found.xattrs == claimed.xattrs),
         ("sparse map", found.sparse == claimed.sparse),
+        ("link target", found.link == claimed.link),
+        ("device numbers", found.device == claimed.device),
+        ("content digest", found.digest == claimed.digest),
         ("data offset", found.data_offset == claimed.data_offset),
     ];
     let mut fields: Vec<&str> = checks

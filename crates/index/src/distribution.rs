@@ -50,6 +50,9 @@ pub enum IndexOrigin {
     Bound,
     /// From the registry's referrers of the manifest: vouched for by nobody.
     Referrer,
+    /// Made here from the layer's own table of contents (eStargz), whose digest the manifest's
+    /// layer annotations name.
+    Toc,
 }
 
 impl IndexOrigin {
@@ -59,6 +62,7 @@ impl IndexOrigin {
             IndexOrigin::Local => "local",
             IndexOrigin::Bound => "bound",
             IndexOrigin::Referrer => "referrer",
+            IndexOrigin::Toc => "toc",
         }
     }
 }
@@ -78,7 +82,7 @@ impl IndexTrust {
     /// Whether an index of `origin` may be used under this policy.
     pub fn accepts(self, origin: IndexOrigin) -> bool {
         match origin {
-            IndexOrigin::Local | IndexOrigin::Bound => true,
+            IndexOrigin::Local | IndexOrigin::Bound | IndexOrigin::Toc => true,
             IndexOrigin::Referrer => self == IndexTrust::Referrer,
         }
     }

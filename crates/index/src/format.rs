@@ -91,6 +91,15 @@ pub enum SpanStart {
         window_offset: u64,
         window_len: u32,
     },
+    /// One chunk of a layer indexed from its own table of contents (eStargz): the span is
+    /// whole compressed units (gzip members) that decompress on their own, and `digest` is the
+    /// sha256 of its first `len` output bytes, the chunk the table of contents names, not of
+    /// its compressed bytes. What follows the chunk in its output (the tar headers of the next
+    /// entries) is read by no file. Appended last: indexes without such spans decode as before.
+    Chunk {
+        /// The chunk's length: the span's share of the (file data only) uncompressed stream.
+        len: u64,
+    },
 }
 
 /// A run of compressed bytes that decompresses on its own from its start.
@@ -107,6 +116,33 @@ pub struct Span {
     pub digest: [u8; 32],
     /// How to start decompressing.
     pub start: SpanStart,
+}
+
+impl Span {
+    /// Whether `compressed` (the span's bytes of the blob) are what the span says: their
+    /// sha256, or for a [`SpanStart::Chunk`] the sha256 of the chunk they decompress to.
+    pub fn holds(&self, compression: Compression, compressed: &[u8]) -> bool {
+        let SpanStart::Chunk { len } = self.start else {
+            return sha256(compressed) == self.digest;
+        };
+        let mut hasher = Sha256::new();
+        let mut produced = 0u64;
+        let decompressed = crate::codec::resume(
+            compression,
+            &SpanStart::Fresh,
+            &[],
+            compressed,
+            len,
+            &mut |out| {
+                produced += out.len() as u64;
+                hasher.update(out);
+                Ok(())
+            },
+        );
+        decompressed.is_ok()
+            && produced == len
+            && <[u8; 32]>::from(hasher.finalize()) == self.digest
+    }
 }
 
 /// What an index says about its layer: identity, spans and file table (the metadata section).
@@ -130,6 +166,20 @@ pub struct IndexMeta {
     pub spans: Vec<Span>,
     /// The file table in archive order.
     pub entries: Vec<Entry>,
+}
+
+/// How a run of spans decompresses (see [`LayerIndex::run_plan`]).
+pub enum RunPlan {
+    /// As one stream from the first span's checkpoint.
+    Stream {
+        /// The first span's checkpoint.
+        start: SpanStart,
+        /// Its deflate window, if it has one.
+        window: Vec<u8>,
+    },
+    /// Span by span, each on its own (chunks of a layer indexed from its table of contents):
+    /// the bytes of each within the run, and how much of its output belongs to the stream.
+    Pieces(Vec<(std::ops::Range<usize>, u64)>),
 }
 
 /// Where the compressed windows are: in memory (a decoded index), or in a file (an opened or
@@ -193,6 +243,17 @@ impl std::fmt::Debug for LayerIndex {
 }
 
 impl LayerIndex {
+    /// An index without deflate windows (one made from a layer's table of contents), checked
+    /// like a decoded one.
+    pub fn from_meta(meta: IndexMeta) -> Result<Self> {
+        let index = LayerIndex {
+            meta,
+            windows: Windows::Memory(Vec::new()),
+        };
+        index.validate("made from the layer's table of contents")?;
+        Ok(index)
+    }
+
     /// A just-built index whose windows are in `windows_file` (checked like a decoded one).
     pub(crate) fn built(meta: IndexMeta, windows_file: File, windows_len: u64) -> Result<Self> {
         let index = LayerIndex {
@@ -303,6 +364,40 @@ impl LayerIndex {
         Ok(window)
     }
 
+    /// Whether the index was made from the layer's own table of contents (eStargz): its
+    /// spans are chunks checked by their output, and its uncompressed stream holds file data
+    /// only, so its offsets are not those of the tar stream.
+    pub fn from_toc(&self) -> bool {
+        self.spans
+            .iter()
+            .any(|s| matches!(s.start, SpanStart::Chunk { .. }))
+    }
+
+    /// How spans `first..=last`, fetched as one run of compressed bytes, decompress.
+    pub fn run_plan(&self, first: usize, last: usize) -> Result<RunPlan> {
+        if !self.from_toc() {
+            let span = &self.spans[first];
+            return Ok(RunPlan::Stream {
+                start: span.start.clone(),
+                window: self.window(span)?,
+            });
+        }
+        let base = self.spans[first].compressed_start;
+        Ok(RunPlan::Pieces(
+            (first..=last)
+                .map(|i| {
+                    let span = &self.spans[i];
+                    let range = (span.compressed_start - base) as usize
+                        ..(span.compressed_end - base) as usize;
+                    (
+                        range,
+                        self.span_uncompressed_end(i) - span.uncompressed_start,
+                    )
+                })
+                .collect(),
+        ))
+    }
+
     /// The span containing uncompressed offset `offset`.
     pub fn span_at(&self, offset: u64) -> usize {
         self.spans
@@ -351,11 +446,25 @@ impl LayerIndex {
                 let contiguous = next.compressed_start == span.compressed_end
                     || (self.compression == Compression::Gzip
                         && next.compressed_start + 1 == span.compressed_end);
-                if !contiguous || next.uncompressed_start <= span.uncompressed_start {
+                // Only an index from a table of contents has spans no file reads (tar headers,
+                // the footer): they take no room in its uncompressed stream.
+                let in_order = next.uncompressed_start > span.uncompressed_start
+                    || (self.from_toc()
+                        && next.uncompressed_start == span.uncompressed_start
+                        && span.start == SpanStart::Fresh);
+                if !contiguous || !in_order {
                     return bad(format!("spans {i} and {} are not in order", i + 1));
                 }
             } else if span.compressed_end != self.blob_size {
                 return bad("the spans do not reach the end of the blob".into());
+            }
+            if let SpanStart::Chunk { len } = span.start
+                && (self.compression == Compression::None
+                    || len == 0
+                    || span.uncompressed_start.checked_add(len)
+                        != Some(self.span_uncompressed_end(i)))
+            {
+                return bad(format!("span {i} is a chunk of the wrong length"));
             }
             if let SpanStart::Deflate {
                 bits,

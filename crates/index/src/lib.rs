@@ -5,7 +5,8 @@
 //! spans ([`format`]), each with a sha256 of its compressed bytes and a checkpoint to resume
 //! from (gzip: zran bit offset + 32 KiB window; zstd: frame boundaries; plain tar: anywhere).
 //! [`build`] makes an index in one streaming pass; [`read`] fetches only the spans a read
-//! needs, verifies them, and decompresses from their checkpoint.
+//! needs, verifies them, and decompresses from their checkpoint. Layers written for lazy reading
+//! (eStargz) are indexed from their own table of contents instead ([`toc`]).
 
 pub mod build;
 pub mod check;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod format;
 pub mod local;
 pub mod read;
+pub mod toc;
 
 pub use build::{BuildOptions, DEFAULT_SPACING, build, build_and_cache, build_from_reader};
 pub use entry::{Entry, EntryKind, Piece};

@@ -270,7 +270,9 @@ impl Layers {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        if served.origin == IndexOrigin::Referrer
+        // A table of contents vouches for the chunks of file data, not for the tar headers
+        // between them: that blob is checked only whole, once the layer is complete.
+        if matches!(served.origin, IndexOrigin::Referrer | IndexOrigin::Toc)
             && self
                 .engine()
                 .store()
@@ -280,8 +282,11 @@ impl Layers {
         {
             // Nothing vouches for a referrer's span digests until the whole layer was checked.
             return Err(format!(
-                "the blob of {digest} is served once the layer is complete: its index is an \
-                 unbound referrer"
+                "the blob of {digest} is served once the layer is complete: its index is {}",
+                match served.origin {
+                    IndexOrigin::Toc => "its table of contents, which covers file data only",
+                    _ => "an unbound referrer",
+                }
             ));
         }
         for (layer, run) in self.recent.lock().expect("recent runs").iter() {

@@ -289,6 +289,9 @@ fn render_text(image: &ResolvedImage, indexes: &[Option<FoundIndex>], files: boo
                 let origin = match found.origin {
                     IndexOrigin::Local => format!("{place}, built here"),
                     IndexOrigin::Bound => format!("{place}, bound to the image"),
+                    IndexOrigin::Toc => {
+                        format!("{place}, made from the layer's eStargz table of contents")
+                    }
                     IndexOrigin::Referrer => format!(
                         "{place}, an unbound referrer: pull builds its own unless \
                          --index-trust referrer"

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    Lazy, Reference, all_detached, indexed_registry, layer_hexes, ok, own_registry, push_indexed,
-    run, sh, wait_for_status, walk,
+    Lazy, Reference, all_detached, bytes_fetched, indexed_registry, layer_hexes, ok, own_registry,
+    push_indexed, run, sh, wait_for_status, walk,
 };
 use lazylayer_testkit::fixtures::layout_dir;
 use lazylayer_testkit::proxy::{FaultProxy, Shaping};
@@ -349,16 +349,6 @@ fn registry_goes_away(kind: &str, mode: &'static str) {
             );
         }
     }
-}
-
-/// Compressed bytes fetched for every layer so far, from `status --json`.
-fn bytes_fetched(status: &serde_json::Value) -> u64 {
-    status["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["bytes_fetched"].as_u64().unwrap())
-        .sum()
 }
 
 fn same_file_readers_share_one_fetch(kind: &str, mode: &'static str) {

@@ -15,6 +15,7 @@ mod containerd;
 mod cri;
 mod daemon_death;
 mod everyday;
+mod formats;
 mod fuse;
 mod gc;
 mod hostile;

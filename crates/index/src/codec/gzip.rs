@@ -179,7 +179,7 @@ pub fn resume(
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> io::Result<()> {
     let (mut inflater, mut wrapper, mut input) = match start {
-        SpanStart::Fresh => (
+        SpanStart::Fresh | SpanStart::Chunk { .. } => (
             Inflater::new(Wrapper::Gzip).map_err(corrupt)?,
             Wrapper::Gzip,
             compressed,
@@ -227,6 +227,37 @@ pub fn resume(
         }
     }
     Ok(())
+}
+
+/// Decompresses the one gzip member `compressed` holds (trailing bytes are refused), up to
+/// `limit` output bytes.
+pub fn inflate_member(compressed: &[u8], limit: usize) -> io::Result<Vec<u8>> {
+    let mut inflater = Inflater::new(Wrapper::Gzip).map_err(corrupt)?;
+    let mut input = compressed;
+    let mut output = Vec::new();
+    let mut buffer = vec![0u8; 256 << 10];
+    loop {
+        let step = inflater
+            .inflate(input, &mut buffer, false)
+            .map_err(corrupt)?;
+        input = &input[step.consumed..];
+        output.extend_from_slice(&buffer[..step.produced]);
+        if output.len() > limit {
+            return Err(corrupt(format!(
+                "a gzip member inflates past {limit} bytes"
+            )));
+        }
+        if step.stream_end {
+            break;
+        }
+        if step.produced == 0 && step.consumed == 0 {
+            return Err(corrupt("a gzip member ends early"));
+        }
+    }
+    if !input.is_empty() {
+        return Err(corrupt("bytes follow the gzip member"));
+    }
+    Ok(output)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::io::{self, Read, Write};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::format::{Compression, Span, SpanStart};
+use crate::format::{Compression, RunPlan, Span, SpanStart};
 
 /// Deflate windows as the indexer takes them: compressed at once and spilled to an unnamed
 /// temporary file, so building holds no window in memory whatever the layer size.
@@ -216,6 +216,40 @@ pub fn resume(
         Compression::Gzip => gzip::resume(start, window, compressed, want, sink),
         Compression::Zstd => zstd::resume(compressed, want, sink),
         Compression::None => plain::resume(compressed, want, sink),
+    }
+}
+
+/// Decompresses a run of spans as `plan` says (see [`crate::format::LayerIndex::run_plan`]),
+/// passing exactly `want` bytes of the uncompressed stream to `sink` in order.
+pub fn resume_run(
+    compression: Compression,
+    plan: &RunPlan,
+    compressed: &[u8],
+    want: u64,
+    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    match plan {
+        RunPlan::Stream { start, window } => {
+            resume(compression, start, window, compressed, want, sink)
+        }
+        RunPlan::Pieces(pieces) => {
+            let mut left = want;
+            for (range, len) in pieces {
+                let take = (*len).min(left);
+                if take == 0 {
+                    continue;
+                }
+                let bytes = compressed
+                    .get(range.clone())
+                    .ok_or_else(|| corrupt("a chunk lies outside the fetched bytes"))?;
+                resume(compression, &SpanStart::Fresh, &[], bytes, take, sink)?;
+                left -= take;
+            }
+            if left > 0 {
+                return Err(corrupt("the chunks end before the bytes wanted"));
+            }
+            Ok(())
+        }
     }
 }
 

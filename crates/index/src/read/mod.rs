@@ -23,7 +23,7 @@ use self::cache::SpanCache;
 pub use self::verification::Verification;
 use crate::codec;
 use crate::entry::{Entry, EntryKind, Piece};
-use crate::format::{LayerIndex, sha256};
+use crate::format::LayerIndex;
 use crate::{Error, Result};
 
 /// Ranged requests in flight at once for one read.
@@ -310,16 +310,15 @@ impl LayerReader {
         }
         self.ensure(i..=i).await?;
         let compressed = self.load_verified(i, i, span.compressed_start, span.compressed_end)?;
-        let window = index.window(span)?;
-        let (compression, begin) = (index.compression, span.start.clone());
+        let plan = index.run_plan(i, i)?;
+        let compression = index.compression;
         let layer = index.blob_digest.to_string();
         let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
         tokio::task::spawn_blocking(move || {
             let mut position = span_start;
-            let result = codec::resume(
+            let result = codec::resume_run(
                 compression,
-                &begin,
-                &window,
+                &plan,
                 &compressed,
                 range.end - span_start,
                 &mut |chunk| {
@@ -360,25 +359,17 @@ impl LayerReader {
         let start = index.spans[first].compressed_start;
         let end = index.spans[last].compressed_end;
         let compressed = self.load_verified(first, last, start, end)?;
-        let window = index.window(&index.spans[first])?;
+        let plan = index.run_plan(first, last)?;
         let output_start = index.spans[first].uncompressed_start;
         let want = index.span_uncompressed_end(last) - output_start;
         let compression = index.compression;
-        let begin = index.spans[first].start.clone();
         let layer = index.blob_digest.to_string();
         let output = tokio::task::spawn_blocking(move || {
             let mut output = Vec::with_capacity(want as usize);
-            codec::resume(
-                compression,
-                &begin,
-                &window,
-                &compressed,
-                want,
-                &mut |chunk| {
-                    output.extend_from_slice(chunk);
-                    Ok(())
-                },
-            )
+            codec::resume_run(compression, &plan, &compressed, want, &mut |chunk| {
+                output.extend_from_slice(chunk);
+                Ok(())
+            })
             .map(|()| output)
         })
         .await
@@ -398,7 +389,7 @@ impl LayerReader {
             let span = &self.index.spans[i];
             let slice = &bytes
                 [(span.compressed_start - start) as usize..(span.compressed_end - start) as usize];
-            if sha256(slice) != span.digest {
+            if !span.holds(self.index.compression, slice) {
                 self.cache.forget(i)?;
                 return Err(self.mismatch(i));
             }
@@ -563,7 +554,7 @@ impl LayerReader {
     /// digest [`SPAN_ATTEMPTS`] times is condemned.
     fn accept_span(&self, i: usize, slice: &[u8]) -> Result<()> {
         let span = &self.index.spans[i];
-        if sha256(slice) != span.digest {
+        if !span.holds(self.index.compression, slice) {
             let mut mismatches = self.mismatches.lock().expect("mismatches");
             let count = mismatches.entry(i).or_insert(0);
             *count += 1;

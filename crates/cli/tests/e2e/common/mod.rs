@@ -184,6 +184,16 @@ impl Drop for Lazy {
     }
 }
 
+/// Compressed bytes fetched for every layer so far, from `status --json`.
+pub fn bytes_fetched(status: &serde_json::Value) -> u64 {
+    status["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["bytes_fetched"].as_u64().unwrap())
+        .sum()
+}
+
 /// The shared registry, with lazy indexes pushed for the Debian and multi-layer images.
 pub fn indexed_registry() -> String {
     static HOST: OnceLock<String> = OnceLock::new();
@@ -250,12 +260,17 @@ pub struct Reference {
 
 impl Reference {
     pub fn new(tag: &str) -> Reference {
+        Reference::of_blobs(&layer_blobs(tag))
+    }
+
+    /// The reference view of the layer blobs `blobs`, bottom first.
+    pub fn of_blobs(blobs: &[PathBuf]) -> Reference {
         let dir = tempfile::Builder::new()
             .prefix("lazylayer-ref.")
             .tempdir()
             .unwrap();
         let mut lowers = Vec::new();
-        for (i, blob) in layer_blobs(tag).iter().enumerate() {
+        for (i, blob) in blobs.iter().enumerate() {
             let layer = dir.path().join(format!("layer{i}"));
             extract_layer(blob, &layer);
             lowers.push(layer.display().to_string());

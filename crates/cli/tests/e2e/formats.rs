@@ -1,0 +1,226 @@
+//! Layer formats written for lazy reading, as other tools write them: an eStargz copy of the
+//! Debian test image, converted by stargz-snapshotter's `ctr-remote image
+//! convert --estargz` in a private containerd and pushed to the shared registry. They run
+//! lazily from their own table of contents (no `index --push`), in every frontend, equal the
+//! GNU tar extraction of the converted blobs while lazy and after detach; a damaged chunk is
+//! never served; a table of contents that does not match the manifest's annotation is refused.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use lazylayer_testkit::containerd::Containerd;
+use lazylayer_testkit::fixtures::shared_registry;
+use lazylayer_testkit::proxy::{Fault, FaultProxy, Rule, Shaping};
+use lazylayer_testkit::require_root;
+use lazylayer_testkit::tree_diff::diff_trees;
+
+use crate::common::{Lazy, Reference, all_detached, bytes_fetched, run, wait_for_status};
+
+/// The eStargz copies of the test images. (`ctr-remote` 0.12 cannot convert the multi-layer
+/// image: it fails on its sparse file.)
+const CONVERTED: [(&str, &str); 1] = [("test/debian:bookworm", "test/debian:esgz")];
+
+/// The shared registry with the eStargz copies pushed (converted once per test run).
+fn estargz_registry() -> String {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let host = shared_registry().host();
+        let unused = PathBuf::from("/nonexistent.sock");
+        let containerd = Containerd::start_with(&[("unused", &unused)], None);
+        for (from, to) in CONVERTED {
+            let (from, to) = (format!("{host}/{from}"), format!("{host}/{to}"));
+            containerd.ctr_remote_ok(&["image", "pull", "--plain-http", &from]);
+            containerd.ctr_remote_ok(&["image", "convert", "--estargz", "--oci", &from, &to]);
+            containerd.ctr_remote_ok(&["image", "push", "--plain-http", &to]);
+        }
+        host
+    })
+    .clone()
+}
+
+fn curl(url: &str, accept: &str) -> Vec<u8> {
+    let output = Command::new("curl")
+        .args(["-fsS", "-H", &format!("Accept: {accept}"), url])
+        .output()
+        .expect("curl");
+    assert!(
+        output.status.success(),
+        "GET {url}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// The manifest of `image` (`repository:tag`) in `host`.
+fn manifest(host: &str, image: &str) -> serde_json::Value {
+    let (repository, tag) = image.split_once(':').unwrap();
+    serde_json::from_slice(&curl(
+        &format!("http://{host}/v2/{repository}/manifests/{tag}"),
+        OCI_MANIFEST,
+    ))
+    .unwrap()
+}
+
+/// The layer blobs of `image`, downloaded whole into `dir`, bottom first.
+fn download_layers(host: &str, image: &str, dir: &Path) -> Vec<PathBuf> {
+    let repository = image.split_once(':').unwrap().0;
+    manifest(host, image)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|layer| {
+            let digest = layer["digest"].as_str().unwrap();
+            assert!(
+                layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"].is_string(),
+                "{image} is not eStargz: {layer}"
+            );
+            let path = dir.join(digest.trim_start_matches("sha256:"));
+            std::fs::write(
+                &path,
+                curl(
+                    &format!("http://{host}/v2/{repository}/blobs/{digest}"),
+                    "*/*",
+                ),
+            )
+            .unwrap();
+            path
+        })
+        .collect()
+}
+
+fn estargz_images_run_lazily_and_detach_to_the_extraction(kind: &str, mode: &'static str) {
+    let host = estargz_registry();
+    let blobs = tempfile::tempdir().unwrap();
+    let mut lazy = Lazy::with_mode(kind, mode);
+    // Background population held back, so reads find the layers lazy.
+    lazy.serve(&["--background-rate", "1"]);
+    let mut views = Vec::new();
+    for (_, image) in CONVERTED {
+        let layers = download_layers(&host, image, blobs.path());
+        let size: u64 = layers
+            .iter()
+            .map(|b| std::fs::metadata(b).unwrap().len())
+            .sum();
+        let reference = Reference::of_blobs(&layers);
+        let name = image.replace(['/', ':'], "-");
+        let pulled = lazy.ll(&["pull", "--mode", lazy.mode, &format!("{host}/{image}")]);
+        let mnt = lazy.fs.path().join(format!("mnt-{name}"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        lazy.ll(&["mount", &format!("{host}/{image}"), mnt.to_str().unwrap()]);
+        lazy.mounts.push(mnt.clone());
+        let status = lazy.status();
+        assert!(
+            status["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["phase"] == "lazy"),
+            "{pulled}\n{status}"
+        );
+        // Nothing was downloaded whole to index it: a few ranged reads of the table.
+        assert!(
+            bytes_fetched(&status) * 10 < size,
+            "{image}: {} of {size} bytes fetched by the pull\n{pulled}",
+            bytes_fetched(&status)
+        );
+        let differences = diff_trees(&reference.path(), &mnt, true);
+        assert!(
+            differences.is_empty(),
+            "{kind} {mode} {image} (lazy): {:#?}",
+            &differences[..differences.len().min(20)]
+        );
+        views.push((image, reference, mnt));
+    }
+    // Detach checks each layer against its tar stream and leaves plain directories.
+    for (image, _, _) in &views {
+        lazy.ll(&["detach", "--wait", &format!("{host}/{image}")]);
+    }
+    wait_for_status(&lazy, "the layers never detached", all_detached);
+    for (image, reference, mnt) in &views {
+        let differences = diff_trees(&reference.path(), mnt, true);
+        assert!(
+            differences.is_empty(),
+            "{kind} {mode} {image} (detached): {:#?}",
+            &differences[..differences.len().min(20)]
+        );
+    }
+}
+
+on_every_store!(estargz_images_run_lazily_and_detach_to_the_extraction);
+
+/// A registry that damages every chunk of the layer after the pull: a reader gets EIO, never
+/// the damaged bytes, and never zeros.
+#[test]
+fn a_damaged_estargz_chunk_is_never_served() {
+    if !require_root("a_damaged_estargz_chunk_is_never_served") {
+        return;
+    }
+    let host = estargz_registry();
+    let proxy = FaultProxy::start(host.parse().unwrap(), Shaping::default()).unwrap();
+    let image = format!("{}/test/debian:esgz", proxy.host());
+    let digest = manifest(&host, "test/debian:esgz")["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut lazy = Lazy::new("ext4");
+    lazy.serve(&["--background-rate", "1", "--fetch-deadline", "5"]);
+    lazy.ll(&["pull", &image]);
+    // From now on, a byte inside the compressed data of every ranged read is flipped.
+    proxy.add_rule(
+        Rule::new(Fault::CorruptAt { at: 40 })
+            .on_path(&format!("/blobs/{digest}"))
+            .always(),
+    );
+    let mnt = lazy.fs.path().join("mnt-debian");
+    std::fs::create_dir_all(&mnt).unwrap();
+    lazy.ll(&["mount", &image, mnt.to_str().unwrap()]);
+    lazy.mounts.push(mnt.clone());
+    let read = std::fs::read(mnt.join("usr/bin/perl"));
+    assert_eq!(
+        read.as_ref().err().and_then(|e| e.raw_os_error()),
+        Some(libc::EIO),
+        "{:?}",
+        read.map(|bytes| bytes.len())
+    );
+    assert!(proxy.faults_injected() > 0);
+}
+
+/// A manifest whose annotation names another table of contents than the layer's: the pull is
+/// refused and says why, and nothing is mounted from the lying table.
+#[test]
+fn a_table_of_contents_that_does_not_match_its_annotation_is_refused() {
+    if !require_root("a_table_of_contents_that_does_not_match_its_annotation_is_refused") {
+        return;
+    }
+    let host = estargz_registry();
+    let mut lying = manifest(&host, "test/debian:esgz");
+    lying["layers"][0]["annotations"]["containerd.io/snapshot/stargz/toc.digest"] =
+        format!("sha256:{}", "ab".repeat(32)).into();
+    let body = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(body.path(), serde_json::to_vec(&lying).unwrap()).unwrap();
+    let put = Command::new("curl")
+        .args(["-fsS", "-X", "PUT", "-H"])
+        .arg(format!("Content-Type: {OCI_MANIFEST}"))
+        .arg("--data-binary")
+        .arg(format!("@{}", body.path().display()))
+        .arg(format!("http://{host}/v2/test/debian/manifests/esgz-lying"))
+        .output()
+        .unwrap();
+    assert!(put.status.success(), "{put:?}");
+    let lazy = Lazy::new("ext4");
+    let pulled = run(&[
+        "--root",
+        &lazy.root_arg(),
+        "pull",
+        &format!("{host}/test/debian:esgz-lying"),
+    ]);
+    let stderr = String::from_utf8_lossy(&pulled.stderr);
+    assert!(!pulled.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("table of contents") && stderr.contains("annotation"),
+        "{stderr}"
+    );
+}
