@@ -22,7 +22,7 @@ use crate::common::{Lazy, Reference, all_detached, bytes_fetched, run, wait_for_
 const CONVERTED: [(&str, &str); 1] = [("test/debian:bookworm", "test/debian:esgz")];
 
 /// The shared registry with the eStargz copies pushed (converted once per test run).
-fn estargz_registry() -> String {
+pub fn estargz_registry() -> String {
     static HOST: OnceLock<String> = OnceLock::new();
     HOST.get_or_init(|| {
         let host = shared_registry().host();
@@ -55,7 +55,7 @@ fn curl(url: &str, accept: &str) -> Vec<u8> {
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// The manifest of `image` (`repository:tag`) in `host`.
-fn manifest(host: &str, image: &str) -> serde_json::Value {
+pub fn manifest(host: &str, image: &str) -> serde_json::Value {
     let (repository, tag) = image.split_once(':').unwrap();
     serde_json::from_slice(&curl(
         &format!("http://{host}/v2/{repository}/manifests/{tag}"),
@@ -65,7 +65,7 @@ fn manifest(host: &str, image: &str) -> serde_json::Value {
 }
 
 /// The layer blobs of `image`, downloaded whole into `dir`, bottom first.
-fn download_layers(host: &str, image: &str, dir: &Path) -> Vec<PathBuf> {
+pub fn download_layers(host: &str, image: &str, dir: &Path) -> Vec<PathBuf> {
     let repository = image.split_once(':').unwrap().0;
     manifest(host, image)["layers"]
         .as_array()

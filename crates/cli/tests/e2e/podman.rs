@@ -428,6 +428,41 @@ fn the_store_restarted_serves_on() {
 
 /// An image without a lazy index is "not here" to podman, which downloads and stores it as
 /// usual: it equals the extraction, and nothing lazy is made for it.
+/// An eStargz image (made by `ctr-remote image convert`) needs no pushed index: the layer
+/// store indexes its layer from the table of contents, podman downloads no layer blob, runs
+/// the image, and its mounted image equals the GNU tar extraction of the converted layer.
+#[test]
+fn estargz_images_run_lazily_without_an_index() {
+    if !require_podman("podman::estargz_images_run_lazily_without_an_index") {
+        return;
+    }
+    let host = crate::formats::estargz_registry();
+    let setup = Setup::new("fanotify", true);
+    let image = setup.image("test/debian:esgz");
+    let out = setup.podman.run(&image, &["cat", "/etc/debian_version"]);
+    assert!(out.starts_with("12."), "{out:?}");
+    let blobs = tempfile::tempdir().unwrap();
+    let layers = crate::formats::download_layers(&host, "test/debian:esgz", blobs.path());
+    let hexes: Vec<String> = layers
+        .iter()
+        .map(|b| b.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        setup.whole_downloads(&hexes),
+        Vec::<String>::new(),
+        "layer blobs downloaded whole"
+    );
+    assert_eq!(setup.layers_from_the_store().len(), 1);
+    let status = setup.lazy.status();
+    assert_eq!(status["layers"][0]["phase"], "lazy", "{status}");
+    let mounted = setup.podman.ok(&["image", "mount", &image]);
+    assert_same_tree(
+        &Reference::of_blobs(&layers).path(),
+        Path::new(mounted.trim()),
+    );
+    setup.podman.ok(&["image", "unmount", &image]);
+}
+
 #[test]
 fn images_without_an_index_are_downloaded_by_podman() {
     if !require_podman("podman::images_without_an_index_are_downloaded_by_podman") {

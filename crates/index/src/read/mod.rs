@@ -26,6 +26,9 @@ use crate::entry::{Entry, EntryKind, Piece};
 use crate::format::LayerIndex;
 use crate::{Error, Result};
 
+/// Compressed bytes a fetch of spans of an index from a table of contents reaches (see
+/// [`LayerReader::read_ahead`]): the span spacing of a built index.
+const READ_AHEAD: u64 = crate::build::DEFAULT_SPACING;
 /// Ranged requests in flight at once for one read.
 const MAX_IN_FLIGHT: usize = 4;
 /// Decompressed spans kept in memory, so reads of neighbouring files inflate a span once.
@@ -429,11 +432,31 @@ impl LayerReader {
                 _ => runs.push(i..=i),
             }
         }
+        if self.index.from_toc() {
+            runs = runs.into_iter().map(|run| self.read_ahead(run)).collect();
+        }
         futures_util::stream::iter(runs.into_iter().map(|run| self.fetch_run(run)))
             .buffer_unordered(MAX_IN_FLIGHT)
             .try_collect::<Vec<()>>()
             .await?;
         Ok(())
+    }
+
+    /// `run` extended over the missing spans after it, up to [`READ_AHEAD`] compressed bytes:
+    /// an index from a table of contents has a span per chunk, and most files are one small
+    /// chunk, so fetching only the span asked for would cost a round trip per file.
+    fn read_ahead(&self, run: RangeInclusive<usize>) -> RangeInclusive<usize> {
+        let spans = &self.index.spans;
+        let start = spans[*run.start()].compressed_start;
+        let mut end = *run.end();
+        while end + 1 < spans.len()
+            && spans[end + 1].compressed_end - start <= READ_AHEAD
+            && !self.cache.has(end + 1)
+            && !self.is_condemned(end + 1)
+        {
+            end += 1;
+        }
+        *run.start()..=end
     }
 
     /// Once every span is local: checks the whole blob against its digest, end to end, and
