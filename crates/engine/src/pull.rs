@@ -159,7 +159,8 @@ impl Engine {
             }
             None => HashMap::new(),
         };
-        // Layers written for lazy reading (eStargz) announce their table of contents here.
+        // Layers written for lazy reading (eStargz, zstd:chunked) announce their table of
+        // contents here.
         let annotations = lazylayer_index::toc::layer_annotations(&resolved.manifest_bytes);
         let mut built_here = 0;
         let count = resolved.layers.len();
@@ -219,8 +220,10 @@ impl Engine {
                 }
             }
             if index.is_none()
-                && let Some(toc) =
-                    lazylayer_index::toc::announced(annotations.get(i).unwrap_or(&HashMap::new()))?
+                && let Some(toc) = lazylayer_index::toc::announced(
+                    &layer.media_type,
+                    annotations.get(i).unwrap_or(&HashMap::new()),
+                )?
             {
                 let diff_id = resolved
                     .config_summary
@@ -233,10 +236,13 @@ impl Engine {
                             layer.digest
                         ))
                     })?;
-                let made =
-                    lazylayer_index::toc::index_from_toc(&source, layer, &toc, diff_id).await?;
-                store.indexes().put(layer, &made, IndexOrigin::Toc)?;
-                index = Some((made, IndexOrigin::Toc));
+                // `None`: a layer without file data, as cheap to download whole.
+                if let Some(made) =
+                    lazylayer_index::toc::index_from_toc(&source, layer, &toc, diff_id).await?
+                {
+                    store.indexes().put(layer, &made, IndexOrigin::Toc)?;
+                    index = Some((made, IndexOrigin::Toc));
+                }
             }
             let fetched_whole = index.is_none();
             let (index, origin) = match index {

@@ -298,44 +298,53 @@ mod rpull_runs_lazily_without_layer_downloads {
     }
 }
 
-/// An eStargz image (made by `ctr-remote image convert`) needs no pushed index: the
-/// snapshotter indexes its layer from the table of contents, containerd downloads no layer
-/// blob, and a container runs while the layer is lazy, having fetched a small part of it.
+/// eStargz and zstd:chunked images (made by `ctr-remote image convert`) need no pushed index:
+/// the snapshotter indexes their layers from the table of contents, containerd downloads no
+/// layer blob, and a container runs while the layer is lazy, having fetched a small part of it.
 #[test]
-fn estargz_images_rpull_lazily_without_an_index() {
-    if !require_containerd("containerd::estargz_images_rpull_lazily_without_an_index") {
+fn chunked_images_rpull_lazily_without_an_index() {
+    if !require_containerd("containerd::chunked_images_rpull_lazily_without_an_index") {
         return;
     }
-    let host = crate::formats::estargz_registry();
-    let image = format!("{host}/test/debian:esgz");
-    let layer = crate::formats::manifest(&host, "test/debian:esgz")["layers"][0].clone();
-    let (digest, size) = (
-        layer["digest"].as_str().unwrap().to_string(),
-        layer["size"].as_u64().unwrap(),
-    );
+    let host = crate::formats::chunked_registry();
     let mut setup = Setup::new("ext4", "fanotify");
     // Background population held back, so the layer is still lazy when the container ran.
     setup.lazy.serve(&["--background-rate", "1"]);
-    setup.rpull(&image);
-    let content = setup.containerd.content_digests_in(NAMESPACE);
-    assert!(
-        !content.iter().any(|d| d == &digest),
-        "containerd downloaded the layer {digest}: {content:?}"
-    );
-    let out = setup.run(&image, "esgz", &["cat", "/etc/debian_version"]);
-    assert!(out.starts_with("12."), "{out:?}");
-    let status = setup.lazy.status();
-    let shown = status["layers"]
-        .as_array()
-        .unwrap()
+    for (i, copy) in ["test/debian:esgz", "test/debian:zchunked"]
         .iter()
-        .find(|l| l["digest"] == digest.as_str())
-        .unwrap_or_else(|| panic!("{digest} is not served: {status}"));
-    assert_eq!(shown["phase"], "lazy", "{status}");
-    assert!(
-        shown["bytes_fetched"].as_u64().unwrap() * 10 < size,
-        "{status}"
-    );
+        .enumerate()
+    {
+        let image = format!("{host}/{copy}");
+        let layer = crate::formats::manifest(&host, copy)["layers"][0].clone();
+        let (digest, size) = (
+            layer["digest"].as_str().unwrap().to_string(),
+            layer["size"].as_u64().unwrap(),
+        );
+        setup.rpull(&image);
+        let content = setup.containerd.content_digests_in(NAMESPACE);
+        assert!(
+            !content.iter().any(|d| d == &digest),
+            "containerd downloaded the layer {digest} of {copy}: {content:?}"
+        );
+        let out = setup.run(
+            &image,
+            &format!("chunked{i}"),
+            &["cat", "/etc/debian_version"],
+        );
+        assert!(out.starts_with("12."), "{copy}: {out:?}");
+        let status = setup.lazy.status();
+        let shown = status["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["digest"] == digest.as_str())
+            .unwrap_or_else(|| panic!("{digest} of {copy} is not served: {status}"));
+        assert_eq!(shown["phase"], "lazy", "{status}");
+        assert!(
+            shown["bytes_fetched"].as_u64().unwrap() * 10 < size,
+            "{status}"
+        );
+    }
 }
 
 /// An image with no lazy index is downloaded and unpacked by containerd into ordinary

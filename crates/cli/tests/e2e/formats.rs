@@ -1,6 +1,6 @@
-//! Layer formats written for lazy reading, as other tools write them: an eStargz copy of the
-//! Debian test image, converted by stargz-snapshotter's `ctr-remote image
-//! convert --estargz` in a private containerd and pushed to the shared registry. They run
+//! Layer formats written for lazy reading, as other tools write them: eStargz and zstd:chunked
+//! copies of the Debian test image, converted by stargz-snapshotter's `ctr-remote image
+//! convert --estargz / --zstdchunked` in a private containerd and pushed to the shared registry. They run
 //! lazily from their own table of contents (no `index --push`), in every frontend, equal the
 //! GNU tar extraction of the converted blobs while lazy and after detach; a damaged chunk is
 //! never served; a table of contents that does not match the manifest's annotation is refused.
@@ -17,21 +17,28 @@ use lazylayer_testkit::tree_diff::diff_trees;
 
 use crate::common::{Lazy, Reference, all_detached, bytes_fetched, run, wait_for_status};
 
-/// The eStargz copies of the test images. (`ctr-remote` 0.12 cannot convert the multi-layer
-/// image: it fails on its sparse file.)
-const CONVERTED: [(&str, &str); 1] = [("test/debian:bookworm", "test/debian:esgz")];
+/// The copies of the test images: (source, copy, `ctr-remote image convert` flag). (`ctr-remote`
+/// 0.12 cannot convert the multi-layer image: it fails on its sparse file.)
+const CONVERTED: [(&str, &str, &str); 2] = [
+    ("test/debian:bookworm", "test/debian:esgz", "--estargz"),
+    (
+        "test/debian:bookworm",
+        "test/debian:zchunked",
+        "--zstdchunked",
+    ),
+];
 
-/// The shared registry with the eStargz copies pushed (converted once per test run).
-pub fn estargz_registry() -> String {
+/// The shared registry with the converted copies pushed (converted once per test run).
+pub fn chunked_registry() -> String {
     static HOST: OnceLock<String> = OnceLock::new();
     HOST.get_or_init(|| {
         let host = shared_registry().host();
         let unused = PathBuf::from("/nonexistent.sock");
         let containerd = Containerd::start_with(&[("unused", &unused)], None);
-        for (from, to) in CONVERTED {
+        for (from, to, flag) in CONVERTED {
             let (from, to) = (format!("{host}/{from}"), format!("{host}/{to}"));
             containerd.ctr_remote_ok(&["image", "pull", "--plain-http", &from]);
-            containerd.ctr_remote_ok(&["image", "convert", "--estargz", "--oci", &from, &to]);
+            containerd.ctr_remote_ok(&["image", "convert", flag, "--oci", &from, &to]);
             containerd.ctr_remote_ok(&["image", "push", "--plain-http", &to]);
         }
         host
@@ -75,7 +82,7 @@ pub fn download_layers(host: &str, image: &str, dir: &Path) -> Vec<PathBuf> {
             let digest = layer["digest"].as_str().unwrap();
             assert!(
                 layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"].is_string(),
-                "{image} is not eStargz: {layer}"
+                "{image} has no table of contents: {layer}"
             );
             let path = dir.join(digest.trim_start_matches("sha256:"));
             std::fs::write(
@@ -91,14 +98,14 @@ pub fn download_layers(host: &str, image: &str, dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn estargz_images_run_lazily_and_detach_to_the_extraction(kind: &str, mode: &'static str) {
-    let host = estargz_registry();
+fn chunked_images_run_lazily_and_detach_to_the_extraction(kind: &str, mode: &'static str) {
+    let host = chunked_registry();
     let blobs = tempfile::tempdir().unwrap();
     let mut lazy = Lazy::with_mode(kind, mode);
     // Background population held back, so reads find the layers lazy.
     lazy.serve(&["--background-rate", "1"]);
     let mut views = Vec::new();
-    for (_, image) in CONVERTED {
+    for (_, image, _) in CONVERTED {
         let layers = download_layers(&host, image, blobs.path());
         let size: u64 = layers
             .iter()
@@ -106,6 +113,7 @@ fn estargz_images_run_lazily_and_detach_to_the_extraction(kind: &str, mode: &'st
             .sum();
         let reference = Reference::of_blobs(&layers);
         let name = image.replace(['/', ':'], "-");
+        let before = bytes_fetched(&lazy.status());
         let pulled = lazy.ll(&["pull", "--mode", lazy.mode, &format!("{host}/{image}")]);
         let mnt = lazy.fs.path().join(format!("mnt-{name}"));
         std::fs::create_dir_all(&mnt).unwrap();
@@ -121,10 +129,10 @@ fn estargz_images_run_lazily_and_detach_to_the_extraction(kind: &str, mode: &'st
             "{pulled}\n{status}"
         );
         // Nothing was downloaded whole to index it: a few ranged reads of the table.
+        let fetched = bytes_fetched(&status) - before;
         assert!(
-            bytes_fetched(&status) * 10 < size,
-            "{image}: {} of {size} bytes fetched by the pull\n{pulled}",
-            bytes_fetched(&status)
+            fetched * 10 < size,
+            "{image}: {fetched} of {size} bytes fetched by the pull\n{pulled}"
         );
         let differences = diff_trees(&reference.path(), &mnt, true);
         assert!(
@@ -149,43 +157,45 @@ fn estargz_images_run_lazily_and_detach_to_the_extraction(kind: &str, mode: &'st
     }
 }
 
-on_every_store!(estargz_images_run_lazily_and_detach_to_the_extraction);
+on_every_store!(chunked_images_run_lazily_and_detach_to_the_extraction);
 
 /// A registry that damages every chunk of the layer after the pull: a reader gets EIO, never
 /// the damaged bytes, and never zeros.
 #[test]
-fn a_damaged_estargz_chunk_is_never_served() {
-    if !require_root("a_damaged_estargz_chunk_is_never_served") {
+fn a_damaged_chunk_is_never_served() {
+    if !require_root("a_damaged_chunk_is_never_served") {
         return;
     }
-    let host = estargz_registry();
-    let proxy = FaultProxy::start(host.parse().unwrap(), Shaping::default()).unwrap();
-    let image = format!("{}/test/debian:esgz", proxy.host());
-    let digest = manifest(&host, "test/debian:esgz")["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let mut lazy = Lazy::new("ext4");
-    lazy.serve(&["--background-rate", "1", "--fetch-deadline", "5"]);
-    lazy.ll(&["pull", &image]);
-    // From now on, a byte inside the compressed data of every ranged read is flipped.
-    proxy.add_rule(
-        Rule::new(Fault::CorruptAt { at: 40 })
-            .on_path(&format!("/blobs/{digest}"))
-            .always(),
-    );
-    let mnt = lazy.fs.path().join("mnt-debian");
-    std::fs::create_dir_all(&mnt).unwrap();
-    lazy.ll(&["mount", &image, mnt.to_str().unwrap()]);
-    lazy.mounts.push(mnt.clone());
-    let read = std::fs::read(mnt.join("usr/bin/perl"));
-    assert_eq!(
-        read.as_ref().err().and_then(|e| e.raw_os_error()),
-        Some(libc::EIO),
-        "{:?}",
-        read.map(|bytes| bytes.len())
-    );
-    assert!(proxy.faults_injected() > 0);
+    let host = chunked_registry();
+    for (_, copy, _) in CONVERTED {
+        let proxy = FaultProxy::start(host.parse().unwrap(), Shaping::default()).unwrap();
+        let image = format!("{}/{copy}", proxy.host());
+        let digest = manifest(&host, copy)["layers"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut lazy = Lazy::new("ext4");
+        lazy.serve(&["--background-rate", "1", "--fetch-deadline", "5"]);
+        lazy.ll(&["pull", &image]);
+        // From now on, a byte inside the compressed data of every ranged read is flipped.
+        proxy.add_rule(
+            Rule::new(Fault::CorruptAt { at: 40 })
+                .on_path(&format!("/blobs/{digest}"))
+                .always(),
+        );
+        let mnt = lazy.fs.path().join("mnt-debian");
+        std::fs::create_dir_all(&mnt).unwrap();
+        lazy.ll(&["mount", &image, mnt.to_str().unwrap()]);
+        lazy.mounts.push(mnt.clone());
+        let read = std::fs::read(mnt.join("usr/bin/perl"));
+        assert_eq!(
+            read.as_ref().err().and_then(|e| e.raw_os_error()),
+            Some(libc::EIO),
+            "{copy}: {:?}",
+            read.map(|bytes| bytes.len())
+        );
+        assert!(proxy.faults_injected() > 0);
+    }
 }
 
 /// A manifest whose annotation names another table of contents than the layer's: the pull is
@@ -195,32 +205,44 @@ fn a_table_of_contents_that_does_not_match_its_annotation_is_refused() {
     if !require_root("a_table_of_contents_that_does_not_match_its_annotation_is_refused") {
         return;
     }
-    let host = estargz_registry();
-    let mut lying = manifest(&host, "test/debian:esgz");
-    lying["layers"][0]["annotations"]["containerd.io/snapshot/stargz/toc.digest"] =
-        format!("sha256:{}", "ab".repeat(32)).into();
-    let body = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(body.path(), serde_json::to_vec(&lying).unwrap()).unwrap();
-    let put = Command::new("curl")
-        .args(["-fsS", "-X", "PUT", "-H"])
-        .arg(format!("Content-Type: {OCI_MANIFEST}"))
-        .arg("--data-binary")
-        .arg(format!("@{}", body.path().display()))
-        .arg(format!("http://{host}/v2/test/debian/manifests/esgz-lying"))
-        .output()
-        .unwrap();
-    assert!(put.status.success(), "{put:?}");
-    let lazy = Lazy::new("ext4");
-    let pulled = run(&[
-        "--root",
-        &lazy.root_arg(),
-        "pull",
-        &format!("{host}/test/debian:esgz-lying"),
-    ]);
-    let stderr = String::from_utf8_lossy(&pulled.stderr);
-    assert!(!pulled.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("table of contents") && stderr.contains("annotation"),
-        "{stderr}"
-    );
+    let host = chunked_registry();
+    for (copy, annotation) in [
+        (
+            "test/debian:esgz",
+            "containerd.io/snapshot/stargz/toc.digest",
+        ),
+        (
+            "test/debian:zchunked",
+            "io.containers.zstd-chunked.manifest-checksum",
+        ),
+    ] {
+        let mut lying = manifest(&host, copy);
+        lying["layers"][0]["annotations"][annotation] =
+            format!("sha256:{}", "ab".repeat(32)).into();
+        let body = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(body.path(), serde_json::to_vec(&lying).unwrap()).unwrap();
+        let tag = format!("{}-lying", copy.split_once(':').unwrap().1);
+        let put = Command::new("curl")
+            .args(["-fsS", "-X", "PUT", "-H"])
+            .arg(format!("Content-Type: {OCI_MANIFEST}"))
+            .arg("--data-binary")
+            .arg(format!("@{}", body.path().display()))
+            .arg(format!("http://{host}/v2/test/debian/manifests/{tag}"))
+            .output()
+            .unwrap();
+        assert!(put.status.success(), "{put:?}");
+        let lazy = Lazy::new("ext4");
+        let pulled = run(&[
+            "--root",
+            &lazy.root_arg(),
+            "pull",
+            &format!("{host}/test/debian:{tag}"),
+        ]);
+        let stderr = String::from_utf8_lossy(&pulled.stderr);
+        assert!(!pulled.status.success(), "{copy}: {stderr}");
+        assert!(
+            stderr.contains("table of contents") && stderr.contains("annotation"),
+            "{copy}: {stderr}"
+        );
+    }
 }

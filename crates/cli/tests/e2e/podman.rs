@@ -436,7 +436,7 @@ fn estargz_images_run_lazily_without_an_index() {
     if !require_podman("podman::estargz_images_run_lazily_without_an_index") {
         return;
     }
-    let host = crate::formats::estargz_registry();
+    let host = crate::formats::chunked_registry();
     let setup = Setup::new("fanotify", true);
     let image = setup.image("test/debian:esgz");
     let out = setup.podman.run(&image, &["cat", "/etc/debian_version"]);
