@@ -1,6 +1,7 @@
 //! Layer formats written for lazy reading, as other tools write them: eStargz and zstd:chunked
 //! copies of the Debian test image, converted by stargz-snapshotter's `ctr-remote image
-//! convert --estargz / --zstdchunked` in a private containerd and pushed to the shared registry. They run
+//! convert --estargz / --zstdchunked` in a private containerd, and by skopeo (containers/storage's
+//! zstd:chunked), pushed to the shared registry. They run
 //! lazily from their own table of contents (no `index --push`), in every frontend, equal the
 //! GNU tar extraction of the converted blobs while lazy and after detach; a damaged chunk is
 //! never served; a table of contents that does not match the manifest's annotation is refused.
@@ -10,7 +11,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use lazylayer_testkit::containerd::Containerd;
-use lazylayer_testkit::fixtures::shared_registry;
+use lazylayer_testkit::fixtures::{shared_registry, skopeo_copy};
 use lazylayer_testkit::proxy::{Fault, FaultProxy, Rule, Shaping};
 use lazylayer_testkit::require_root;
 use lazylayer_testkit::tree_diff::diff_trees;
@@ -41,9 +42,116 @@ pub fn chunked_registry() -> String {
             containerd.ctr_remote_ok(&["image", "convert", flag, "--oci", &from, &to]);
             containerd.ctr_remote_ok(&["image", "push", "--plain-http", &to]);
         }
+        // containers/storage's own zstd:chunked writer, through skopeo.
+        let plain = plain_debian_layout();
+        skopeo_copy(
+            &format!("oci:{}:plain", plain.path().display()),
+            &format!("docker://{host}/{SKOPEO_COPY}"),
+            &["--dest-compress-format", "zstd:chunked"],
+        );
         host
     })
     .clone()
+}
+
+/// The zstd:chunked copy skopeo (containers/storage) writes.
+pub const SKOPEO_COPY: &str = "test/debian:skopeo-zchunked";
+
+/// Every chunked copy: the converted ones, then skopeo's.
+fn copies() -> Vec<&'static str> {
+    CONVERTED
+        .iter()
+        .map(|(_, copy, _)| *copy)
+        .chain([SKOPEO_COPY])
+        .collect()
+}
+
+/// An OCI layout of the Debian image with its layer uncompressed and ended by the two zero
+/// blocks of a tar archive: skopeo 1.9 compresses an uncompressed layer to zstd:chunked, and
+/// waits forever on a tar without them (umoci writes none).
+fn plain_debian_layout() -> tempfile::TempDir {
+    use sha2::Digest as _;
+    let layout = tempfile::tempdir().unwrap();
+    let blobs = layout.path().join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let hex = format!("{:x}", sha2::Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let gzipped = &crate::common::layer_blobs("bookworm")[0];
+    let unzipped = Command::new("gzip")
+        .arg("-dc")
+        .arg(gzipped)
+        .output()
+        .unwrap();
+    assert!(unzipped.status.success(), "gzip -dc {}", gzipped.display());
+    let mut tar = unzipped.stdout;
+    if tar.len() < 1024 || tar[tar.len() - 1024..].iter().any(|b| *b != 0) {
+        tar.extend_from_slice(&[0; 1024]);
+    }
+    let (layer, layer_size) = put(&tar);
+    let fixture = lazylayer_testkit::fixtures::layout_dir();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "bookworm")
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let read_json = |hex: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(fixture.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap()
+    };
+    let original = read_json(&manifest_digest);
+    let mut config = read_json(
+        original["config"]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:"),
+    );
+    config["rootfs"]["diff_ids"] = serde_json::json!([layer]);
+    let (config, config_size) = put(&serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config,
+            "size": config_size,
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer,
+            "size": layer_size,
+        }],
+    });
+    let (manifest, manifest_size) = put(&serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": OCI_MANIFEST,
+            "digest": manifest,
+            "size": manifest_size,
+            "annotations": {"org.opencontainers.image.ref.name": "plain"},
+        }],
+    });
+    std::fs::write(
+        layout.path().join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        layout.path().join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    layout
 }
 
 fn curl(url: &str, accept: &str) -> Vec<u8> {
@@ -80,8 +188,10 @@ pub fn download_layers(host: &str, image: &str, dir: &Path) -> Vec<PathBuf> {
         .iter()
         .map(|layer| {
             let digest = layer["digest"].as_str().unwrap();
+            let annotations = &layer["annotations"];
             assert!(
-                layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"].is_string(),
+                annotations["containerd.io/snapshot/stargz/toc.digest"].is_string()
+                    || annotations["io.containers.zstd-chunked.manifest-checksum"].is_string(),
                 "{image} has no table of contents: {layer}"
             );
             let path = dir.join(digest.trim_start_matches("sha256:"));
@@ -105,7 +215,7 @@ fn chunked_images_run_lazily_and_detach_to_the_extraction(kind: &str, mode: &'st
     // Background population held back, so reads find the layers lazy.
     lazy.serve(&["--background-rate", "1"]);
     let mut views = Vec::new();
-    for (_, image, _) in CONVERTED {
+    for image in copies() {
         let layers = download_layers(&host, image, blobs.path());
         let size: u64 = layers
             .iter()
@@ -167,7 +277,7 @@ fn a_damaged_chunk_is_never_served() {
         return;
     }
     let host = chunked_registry();
-    for (_, copy, _) in CONVERTED {
+    for copy in copies() {
         let proxy = FaultProxy::start(host.parse().unwrap(), Shaping::default()).unwrap();
         let image = format!("{}/{copy}", proxy.host());
         let digest = manifest(&host, copy)["layers"][0]["digest"]
@@ -215,6 +325,7 @@ fn a_table_of_contents_that_does_not_match_its_annotation_is_refused() {
             "test/debian:zchunked",
             "io.containers.zstd-chunked.manifest-checksum",
         ),
+        (SKOPEO_COPY, "io.containers.zstd-chunked.manifest-checksum"),
     ] {
         let mut lying = manifest(&host, copy);
         lying["layers"][0]["annotations"][annotation] =
