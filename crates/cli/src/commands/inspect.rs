@@ -63,6 +63,9 @@ struct LayerOutput<'a> {
     diff_id: Option<String>,
     /// The lazy index, or null when the layer has none.
     index: Option<IndexOutput>,
+    /// The layer's own table of contents (`eStargz`, `zstd:chunked`), from which pull indexes
+    /// it at file granularity; null when it has none.
+    table_of_contents: Option<&'static str>,
 }
 
 #[derive(serde::Serialize)]
@@ -204,6 +207,21 @@ fn index_output(found: &FoundIndex, files: bool) -> IndexOutput {
     }
 }
 
+/// The name of the table of contents layer `i` of `image` announces, if any.
+fn table_of_contents(image: &ResolvedImage, i: usize) -> Option<&'static str> {
+    let annotations = lazylayer_index::toc::layer_annotations(&image.manifest_bytes);
+    let layer = &image.layers[i];
+    lazylayer_index::toc::announced(&layer.media_type, annotations.get(i)?)
+        .ok()
+        .flatten()
+        .map(|toc| toc.format.name())
+}
+
+/// What converting a single-frame zstd layer gains.
+const ZSTD_CHUNKED_HINT: &str = "a single zstd frame: any read fetches the whole layer; as \
+     zstd:chunked (`skopeo copy --dest-compress-format zstd:chunked`, `podman push \
+     --compression-format zstd:chunked`) it is read by file, without an index";
+
 /// A layer whose data is all in one span (a single zstd frame, or a small layer).
 fn single_span(index: &LayerIndex) -> bool {
     index.spans.len() == 1 && index.compression == Compression::Zstd
@@ -240,6 +258,7 @@ fn to_output<'a>(
                 blob,
                 diff_id: diff_ids.get(i).map(ToString::to_string),
                 index: indexes[i].as_ref().map(|found| index_output(found, files)),
+                table_of_contents: table_of_contents(image, i),
             })
             .collect(),
         profile: None,
@@ -280,9 +299,27 @@ fn render_text(image: &ResolvedImage, indexes: &[Option<FoundIndex>], files: boo
             layer.media_type
         );
         match &indexes[i] {
-            None => {
-                let _ = writeln!(out, "      lazy index: none (`lazylayer index` builds one)");
-            }
+            None => match table_of_contents(image, i) {
+                Some(format) => {
+                    let _ = writeln!(
+                        out,
+                        "      lazy index: none needed: its {format} table of contents (pull \
+                         indexes the layer from it, by file; `lazylayer index --push` is not \
+                         needed)"
+                    );
+                }
+                None if Compression::from_media_type(&layer.media_type)
+                    == Some(Compression::Zstd) =>
+                {
+                    let _ = writeln!(
+                        out,
+                        "      lazy index: none (`lazylayer index` builds one); {ZSTD_CHUNKED_HINT}"
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "      lazy index: none (`lazylayer index` builds one)");
+                }
+            },
             Some(found) => {
                 let index = &found.index;
                 let place = if found.stored { "stored" } else { "registry" };
@@ -306,9 +343,9 @@ fn render_text(image: &ResolvedImage, indexes: &[Option<FoundIndex>], files: boo
                     index.spans.len(),
                     index.entries.len(),
                     if single_span(index) {
-                        " (a single zstd frame: any read fetches the whole layer)"
+                        format!(" ({ZSTD_CHUNKED_HINT})")
                     } else {
-                        ""
+                        String::new()
                     }
                 );
                 if found.origin == IndexOrigin::Referrer {

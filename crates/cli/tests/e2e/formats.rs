@@ -223,6 +223,16 @@ fn chunked_images_run_lazily_and_detach_to_the_extraction(kind: &str, mode: &'st
             .sum();
         let reference = Reference::of_blobs(&layers);
         let name = image.replace(['/', ':'], "-");
+        // inspect says that the layer needs no index of ours.
+        let inspected = lazy.ll(&["inspect", "--json", &format!("{host}/{image}")]);
+        let inspected: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+        let format = inspected["layers"][0]["tableOfContents"].clone();
+        let expected = if image.contains("esgz") {
+            "eStargz"
+        } else {
+            "zstd:chunked"
+        };
+        assert_eq!(format, expected, "{image}: {inspected}");
         let before = bytes_fetched(&lazy.status());
         let pulled = lazy.ll(&["pull", "--mode", lazy.mode, &format!("{host}/{image}")]);
         let mnt = lazy.fs.path().join(format!("mnt-{name}"));
