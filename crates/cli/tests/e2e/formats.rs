@@ -36,10 +36,20 @@ pub fn chunked_registry() -> String {
         let host = shared_registry().host();
         let unused = PathBuf::from("/nonexistent.sock");
         let containerd = Containerd::start_with(&[("unused", &unused)], None);
+        // The eStargz copy puts perl before its prefetch landmark, as `ctr-remote image
+        // optimize` would for a workload that runs it.
+        let record = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(record.path(), format!(r#"{{"path":"{PRIORITIZED}"}}"#)).unwrap();
+        let record = record.path().to_str().unwrap();
         for (from, to, flag) in CONVERTED {
             let (from, to) = (format!("{host}/{from}"), format!("{host}/{to}"));
             containerd.ctr_remote_ok(&["image", "pull", "--plain-http", &from]);
-            containerd.ctr_remote_ok(&["image", "convert", flag, "--oci", &from, &to]);
+            let mut args = vec!["image", "convert", flag, "--oci"];
+            if flag == "--estargz" {
+                args.extend(["--estargz-record-in", record]);
+            }
+            args.extend([from.as_str(), to.as_str()]);
+            containerd.ctr_remote_ok(&args);
             containerd.ctr_remote_ok(&["image", "push", "--plain-http", &to]);
         }
         // containers/storage's own zstd:chunked writer, through skopeo.
@@ -53,6 +63,9 @@ pub fn chunked_registry() -> String {
     })
     .clone()
 }
+
+/// The file the eStargz copy prioritizes.
+const PRIORITIZED: &str = "usr/bin/perl";
 
 /// The zstd:chunked copy skopeo (containers/storage) writes.
 pub const SKOPEO_COPY: &str = "test/debian:skopeo-zchunked";
@@ -366,4 +379,34 @@ fn a_table_of_contents_that_does_not_match_its_annotation_is_refused() {
             "{copy}: {stderr}"
         );
     }
+}
+
+/// The files an eStargz layer puts before its prefetch landmark are fetched first, before any
+/// reader asks, as stargz-snapshotter does: with the background held back, perl (the
+/// prioritized file) is filled and a file of the same size that is not prioritized is not.
+#[test]
+fn prioritized_estargz_files_are_fetched_first() {
+    use std::os::unix::fs::MetadataExt;
+    if !require_root("prioritized_estargz_files_are_fetched_first") {
+        return;
+    }
+    let host = chunked_registry();
+    let mut lazy = Lazy::new("ext4");
+    lazy.serve(&["--background-rate", "1"]);
+    let image = format!("{host}/test/debian:esgz");
+    lazy.ll(&["pull", &image]);
+    let digest = manifest(&host, "test/debian:esgz")["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fs = lazy.layer_fs(digest.trim_start_matches("sha256:"));
+    assert!(fs.join(".prefetch.landmark").exists(), "{}", fs.display());
+    let filled = |path: &str| {
+        std::fs::symlink_metadata(fs.join(path)).is_ok_and(|m| m.blocks() * 512 >= m.len())
+    };
+    wait_for_status(&lazy, "the prioritized file was never filled", |_| {
+        filled(PRIORITIZED)
+    });
+    // Not prioritized, not a startup file, not read: still a placeholder.
+    assert!(!filled("usr/bin/bash"), "the background was not held back");
 }

@@ -84,11 +84,14 @@ impl Worker {
     }
 
     /// The entries of `layer` to fill first: those the prefetch profiles of images using it
-    /// list, in order, then the files nearly every container start opens
-    /// ([`lazylayer_store::startup_files`]) that the profiles did not list.
+    /// list, in order, then those an eStargz layer puts before its prefetch landmark, then the
+    /// files nearly every container start opens ([`lazylayer_store::startup_files`]), each
+    /// once.
     fn profile_files(&self, layer: &Layer) -> Vec<usize> {
         let mut first = self.recorded_profile_files(layer);
-        for i in lazylayer_store::startup_files(&layer.index) {
+        let prioritized = lazylayer_index::toc::prioritized(&layer.index);
+        let startup = lazylayer_store::startup_files(&layer.index);
+        for i in prioritized.into_iter().chain(startup) {
             if !first.contains(&i) {
                 first.push(i);
             }

@@ -157,6 +157,31 @@ pub fn announced(
     })
 }
 
+/// The entry eStargz puts after the files its builder found a workload reads first
+/// (`ctr-remote image optimize`, `convert --estargz-record-in`).
+pub const PREFETCH_LANDMARK: &[u8] = b".prefetch.landmark";
+
+/// The files (with data) a layer indexed from its table of contents puts before its prefetch
+/// landmark, in order: the files to fetch first, as stargz-snapshotter does.
+pub fn prioritized(index: &LayerIndex) -> Vec<usize> {
+    if !index.from_toc() {
+        return Vec::new();
+    }
+    let Some(landmark) = index
+        .entries
+        .iter()
+        .position(|e| e.path == PREFETCH_LANDMARK)
+    else {
+        return Vec::new();
+    };
+    (0..landmark)
+        .filter(|&i| {
+            let entry = &index.entries[i];
+            entry.kind == crate::EntryKind::File && entry.stored_size() > 0
+        })
+        .collect()
+}
+
 /// Makes the lazy index of `layer` from its table of contents, fetched from `source` with a
 /// few ranged reads and checked against the announced digests; `None` when the layer has no
 /// file data to read lazily. `diff_id` is the image config's.
