@@ -197,22 +197,6 @@ fn start_once(
     Ok((elapsed, bytes))
 }
 
-/// The eStargz copies of the images, made with `ctr-remote image convert --estargz --oci`
-/// in a private containerd and pushed next to the originals.
-fn convert_to_estargz(registry: &str, images: &[&str]) -> anyhow::Result<()> {
-    let unused = PathBuf::from("/nonexistent.sock");
-    let containerd = Containerd::start_with(&[("unused", &unused)], None);
-    for image in images {
-        let from = format!("{registry}/{image}");
-        let to = format!("{from}-esgz");
-        eprintln!("containerd bench: converting {from} to eStargz (ctr-remote, about a minute)");
-        containerd.ctr_remote_ok(&["image", "pull", "--plain-http", &from]);
-        containerd.ctr_remote_ok(&["image", "convert", "--estargz", "--oci", &from, &to]);
-        containerd.ctr_remote_ok(&["image", "push", "--plain-http", &to]);
-    }
-    Ok(())
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         rustix::process::geteuid().is_root(),
@@ -232,7 +216,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let registry = TestRegistry::start(RegistryAuth::Anonymous)?;
     crate::images::push_indexed(&registry.host())?;
     // The eStargz copy of each image has `-esgz` after its tag.
-    convert_to_estargz(&registry.host(), &IMAGES)?;
+    crate::images::convert(&registry.host(), &IMAGES, "--estargz", "-esgz")?;
     let workloads = crate::images::workloads(args.workload.as_deref());
     println!(
         "containerd: pull + `ctr run` until the workload exits, median of {} runs, fresh \

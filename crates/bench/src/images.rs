@@ -4,6 +4,7 @@
 
 use std::process::{Command, Stdio};
 
+use lazylayer_testkit::containerd::Containerd;
 use lazylayer_testkit::fixtures::{layout_dir, skopeo_copy};
 use lazylayer_testkit::proxy::Shaping;
 
@@ -60,6 +61,23 @@ pub fn push_indexed(registry: &str) -> anyhow::Result<()> {
             .stdout(Stdio::null())
             .status()?;
         anyhow::ensure!(status.success(), "indexing {name}");
+    }
+    Ok(())
+}
+
+/// Copies of `images` made by `ctr-remote image convert FLAG --oci` (`--estargz`,
+/// `--zstdchunked`) in a private containerd, pushed next to the originals with `suffix` after
+/// their tag.
+pub fn convert(registry: &str, images: &[&str], flag: &str, suffix: &str) -> anyhow::Result<()> {
+    let unused = std::path::PathBuf::from("/nonexistent.sock");
+    let containerd = Containerd::start_with(&[("unused", &unused)], None);
+    for image in images {
+        let from = format!("{registry}/{image}");
+        let to = format!("{from}{suffix}");
+        eprintln!("converting {from} with {flag} (ctr-remote, about a minute)");
+        containerd.ctr_remote_ok(&["image", "pull", "--plain-http", &from]);
+        containerd.ctr_remote_ok(&["image", "convert", flag, "--oci", &from, &to]);
+        containerd.ctr_remote_ok(&["image", "push", "--plain-http", &to]);
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! The startup benchmark (HelloBench-style): real images built from Debian packages, each
+//! The startup benchmark (HelloBench-style): real images built from Debian packages (and the
+//! python image as eStargz and zstd:chunked, converted by `ctr-remote`), each
 //! workload measured at two network shapings in one run: (a) full pull + extract + run (the
 //! baseline, same registry, same shaping), (b) lazylayer (fanotify), (c) lazylayer FUSE (not
 //! built yet), (d) lazylayer with a profile recorded by (b). Printed as a table with ratios to
@@ -49,6 +50,18 @@ async fn fetched(root: &Path) -> u64 {
         .flatten()
         .map(|l| l["bytes_fetched"].as_u64().unwrap_or(0))
         .sum()
+}
+
+/// The compressed size of `image`'s layers (from `inspect`).
+async fn compressed_size(root: &Path, image: &str) -> anyhow::Result<u64> {
+    let inspect = ll(root).args(["inspect", "--json", image]).output().await?;
+    let value: serde_json::Value = serde_json::from_slice(&inspect.stdout)?;
+    Ok(value["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| l["size"].as_u64().unwrap_or(0))
+        .sum())
 }
 
 struct Workload {
@@ -117,21 +130,36 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         let status = index.status().await?;
         anyhow::ensure!(status.success(), "indexing {image}");
-        let inspect = ll(scratch.path())
-            .args(["inspect", "--json", &image])
-            .output()
-            .await?;
-        let value: serde_json::Value = serde_json::from_slice(&inspect.stdout)?;
-        sizes.insert(
-            name,
-            value["layers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|l| l["size"].as_u64().unwrap_or(0))
-                .sum::<u64>(),
-        );
+        sizes.insert(name, compressed_size(scratch.path(), &image).await?);
     }
+    // The python image as eStargz and zstd:chunked (made by ctr-remote): lazylayer reads
+    // them from their own table of contents, without the index pushed above.
+    crate::images::convert(
+        &registry.host(),
+        &["bench/python:bookworm"],
+        "--estargz",
+        "-esgz",
+    )?;
+    crate::images::convert(
+        &registry.host(),
+        &["bench/python:bookworm"],
+        "--zstdchunked",
+        "-zchunked",
+    )?;
+    for name in [
+        "bench/python:bookworm-esgz",
+        "bench/python:bookworm-zchunked",
+    ] {
+        let image = format!("{}/{name}", registry.host());
+        sizes.insert(name, compressed_size(scratch.path(), &image).await?);
+    }
+    let python = || {
+        vec![
+            "python3".into(),
+            "-c".into(),
+            "import json, http.server".into(),
+        ]
+    };
     let workloads = [
         Workload {
             name: "minbase: /bin/true",
@@ -141,11 +169,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Workload {
             name: "python3: import json, http.server",
             image: "bench/python:bookworm",
-            command: vec![
-                "python3".into(),
-                "-c".into(),
-                "import json, http.server".into(),
-            ],
+            command: python(),
+        },
+        Workload {
+            name: "python3 (eStargz)",
+            image: "bench/python:bookworm-esgz",
+            command: python(),
+        },
+        Workload {
+            name: "python3 (zstd:chunked)",
+            image: "bench/python:bookworm-zchunked",
+            command: python(),
         },
         Workload {
             name: "perl: one-liner",

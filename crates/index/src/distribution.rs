@@ -468,6 +468,13 @@ pub async fn fetch_index(
     }
     let index = LayerIndex::decode(&what, &encoded)?;
     check_identity(&what, &index, layer)?;
+    if index.from_toc() {
+        // Made only here, from a layer's table of contents; never pushed.
+        return Err(Error::bad_index(
+            &what,
+            "has chunk spans, which only an index made from the layer's table of contents has",
+        ));
+    }
     Ok((index, encoded))
 }
 

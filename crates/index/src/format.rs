@@ -91,11 +91,12 @@ pub enum SpanStart {
         window_offset: u64,
         window_len: u32,
     },
-    /// One chunk of a layer indexed from its own table of contents (eStargz): the span is
-    /// whole compressed units (gzip members) that decompress on their own, and `digest` is the
-    /// sha256 of its first `len` output bytes, the chunk the table of contents names, not of
-    /// its compressed bytes. What follows the chunk in its output (the tar headers of the next
-    /// entries) is read by no file. Appended last: indexes without such spans decode as before.
+    /// One chunk of a layer indexed from its own table of contents (eStargz, zstd:chunked): the
+    /// span is whole compressed units (gzip members, zstd frames) that decompress on their own,
+    /// and `digest` is the sha256 of its first `len` output bytes, the chunk the table of
+    /// contents names, not of its compressed bytes. What follows the chunk in its output (the
+    /// tar headers of the next entries) is read by no file. Appended last: indexes without such
+    /// spans decode as before. Never in an index from a registry.
     Chunk {
         /// The chunk's length: the span's share of the (file data only) uncompressed stream.
         len: u64,
@@ -364,7 +365,8 @@ impl LayerIndex {
         Ok(window)
     }
 
-    /// Whether the index was made from the layer's own table of contents (eStargz): its
+    /// Whether the index was made from the layer's own table of contents (eStargz,
+    /// zstd:chunked): its
     /// spans are chunks checked by their output, and its uncompressed stream holds file data
     /// only, so its offsets are not those of the tar stream.
     pub fn from_toc(&self) -> bool {
