@@ -428,39 +428,53 @@ fn the_store_restarted_serves_on() {
 
 /// An image without a lazy index is "not here" to podman, which downloads and stores it as
 /// usual: it equals the extraction, and nothing lazy is made for it.
-/// An eStargz image (made by `ctr-remote image convert`) needs no pushed index: the layer
-/// store indexes its layer from the table of contents, podman downloads no layer blob, runs
-/// the image, and its mounted image equals the GNU tar extraction of the converted layer.
+/// eStargz (made by `ctr-remote image convert`) and zstd:chunked (made by skopeo) images need
+/// no pushed index: the layer store indexes their layers from the table of contents, podman
+/// downloads no layer blob, runs them, and each mounted image equals the GNU tar extraction of
+/// its layer.
 #[test]
-fn estargz_images_run_lazily_without_an_index() {
-    if !require_podman("podman::estargz_images_run_lazily_without_an_index") {
+fn chunked_images_run_lazily_without_an_index() {
+    if !require_podman("podman::chunked_images_run_lazily_without_an_index") {
         return;
     }
     let host = crate::formats::chunked_registry();
     let setup = Setup::new("fanotify", true);
-    let image = setup.image("test/debian:esgz");
-    let out = setup.podman.run(&image, &["cat", "/etc/debian_version"]);
-    assert!(out.starts_with("12."), "{out:?}");
-    let blobs = tempfile::tempdir().unwrap();
-    let layers = crate::formats::download_layers(&host, "test/debian:esgz", blobs.path());
-    let hexes: Vec<String> = layers
-        .iter()
-        .map(|b| b.file_name().unwrap().to_str().unwrap().to_string())
-        .collect();
-    assert_eq!(
-        setup.whole_downloads(&hexes),
-        Vec::<String>::new(),
-        "layer blobs downloaded whole"
-    );
-    assert_eq!(setup.layers_from_the_store().len(), 1);
-    let status = setup.lazy.status();
-    assert_eq!(status["layers"][0]["phase"], "lazy", "{status}");
-    let mounted = setup.podman.ok(&["image", "mount", &image]);
-    assert_same_tree(
-        &Reference::of_blobs(&layers).path(),
-        Path::new(mounted.trim()),
-    );
-    setup.podman.ok(&["image", "unmount", &image]);
+    for (i, copy) in ["test/debian:esgz", crate::formats::SKOPEO_COPY]
+        .into_iter()
+        .enumerate()
+    {
+        let image = setup.image(copy);
+        let out = setup.podman.run(&image, &["cat", "/etc/debian_version"]);
+        assert!(out.starts_with("12."), "{copy}: {out:?}");
+        let blobs = tempfile::tempdir().unwrap();
+        let layers = crate::formats::download_layers(&host, copy, blobs.path());
+        let hexes: Vec<String> = layers
+            .iter()
+            .map(|b| b.file_name().unwrap().to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            setup.whole_downloads(&hexes),
+            Vec::<String>::new(),
+            "{copy}: layer blobs downloaded whole"
+        );
+        assert_eq!(setup.layers_from_the_store().len(), i + 1, "{copy}");
+        let status = setup.lazy.status();
+        let shown = status["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["digest"] == format!("sha256:{}", hexes[0]))
+            .unwrap_or_else(|| panic!("{copy} is not served: {status}"));
+        assert_eq!(shown["phase"], "lazy", "{status}");
+        let mounted = setup.podman.ok(&["image", "mount", &image]);
+        let differences = lazylayer_testkit::tree_diff::diff_trees(
+            &Reference::of_blobs(&layers).path(),
+            Path::new(mounted.trim()),
+            crate::formats::dir_times_comparable(copy),
+        );
+        assert!(differences.is_empty(), "{copy}: {differences:#?}");
+        setup.podman.ok(&["image", "unmount", &image]);
+    }
 }
 
 #[test]

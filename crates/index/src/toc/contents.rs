@@ -183,7 +183,9 @@ pub(super) fn read(layer: &str, format: &str, json: &[u8]) -> Result<Contents> {
                         .ok_or_else(|| bad(format!("a chunk of {} has no sha256", item.name)))?,
                 });
                 written += len;
-                cursor += len;
+                cursor = cursor
+                    .checked_add(len)
+                    .ok_or_else(|| bad("the files' sizes add up past 2^64 bytes".to_string()))?;
                 if written == entry.size {
                     break;
                 }
