@@ -113,18 +113,7 @@ fn plain_debian_layout() -> tempfile::TempDir {
     }
     let (layer, layer_size) = put(&tar);
     let fixture = lazylayer_testkit::fixtures::layout_dir();
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture.join("index.json")).unwrap()).unwrap();
-    let manifest_digest = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "bookworm")
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("sha256:")
-        .to_string();
+    let manifest_digest = crate::common::fixture_manifest_hex("bookworm");
     let read_json = |hex: &str| -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(fixture.join("blobs/sha256").join(hex)).unwrap())
             .unwrap()

@@ -214,11 +214,11 @@ pub fn indexed_registry() -> String {
     .clone()
 }
 
-/// The layer blobs of a fixture image, bottom first.
-pub fn layer_blobs(tag: &str) -> Vec<PathBuf> {
+/// The hex digest of a fixture image's manifest (by its tag in the fixture layout).
+pub fn fixture_manifest_hex(tag: &str) -> String {
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout_dir().join("index.json")).unwrap()).unwrap();
-    let manifest_digest = index["manifests"]
+    index["manifests"]
         .as_array()
         .unwrap()
         .iter()
@@ -227,7 +227,12 @@ pub fn layer_blobs(tag: &str) -> Vec<PathBuf> {
         .as_str()
         .unwrap()
         .trim_start_matches("sha256:")
-        .to_string();
+        .to_string()
+}
+
+/// The layer blobs of a fixture image, bottom first.
+pub fn layer_blobs(tag: &str) -> Vec<PathBuf> {
+    let manifest_digest = fixture_manifest_hex(tag);
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(layout_dir().join("blobs/sha256").join(manifest_digest)).unwrap(),
     )
