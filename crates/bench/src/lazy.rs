@@ -52,12 +52,13 @@ pub(crate) fn drop_caches() -> anyhow::Result<()> {
     sh("sync; echo 3 > /proc/sys/vm/drop_caches")
 }
 
+/// Kills the daemon of `root`: told to stop, it would fill its lazy layers first, while the
+/// next measurement runs.
 fn stop_daemon(root: &Path) {
     if let Ok(text) = ll(root, &["status", "--json"])
         && let Ok(status) = serde_json::from_str::<serde_json::Value>(&text)
-        && status["daemon_running"] == true
     {
-        let _ = sh(&format!("kill {}", status["pid"]));
+        lazylayer_testkit::daemon::kill_from_status(&status);
     }
 }
 

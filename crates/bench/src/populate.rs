@@ -106,9 +106,8 @@ fn populate(reference: &str) -> anyhow::Result<(Duration, Peaks)> {
     let peaks = watcher.join().expect("memory watcher");
     if let Ok(text) = ll(&root, &["status", "--json"])
         && let Ok(status) = serde_json::from_str::<serde_json::Value>(&text)
-        && status["daemon_running"] == true
     {
-        let _ = sh(&format!("kill {}", status["pid"]));
+        lazylayer_testkit::daemon::kill_from_status(&status);
     }
     Ok((elapsed, peaks))
 }

@@ -6,7 +6,6 @@
 //! the baseline and bytes fetched; results and the command are kept in docs/benchmarks.md.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use crate::lazylayer;
@@ -41,9 +40,9 @@ async fn fetched(root: &Path) -> u64 {
         return 0;
     };
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-    if status["daemon_running"] == true {
-        let _ = Command::new("kill").arg(status["pid"].to_string()).status();
-    }
+    // Killed, not told to stop: told once, it would fill the layer over the shaped link
+    // while the next contender runs.
+    lazylayer_testkit::daemon::kill_from_status(&status);
     status["layers"]
         .as_array()
         .into_iter()

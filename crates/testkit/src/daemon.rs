@@ -30,12 +30,34 @@ pub fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Kills both processes of the daemon `lazylayer status --json` described (if it was running).
+/// Kills both processes of the daemon `lazylayer status --json` described (if it was running)
+/// and waits (up to 5 s) until they are gone. Not SIGTERM: a daemon told to stop once fills
+/// and detaches its lazy layers first, and would share the link with what runs next.
 pub fn kill_from_status(status: &serde_json::Value) {
     if status["daemon_running"] != true {
         return;
     }
-    for key in ["pid", "worker_pid"] {
-        signal(status[key].as_i64().unwrap_or(0) as i32, libc::SIGKILL);
+    let pids: Vec<i32> = ["pid", "worker_pid"]
+        .iter()
+        .map(|key| status[key].as_i64().unwrap_or(0) as i32)
+        .filter(|&pid| pid > 0)
+        .collect();
+    for &pid in &pids {
+        signal(pid, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|pid| alive(*pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `pid` is a process that has not been reaped and is not a zombie.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses: `Z` for a zombie.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
     }
 }

@@ -2,8 +2,10 @@
 //! image is built once from files already here, served by a registry embedded in this process
 //! behind a link shaped like a real one (100 Mbit/s, 20 ms by default), and one workload runs
 //! three times, measured in the same run: the way it is done today (pull the whole image,
-//! extract, run), lazily with lazylayer, and lazily with the profile the second run recorded. Then background population finishes and the layers detach,
-//! and a last check confirms that nothing lazy is left.
+//! extract, run), lazily with lazylayer, then (once that store's background population has
+//! finished, its layers have detached and a check confirms that nothing lazy is left, so that
+//! nothing else shares the link) lazily on a fresh store with the profile the second run
+//! recorded.
 
 mod image;
 
@@ -122,7 +124,46 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<()> {
         .flatten()
         .map(|l| l["bytes_fetched"].as_u64().unwrap_or(0))
         .sum();
-    println!("3. lazylayer again, on a fresh store that has the profile recorded by run 2");
+    println!();
+    println!("3. background population of run 2's store until its layers detach");
+    let started = Instant::now();
+    let output = lazylayer(&lazy_root, &["detach", "--wait", &image])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "detach failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let final_status = status(&lazy_root).await?;
+    let layers = final_status["layers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let detached = layers.iter().all(|l| l["phase"] == "detached");
+    let marks = if final_status["daemon_running"] == true {
+        final_status["marked_files"].as_u64().unwrap_or(0)
+    } else {
+        0
+    };
+    println!(
+        "   every layer detached after {:.2} s more",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "   nothing lazy left: {} ({} layer(s) detached, {} fanotify marks, daemon {})",
+        if detached && marks == 0 { "yes" } else { "NO" },
+        layers.iter().filter(|l| l["phase"] == "detached").count(),
+        marks,
+        if final_status["daemon_running"] == true {
+            "still running"
+        } else {
+            "exited"
+        }
+    );
+    stop_daemon(&final_status);
+    // After run 2's store has detached: its background population would share the link.
+    println!("4. lazylayer again, on a fresh store that has the profile recorded by run 2");
     let profiled_root = work.path().join("profiled");
     std::fs::create_dir_all(profiled_root.join("profiles"))?;
     for profile in std::fs::read_dir(lazy_root.join("profiles"))? {
@@ -146,7 +187,7 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<()> {
         .flatten()
         .map(|l| l["bytes_fetched"].as_u64().unwrap_or(0))
         .sum();
-    stop_daemon(&profiled_status);
+    stop_daemon_now(&profiled_status).await;
     println!();
     println!(
         "{:<28} {:>14} {:>10} {:>22}",
@@ -187,54 +228,39 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<()> {
         baseline.exit.as_secs_f64() / profiled.exit.as_secs_f64(),
         lazy.code
     );
-    println!();
-    println!("4. background population until the layers detach");
-    let started = Instant::now();
-    let output = lazylayer(&lazy_root, &["detach", "--wait", &image])
-        .output()
-        .await?;
-    anyhow::ensure!(
-        output.status.success(),
-        "detach failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let final_status = status(&lazy_root).await?;
-    let layers = final_status["layers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let detached = layers.iter().all(|l| l["phase"] == "detached");
-    let marks = if final_status["daemon_running"] == true {
-        final_status["marked_files"].as_u64().unwrap_or(0)
-    } else {
-        0
-    };
-    println!(
-        "   every layer detached after {:.2} s more",
-        started.elapsed().as_secs_f64()
-    );
-    println!(
-        "5. nothing lazy left: {} ({} layer(s) detached, {} fanotify marks, daemon {})",
-        if detached && marks == 0 { "yes" } else { "NO" },
-        layers.iter().filter(|l| l["phase"] == "detached").count(),
-        marks,
-        if final_status["daemon_running"] == true {
-            "still running"
-        } else {
-            "exited"
-        }
-    );
-    stop_daemon(&final_status);
     anyhow::ensure!(detached && marks == 0, "something lazy was left");
     Ok(())
 }
 
-/// Stops a daemon the demo started (from its status).
+/// Stops a daemon the demo started (from its status) once it has nothing lazy left.
 fn stop_daemon(status: &serde_json::Value) {
     if status["daemon_running"] == true
         && let Some(pid) = status["pid"].as_i64()
         && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
     {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+}
+
+/// Stops a daemon whose layers are still lazy at once, as told twice (see `lazylayer serve
+/// --help`): told once, it would fill them first, over the link the demo measures. Nothing
+/// uses the layers any more, and their store is removed with the demo's directory.
+async fn stop_daemon_now(status: &serde_json::Value) {
+    let Some(pid) = status["pid"]
+        .as_i64()
+        .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
+    else {
+        return;
+    };
+    if status["daemon_running"] != true {
+        return;
+    }
+    for _ in 0..2 {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rustix::process::test_kill_process(pid).is_ok() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
