@@ -39,9 +39,7 @@ struct Snapshotter {
 
 impl Snapshotter {
     fn start(contender: Contender, stargz: &Path) -> anyhow::Result<Option<Snapshotter>> {
-        let dir = tempfile::Builder::new()
-            .prefix("ll-bench-snap.")
-            .tempdir_in("/var/tmp")?;
+        let dir = crate::scratch::dir("ll-bench-snap.")?;
         let socket = dir.path().join("snapshotter.sock");
         let root = dir.path().join("root");
         let mut command = match contender {
@@ -151,7 +149,7 @@ fn start_once(
         Contender::Lazylayer => "lazylayer",
         Contender::Stargz => "stargz",
     };
-    let containerd = Containerd::start_with(&[(name, &socket)], None);
+    let containerd = Containerd::start_in(crate::scratch::base(), &[(name, &socket)], None);
     let image = match contender {
         Contender::Stargz => format!("{}/{}-esgz", proxy.host(), workload.image),
         _ => format!("{}/{}", proxy.host(), workload.image),
@@ -202,6 +200,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         rustix::process::geteuid().is_root(),
         "the containerd benchmark needs root (containerd, mounts, fanotify)"
     );
+    let _scratch = crate::scratch::Scratch::mount("8G")?;
     let build = Command::new(lazylayer_testkit::repo_root().join("scripts/build-stargz-grpc"))
         .stderr(Stdio::inherit())
         .output()?;

@@ -20,6 +20,7 @@ mod index;
 mod lazy;
 mod podman;
 mod populate;
+mod scratch;
 mod startup;
 
 use std::path::PathBuf;

@@ -26,10 +26,8 @@ struct LayerStore {
 
 impl LayerStore {
     fn start() -> anyhow::Result<LayerStore> {
-        // On the machine's own filesystem (ext4 here): fanotify mode, as a user would run it.
-        let dir = tempfile::Builder::new()
-            .prefix("ll-bench-ls.")
-            .tempdir_in("/var/tmp")?;
+        // On ext4 (the scratch filesystem): fanotify mode, as a user would run it.
+        let dir = crate::scratch::dir("ll-bench-ls.")?;
         let child = Command::new(lazylayer())
             .arg("--root")
             .arg(dir.path().join("root"))
@@ -94,7 +92,10 @@ fn start_once(
     } else {
         None
     };
-    let podman = Podman::new(store.as_ref().map(|s| s.mountpoint()).as_deref());
+    let podman = Podman::new_in(
+        crate::scratch::base(),
+        store.as_ref().map(|s| s.mountpoint()).as_deref(),
+    );
     let image = format!("{}/{}", proxy.host(), workload.image);
     let before = proxy.bytes_sent();
     let started = Instant::now();
@@ -117,6 +118,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         rustix::process::geteuid().is_root(),
         "the podman benchmark needs root (podman, mounts, fanotify)"
     );
+    let _scratch = crate::scratch::Scratch::mount("8G")?;
     let registry = TestRegistry::start(RegistryAuth::Anonymous)?;
     crate::images::push_indexed(&registry.host())?;
     let workloads = crate::images::workloads(args.workload.as_deref());

@@ -1,6 +1,7 @@
 //! Whole-layer population, as root: `lazylayer pull` + `detach --wait` against `curl BLOB |
 //! tar -xz` from the same local registry (unshaped), each from a cold page cache and ending with
-//! a `sync`, on the Debian and python test images and a layer of 100,000 small files; with the
+//! a `sync`, both on a fresh journaled ext4 filesystem ([`crate::scratch`]), on the Debian and
+//! python test images and a layer of 100,000 small files; with the
 //! peak resident memory of the daemon's worker and holder while they populate (sampled from
 //! /proc every 20 ms; the startup issue's goals: <= 1.1x the time, <= 64 MiB of worker memory
 //! for layers up to 100,000 entries).
@@ -71,9 +72,7 @@ fn watch_memory(root: &Path, done: Arc<AtomicBool>) -> std::thread::JoinHandle<P
 
 /// `curl | tar -xz` of the image's layers into a fresh directory, then `sync`.
 fn extract(registry: &str, image: &str, layers: &[String]) -> anyhow::Result<Duration> {
-    let dir = tempfile::Builder::new()
-        .prefix("lazylayer-bench.")
-        .tempdir_in("/var/tmp")?;
+    let dir = crate::scratch::dir("lazylayer-bench.")?;
     let repository = image.split(':').next().expect("repository");
     drop_caches()?;
     let started = Instant::now();
@@ -89,9 +88,7 @@ fn extract(registry: &str, image: &str, layers: &[String]) -> anyhow::Result<Dur
 
 /// `lazylayer pull` + `detach --wait` into a fresh store, then `sync`; and the daemon's peaks.
 fn populate(reference: &str) -> anyhow::Result<(Duration, Peaks)> {
-    let dir = tempfile::Builder::new()
-        .prefix("lazylayer-bench.")
-        .tempdir_in("/var/tmp")?;
+    let dir = crate::scratch::dir("lazylayer-bench.")?;
     let root = dir.path().join("root");
     std::fs::create_dir_all(&root)?;
     drop_caches()?;
@@ -140,6 +137,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         rustix::process::geteuid().is_root(),
         "the population benchmark needs root (fanotify, dropping caches)"
     );
+    let _scratch = crate::scratch::Scratch::mount("8G")?;
     let registry = TestRegistry::start(RegistryAuth::Anonymous)?;
     let host = registry.host();
     crate::images::push_indexed(&host)?;

@@ -25,11 +25,21 @@ impl Containerd {
     /// (pause) image, its CRI plugin, using the `lazylayer` snapshotter with snapshot labels
     /// on and registries configured by `certs_dir()/HOST/hosts.toml`.
     pub fn start_with(proxies: &[(&str, &Path)], cri_sandbox_image: Option<&str>) -> Containerd {
+        Containerd::start_in(Path::new("/tmp"), proxies, cri_sandbox_image)
+    }
+
+    /// [`start_with`](Self::start_with), with containerd's root and state in a new directory
+    /// under `base` (a benchmark puts every contender on the same filesystem).
+    pub fn start_in(
+        base: &Path,
+        proxies: &[(&str, &Path)],
+        cri_sandbox_image: Option<&str>,
+    ) -> Containerd {
         crate::require_tool("containerd");
         crate::require_tool("ctr");
         let dir = tempfile::Builder::new()
             .prefix("ll-ctd.")
-            .tempdir_in("/tmp")
+            .tempdir_in(base)
             .expect("a directory for containerd");
         let d = dir.path();
         let cri = cri_sandbox_image.is_some();

@@ -21,11 +21,17 @@ impl Podman {
     /// A podman whose storage takes layers from the additional layer store at `layer_store`
     /// (mounted before any command runs), or none.
     pub fn new(layer_store: Option<&Path>) -> Podman {
+        Podman::new_in(Path::new("/tmp"), layer_store)
+    }
+
+    /// [`new`](Self::new), with podman's storage in a new directory under `base` (a benchmark
+    /// puts every contender on the same filesystem).
+    pub fn new_in(base: &Path, layer_store: Option<&Path>) -> Podman {
         crate::require_tool("podman");
         crate::require_tool("runc");
         let dir = tempfile::Builder::new()
             .prefix("ll-podman.")
-            .tempdir_in("/tmp")
+            .tempdir_in(base)
             .expect("a directory for podman");
         let d = dir.path();
         let stores = match layer_store {
