@@ -400,6 +400,26 @@ impl LayerIndex {
         ))
     }
 
+    /// The spans holding the data of the entries `files`, each once, in the order the entries
+    /// come: a prefetch of a profile's files (listed in the order a workload first waited for
+    /// them) fetches first what a starting workload needs first.
+    pub fn spans_of(&self, files: &[usize]) -> Vec<usize> {
+        let mut seen = std::collections::HashSet::new();
+        let mut spans = Vec::new();
+        for &i in files {
+            let Some(entry) = self.entries.get(i) else {
+                continue;
+            };
+            let stored = entry.stored_size();
+            if stored > 0 {
+                let first = self.span_at(entry.data_offset);
+                let last = self.span_at(entry.data_offset + stored - 1);
+                spans.extend((first..=last).filter(|span| seen.insert(*span)));
+            }
+        }
+        spans
+    }
+
     /// The span containing uncompressed offset `offset`.
     pub fn span_at(&self, offset: u64) -> usize {
         self.spans

@@ -1171,3 +1171,33 @@ fn the_index_decode_fuzz_seeds_are_valid_indexes() {
     }
     assert!(seeds >= 3, "{seeds} seeds in {}", corpus.display());
 }
+
+/// A profile's spans come in the order its files do (the order a workload first waited for
+/// them), each once, so its prefetch starts with what is needed first, not with the start of
+/// the layer.
+#[tokio::test]
+async fn a_profile_s_spans_come_in_the_order_of_its_files() {
+    let (_, _, index) = debian_layer().await;
+    let with_data: Vec<usize> = (0..index.entries.len())
+        .filter(|&i| index.entries[i].stored_size() > 0)
+        .collect();
+    let (early, late) = (with_data[0], *with_data.last().unwrap());
+    let early_span = index.span_at(index.entries[early].data_offset);
+    let late_span = index.span_at(index.entries[late].data_offset);
+    assert!(early_span < late_span, "{early_span} {late_span}");
+
+    let spans = index.spans_of(&[late, early, late]);
+    assert_eq!(spans.first(), Some(&late_span), "{spans:?}");
+    assert_eq!(spans.last(), Some(&early_span), "{spans:?}");
+    let mut unique = spans.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), spans.len(), "each span once: {spans:?}");
+    // A directory has no data; an entry number past the table is ignored.
+    let dir = index
+        .entries
+        .iter()
+        .position(|e| e.kind == EntryKind::Dir)
+        .unwrap();
+    assert!(index.spans_of(&[dir, usize::MAX]).is_empty());
+}

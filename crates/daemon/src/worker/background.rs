@@ -122,17 +122,8 @@ impl Worker {
     /// failure the rest is left to the stream (which retries and reports). Whether all went well.
     async fn prefetch_profile(&self, managed: &Managed, first: Vec<usize>) -> bool {
         let layer = &managed.layer;
-        let mut spans = std::collections::BTreeSet::new();
-        for &i in &first {
-            let entry = &layer.index.entries[i];
-            let stored = entry.stored_size();
-            if stored > 0 {
-                spans.extend(
-                    layer.index.span_at(entry.data_offset)
-                        ..=layer.index.span_at(entry.data_offset + stored - 1),
-                );
-            }
-        }
+        // In the profile's order: what the workload waited for first is fetched first.
+        let spans = layer.index.spans_of(&first);
         if let Err(e) = layer.reader().ensure_set(spans).await {
             // An outage, most likely: the stream fills these files in its turn, retrying with
             // growing pauses, and `status` shows the error meanwhile.

@@ -416,8 +416,9 @@ impl LayerReader {
         self.ensure_set(spans).await
     }
 
-    /// Like [`ensure`](Self::ensure) for any set of spans (in ascending order): adjacent
-    /// missing spans are fetched together, the runs concurrently.
+    /// Like [`ensure`](Self::ensure) for any set of spans: missing spans that follow each
+    /// other in `spans`, in ascending order, are fetched together, the runs concurrently and
+    /// started in the order of `spans` (the caller puts what is needed first first).
     pub async fn ensure_set(&self, spans: impl IntoIterator<Item = usize>) -> Result<()> {
         let mut runs: Vec<RangeInclusive<usize>> = Vec::new();
         for i in spans {
