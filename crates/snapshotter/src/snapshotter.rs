@@ -755,6 +755,7 @@ mod tests {
             mode: Default::default(),
             bytes_fetched: 0,
             failure: Some("its index lied about /etc/passwd".into()),
+            unsynced_in_boot: None,
         }
         .save(&layer_dir.join("record"))
         .unwrap();

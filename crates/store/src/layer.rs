@@ -32,6 +32,9 @@ pub struct Layer {
     checks_headers: bool,
     /// Why the index proved wrong, once it has.
     proven_wrong: std::sync::Mutex<Option<String>>,
+    /// Held while the record is read and written again, so that two writers in this process
+    /// never undo each other's phase.
+    record_lock: std::sync::Mutex<()>,
 }
 
 impl Layer {
@@ -63,6 +66,7 @@ impl Layer {
             in_flight: std::sync::Mutex::new(HashMap::new()),
             checks_headers,
             proven_wrong: std::sync::Mutex::new(None),
+            record_lock: std::sync::Mutex::new(()),
         })
     }
 
@@ -230,6 +234,23 @@ impl Layer {
         }
     }
 
+    /// Makes the tree the pull left unsynced durable, then says so in the record (see
+    /// [`LayerRecord::unsynced_in_boot`]); nothing to do for a tree synced already.
+    pub fn make_tree_durable(&self) -> Result<()> {
+        if LayerRecord::load(&self.record_path)?.is_none_or(|r| r.unsynced_in_boot.is_none()) {
+            return Ok(());
+        }
+        self.tree.sync()?;
+        let _record = self.record_lock.lock().expect("record lock");
+        match LayerRecord::load(&self.record_path)? {
+            Some(mut record) if record.unsynced_in_boot.is_some() => {
+                record.unsynced_in_boot = None;
+                record.save(&self.record_path)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Makes populated data and then the record of it durable, and the count of bytes
     /// fetched for the layer with it.
     pub fn persist(&self) -> Result<()> {
@@ -270,12 +291,16 @@ impl Layer {
     }
 
     fn save_record(&self, phase: Phase, failure: Option<String>) -> Result<()> {
+        let _record = self.record_lock.lock().expect("record lock");
         LayerRecord {
             phase,
             entries: self.index.entries.len(),
             mode: self.mode()?,
             bytes_fetched: self.reader().stats().bytes_fetched,
             failure,
+            // Every phase is recorded after a sync of the tree (`persist`), or says the layer
+            // failed: the tree made by the pull is durable now, or no longer matters.
+            unsynced_in_boot: None,
         }
         .save(&self.record_path)
     }

@@ -65,14 +65,31 @@ pub struct LayerRecord {
     /// Why the layer failed (with [`Phase::Failed`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The boot (`/proc/sys/kernel/random/boot_id`) in which the tree was made, while no
+    /// `syncfs` has made it durable yet: the pull does not wait for one (it would wait for
+    /// everything else dirty on the store's filesystem), the daemon's first persist does it.
+    /// Read in another boot, such a record is taken as [`Phase::Creating`]: the machine
+    /// stopped before the tree reached the disk, and the next pull makes it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsynced_in_boot: Option<String>,
 }
 
 impl LayerRecord {
-    /// Reads the record at `path`, if the layer has one.
+    /// Reads the record at `path`, if the layer has one (a tree not synced before the
+    /// machine stopped reads as [`Phase::Creating`]).
     pub fn load(path: &Path) -> Result<Option<LayerRecord>> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
+            Ok(bytes) => serde_json::from_slice::<LayerRecord>(&bytes)
+                .map(|mut record| {
+                    if record
+                        .unsynced_in_boot
+                        .as_deref()
+                        .is_some_and(|boot| Some(boot) != current_boot())
+                    {
+                        record.phase = Phase::Creating;
+                    }
+                    Some(record)
+                })
                 .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
@@ -85,6 +102,19 @@ impl LayerRecord {
         lazylayer_durable::write(path, &bytes)
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
+}
+
+/// This boot's id, which changes at every boot (`None` if the kernel does not say: then a
+/// tree is synced before its record says it exists, see [`LayerRecord::unsynced_in_boot`]).
+pub fn current_boot() -> Option<&'static str> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|id| id.trim().to_string())
+            .filter(|id| !id.is_empty())
+    })
+    .as_deref()
 }
 
 /// Which files of a layer hold their data: one byte per index entry on disk (1 = durable),

@@ -256,8 +256,10 @@ impl Store {
     }
 
     /// Creates the layer's directory from its index, unless it exists already: placeholders
-    /// for every entry, directory times last, then (after a sync) the record says `lazy`. A
-    /// tree left half-made by a crash is removed and made again.
+    /// for every entry, directory times last, then the record says `lazy`. A tree left
+    /// half-made by a crash is removed and made again. The tree is not synced here (the
+    /// daemon's first persist does it): until then the record names this boot, and after a
+    /// machine crash the tree counts as half-made (see [`LayerRecord::unsynced_in_boot`]).
     pub fn prepare_layer(&self, index: &LayerIndex, mode: FrontendMode) -> Result<Phase> {
         let dir = self.layer_dir(&index.blob_digest);
         let record_path = dir.join("record");
@@ -279,19 +281,26 @@ impl Store {
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let record = |phase| LayerRecord {
+        let record = |phase, unsynced_in_boot: Option<&str>| LayerRecord {
             phase,
             entries: index.entries.len(),
             mode,
             bytes_fetched: 0,
             failure: None,
+            unsynced_in_boot: unsynced_in_boot.map(str::to_string),
         };
-        record(Phase::Creating).save(&record_path)?;
+        record(Phase::Creating, None).save(&record_path)?;
         let tree = LayerTree::open(&dir.join("fs"))?;
         tree.create_all(&index.entries)?;
         tree.set_dir_times(index.entries.iter())?;
-        tree.sync()?;
-        record(Phase::Lazy).save(&record_path)?;
+        match crate::state::current_boot() {
+            Some(boot) => record(Phase::Lazy, Some(boot)).save(&record_path)?,
+            None => {
+                // No way to tell a later boot from this one: durable first.
+                tree.sync()?;
+                record(Phase::Lazy, None).save(&record_path)?;
+            }
+        }
         Ok(Phase::Lazy)
     }
 

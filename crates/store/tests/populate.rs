@@ -2,7 +2,7 @@
 //! extracted by GNU tar with whiteouts converted: content, modes with setuid/setgid/sticky,
 //! owners, sub-second times, xattrs (user.* and security.capability), symlinks, hardlinks,
 //! devices, fifos, whiteouts and opaque directories; also hardlinks whose target is replaced
-//! later in the layer.
+//! later in the layer. And a tree the pull did not sync is made again after a machine crash.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -110,4 +110,71 @@ async fn populate_and_compare(layout: &Path, tag: &str, streamed: bool) {
             Phase::Lazy
         );
     }
+}
+
+/// The pull does not sync the tree it makes (the daemon's first persist does): its record names
+/// the boot, and read in another boot, which is what a crash of the machine before that sync
+/// leaves, the layer counts as half-made and the next pull makes it again. Once persisted, the
+/// record no longer depends on the boot.
+#[tokio::test]
+async fn a_tree_not_synced_before_the_machine_stopped_is_made_again() {
+    if !require_root("a_tree_not_synced_before_the_machine_stopped_is_made_again") {
+        return;
+    }
+    let client = RegistryClient::new(Default::default()).unwrap();
+    let reference: ImageReference = format!("oci:{}:bookworm", layout_dir().display())
+        .parse()
+        .unwrap();
+    let source = ImageSource::open(&reference, &client).unwrap();
+    let image = source.resolve(&PlatformChoice::host()).await.unwrap();
+    let blob = &image.layers[0];
+    let index = Arc::new(
+        build(&source, blob, None, BuildOptions::default())
+            .await
+            .unwrap(),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::new(root.path());
+    let mode = lazylayer_store::FrontendMode::Fanotify;
+    assert_eq!(store.prepare_layer(&index, mode).unwrap(), Phase::Lazy);
+    let record_path = root
+        .path()
+        .join("layers/sha256")
+        .join(blob.digest.hex())
+        .join("record");
+    let record = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap()
+    };
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(
+        record()["unsynced_in_boot"],
+        this_boot.trim(),
+        "{}",
+        record()
+    );
+
+    // The machine stopped before the tree reached the disk: a placeholder is missing, and
+    // the record is read in another boot.
+    let passwd = store.layer_fs(&blob.digest).join("etc/passwd");
+    std::fs::remove_file(&passwd).unwrap();
+    let mut crashed = record();
+    crashed["unsynced_in_boot"] = "an-earlier-boot".into();
+    std::fs::write(&record_path, serde_json::to_vec(&crashed).unwrap()).unwrap();
+    assert_eq!(store.phase(&blob.digest).unwrap(), Some(Phase::Creating));
+    assert_eq!(store.prepare_layer(&index, mode).unwrap(), Phase::Lazy);
+    assert!(passwd.exists(), "the tree was made again");
+
+    // The daemon syncs the tree when it takes the layer up: from then on the record stands
+    // in any boot. A persist does the same.
+    let layer = store.open_layer(index.clone(), source.clone()).unwrap();
+    assert!(record().get("unsynced_in_boot").is_some());
+    layer.make_tree_durable().unwrap();
+    assert!(record().get("unsynced_in_boot").is_none(), "{}", record());
+    assert_eq!(store.phase(&blob.digest).unwrap(), Some(Phase::Lazy));
+    drop(layer);
+    std::fs::remove_dir_all(root.path().join("layers")).unwrap();
+    assert_eq!(store.prepare_layer(&index, mode).unwrap(), Phase::Lazy);
+    let layer = store.open_layer(index.clone(), source.clone()).unwrap();
+    layer.persist().unwrap();
+    assert!(record().get("unsynced_in_boot").is_none(), "{}", record());
 }

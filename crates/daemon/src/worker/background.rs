@@ -81,6 +81,14 @@ impl Worker {
         managed: Arc<Managed>,
         first: Vec<usize>,
     ) {
+        // The pull left the tree for this process to sync, off the path to a usable image; a
+        // reader never waits for it.
+        let layer = managed.layer.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = layer.make_tree_durable() {
+                tracing::warn!("layer {}: syncing its tree: {e}", layer.digest);
+            }
+        });
         // The check of the whole layer follows the spans as they arrive, on another thread.
         let early_check = match managed.layer.reader().start_verification() {
             Ok(check) => Some(check),
