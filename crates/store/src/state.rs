@@ -67,7 +67,9 @@ pub struct LayerRecord {
     pub failure: Option<String>,
     /// The boot (`/proc/sys/kernel/random/boot_id`) in which the tree was made, while no
     /// `syncfs` has made it durable yet: the pull does not wait for one (it would wait for
-    /// everything else dirty on the store's filesystem), the daemon's first persist does it.
+    /// everything else dirty on the store's filesystem); the daemon does when it takes the
+    /// layer up ([`Layer::make_tree_durable`](crate::Layer::make_tree_durable)), and so does
+    /// every persist.
     /// Read in another boot, such a record is taken as [`Phase::Creating`]: the machine
     /// stopped before the tree reached the disk, and the next pull makes it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]

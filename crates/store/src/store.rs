@@ -258,8 +258,9 @@ impl Store {
     /// Creates the layer's directory from its index, unless it exists already: placeholders
     /// for every entry, directory times last, then the record says `lazy`. A tree left
     /// half-made by a crash is removed and made again. The tree is not synced here (the
-    /// daemon's first persist does it): until then the record names this boot, and after a
-    /// machine crash the tree counts as half-made (see [`LayerRecord::unsynced_in_boot`]).
+    /// daemon does it when it takes the layer up): until then the record names this boot,
+    /// and after a machine crash the tree counts as half-made (see
+    /// [`LayerRecord::unsynced_in_boot`]).
     pub fn prepare_layer(&self, index: &LayerIndex, mode: FrontendMode) -> Result<Phase> {
         let dir = self.layer_dir(&index.blob_digest);
         let record_path = dir.join("record");
