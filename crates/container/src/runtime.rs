@@ -28,17 +28,48 @@ extern "C" fn forward(signal: libc::c_int) {
     }
 }
 
+/// The signals passed on to the workload.
+const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Holds the forwarded signals back (they stay pending) until [`release_signals`]: blocked
+/// across a fork, a signal that arrives before the parent forwards it is delivered once it
+/// does, not lost. Lost, it would be ignored by the container's pid 1, which has no default
+/// action for it. Returns the mask to restore.
+fn hold_signals() -> libc::sigset_t {
+    // SAFETY: both sets are initialised by sigemptyset before use; sigprocmask only reads and
+    // writes them.
+    unsafe {
+        let mut held: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut held);
+        for signal in FORWARDED {
+            libc::sigaddset(&mut held, signal);
+        }
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut previous);
+        libc::sigprocmask(libc::SIG_BLOCK, &held, &mut previous);
+        previous
+    }
+}
+
+/// Restores the mask [`hold_signals`] returned: pending signals are delivered now.
+fn release_signals(previous: &libc::sigset_t) {
+    // SAFETY: `previous` is a mask sigprocmask filled in.
+    unsafe {
+        libc::sigprocmask(libc::SIG_SETMASK, previous, std::ptr::null_mut());
+    }
+}
+
 /// Forwards the usual termination signals to `pid` from now on.
 fn forward_signals_to(pid: i32) {
     FORWARD_TO.store(pid, Ordering::SeqCst);
-    for signal in [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-    ] {
+    for signal in FORWARDED {
         // SAFETY: the handler only loads an atomic and calls kill, both async-signal-safe; the
         // sigaction struct is zeroed and then filled in.
         unsafe {
@@ -158,12 +189,17 @@ fn start(spec: &ContainerSpec) -> Result<i32, String> {
     )
     .map_err(|e| e.to_string())?;
     let credentials = resolve(&spec.rootfs, &spec.user)?;
+    let mask = hold_signals();
     // SAFETY: the process is single-threaded, so the child may run arbitrary code after fork.
     let child = unsafe { libc::fork() };
     match child {
-        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        -1 => {
+            release_signals(&mask);
+            Err(format!("fork: {}", std::io::Error::last_os_error()))
+        }
         0 => {
-            let code = match init(spec, &credentials) {
+            // Held until pid 1 forwards them, after its own fork of the workload.
+            let code = match init(spec, &credentials, &mask) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("lazylayer run: {e}");
@@ -175,13 +211,18 @@ fn start(spec: &ContainerSpec) -> Result<i32, String> {
         }
         pid => {
             forward_signals_to(pid);
+            release_signals(&mask);
             Ok(wait_for(pid))
         }
     }
 }
 
 /// Pid 1 of the container: the filesystem view, then the workload, then reaping.
-fn init(spec: &ContainerSpec, credentials: &Credentials) -> Result<i32, String> {
+fn init(
+    spec: &ContainerSpec,
+    credentials: &Credentials,
+    mask: &libc::sigset_t,
+) -> Result<i32, String> {
     // If the helper dies (its own parent, `lazylayer run`, was killed), so does the container:
     // pid 1 going takes every process of the namespace with it, and the mount namespace with
     // the image's overlay goes too.
@@ -274,11 +315,15 @@ fn init(spec: &ContainerSpec, credentials: &Credentials) -> Result<i32, String> 
     let detached = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
     check(detached, "detaching the old root")?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    // The forwarded signals are still held (since the helper's fork): one sent meanwhile
+    // reaches the workload once it exists.
     // SAFETY: the process is single-threaded, so the child may run arbitrary code after fork.
     let workload = unsafe { libc::fork() };
     match workload {
         -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
         0 => {
+            // The workload gets the mask the helper had (a mask survives exec).
+            release_signals(mask);
             let error = exec(spec, credentials);
             eprintln!("lazylayer run: {error}");
             // SAFETY: _exit ends the child without running destructors.
@@ -292,6 +337,7 @@ fn init(spec: &ContainerSpec, credentials: &Credentials) -> Result<i32, String> 
         }
         pid => {
             forward_signals_to(pid);
+            release_signals(mask);
             Ok(wait_for(pid))
         }
     }

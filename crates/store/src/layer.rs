@@ -256,7 +256,10 @@ impl Layer {
     pub fn persist(&self) -> Result<()> {
         self.tree.sync()?;
         self.state.persist()?;
-        self.set_phase(self.phase()?)
+        // The phase read and written again under the lock: a detach recorded meanwhile is
+        // never undone.
+        let _record = self.record_lock.lock().expect("record lock");
+        self.record_phase(self.phase()?)
     }
 
     /// The layer's phase on disk.
@@ -268,6 +271,12 @@ impl Layer {
 
     /// Records a new phase durably (a failed layer stays failed: see [`Layer::fail`]).
     pub fn set_phase(&self, phase: Phase) -> Result<()> {
+        let _record = self.record_lock.lock().expect("record lock");
+        self.record_phase(phase)
+    }
+
+    /// [`set_phase`](Self::set_phase), with the record lock held.
+    fn record_phase(&self, phase: Phase) -> Result<()> {
         let failure = match LayerRecord::load(&self.record_path)? {
             Some(record) if record.phase == Phase::Failed => {
                 if phase != Phase::Failed {
@@ -287,11 +296,12 @@ impl Layer {
     /// Records durably that the layer's index proved wrong, and why: it is never served or
     /// mounted again (see [`Phase::Failed`]).
     pub fn fail(&self, reason: &str) -> Result<()> {
+        let _record = self.record_lock.lock().expect("record lock");
         self.save_record(Phase::Failed, Some(reason.to_string()))
     }
 
+    /// Writes the record; the caller holds the record lock.
     fn save_record(&self, phase: Phase, failure: Option<String>) -> Result<()> {
-        let _record = self.record_lock.lock().expect("record lock");
         LayerRecord {
             phase,
             entries: self.index.entries.len(),
