@@ -66,6 +66,26 @@ fn release_signals(previous: &libc::sigset_t) {
     }
 }
 
+/// Every signal back to its default action, and none blocked.
+fn default_signals() {
+    for signal in 1..libc::SIGRTMAX() {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: setting a signal's disposition to SIG_DFL has no memory-safety
+        // preconditions; numbers the kernel refuses return an error that is ignored.
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+        }
+    }
+    // SAFETY: the set is initialised by sigemptyset before sigprocmask reads it.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
 /// Forwards the usual termination signals to `pid` from now on.
 fn forward_signals_to(pid: i32) {
     FORWARD_TO.store(pid, Ordering::SeqCst);
@@ -322,8 +342,11 @@ fn init(
     match workload {
         -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
         0 => {
-            // The workload gets the mask the helper had (a mask survives exec).
-            release_signals(mask);
+            // The workload starts as a container's process does: every signal at its default
+            // and none blocked, whatever the caller of `lazylayer run` ignored (a `nohup`, a
+            // background job of a script: an ignored SIGINT would survive exec and the
+            // forwarded Ctrl-C would do nothing).
+            default_signals();
             let error = exec(spec, credentials);
             eprintln!("lazylayer run: {error}");
             // SAFETY: _exit ends the child without running destructors.

@@ -265,6 +265,12 @@ impl Engine {
                 Ok(())
             });
         }
+        // Caught before the helper starts: a signal from then on is passed on, and the helper
+        // does not inherit an ignored SIGINT from this process's caller.
+        let signals = |kind| signal(kind).map_err(|e| Error::io("catching signals", e));
+        let mut interrupt = signals(SignalKind::interrupt())?;
+        let mut terminate = signals(SignalKind::terminate())?;
+        let mut hangup = signals(SignalKind::hangup())?;
         let program = self.options.program.display().to_string();
         let mut child = command
             .spawn()
@@ -272,10 +278,6 @@ impl Engine {
         let pid = child
             .id()
             .and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
-        let signals = |kind| signal(kind).map_err(|e| Error::io("catching signals", e));
-        let mut interrupt = signals(SignalKind::interrupt())?;
-        let mut terminate = signals(SignalKind::terminate())?;
-        let mut hangup = signals(SignalKind::hangup())?;
         let status = loop {
             let forwarded = tokio::select! {
                 status = child.wait() => break status.map_err(|e| Error::io("waiting for the container", e))?,
