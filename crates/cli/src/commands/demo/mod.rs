@@ -232,12 +232,19 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The pid of the daemon's holder, if `status` says the daemon runs.
+fn running_daemon(status: &serde_json::Value) -> Option<rustix::process::Pid> {
+    if status["daemon_running"] != true {
+        return None;
+    }
+    status["pid"]
+        .as_i64()
+        .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
+}
+
 /// Stops a daemon the demo started (from its status) once it has nothing lazy left.
 fn stop_daemon(status: &serde_json::Value) {
-    if status["daemon_running"] == true
-        && let Some(pid) = status["pid"].as_i64()
-        && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
-    {
+    if let Some(pid) = running_daemon(status) {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
 }
@@ -246,15 +253,9 @@ fn stop_daemon(status: &serde_json::Value) {
 /// --help`): told once, it would fill them first, over the link the demo measures. Nothing
 /// uses the layers any more, and their store is removed with the demo's directory.
 async fn stop_daemon_now(status: &serde_json::Value) {
-    let Some(pid) = status["pid"]
-        .as_i64()
-        .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
-    else {
+    let Some(pid) = running_daemon(status) else {
         return;
     };
-    if status["daemon_running"] != true {
-        return;
-    }
     for _ in 0..2 {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         tokio::time::sleep(Duration::from_millis(300)).await;
