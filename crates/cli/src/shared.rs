@@ -94,6 +94,13 @@ impl PullReport {
                     bar.finish_and_clear();
                 }
             }
+            PullEvent::ProfileFetched { files } => eprintln!(
+                "the image's prefetch profile from the registry lists {files} files: they are \
+                 filled first"
+            ),
+            PullEvent::ProfileUnusable { reason } => {
+                eprintln!("not using the image's prefetch profile: {reason}")
+            }
             PullEvent::Ready {
                 layer,
                 entries,

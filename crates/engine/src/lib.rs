@@ -18,6 +18,7 @@ pub mod guardian;
 mod images;
 mod lazy_pulls;
 mod mount;
+pub mod profiles;
 mod pull;
 mod run;
 
@@ -28,8 +29,9 @@ pub use images::canonical_reference;
 pub use lazy_pulls::{LazyPull, LazyPulls};
 pub use lazylayer_index::distribution::{IndexOrigin, IndexTrust};
 pub use lazylayer_store::GcReport;
+pub use profiles::PushedProfile;
 pub use pull::{LayerLabel, Mode, PullEvent, PullOptions, Pulled};
-pub use run::{RunOptions, RunOutcome, clean_stale_runs, container_helper_main};
+pub use run::{Recorded, RunOptions, RunOutcome, clean_stale_runs, container_helper_main};
 
 use lazylayer_source::{ClientOptions, RegistryClient};
 use lazylayer_store::{ImageRecord, Store};

@@ -15,6 +15,7 @@ use lazylayer_source::{Digest, ImageReference, ImageSource, PlatformChoice};
 use lazylayer_store::{FrontendMode, ImageRecord, Phase};
 
 use crate::images::canonical_reference;
+use crate::profiles::fetch_bound_profile;
 use crate::{Engine, Error, Result};
 
 /// How lazy layers are served.
@@ -104,6 +105,17 @@ pub enum PullEvent<'a> {
         /// The layer.
         layer: LayerLabel<'a>,
     },
+    /// The image has a prefetch profile bound to it in the registry, and the store had none:
+    /// the files it lists are filled first.
+    ProfileFetched {
+        /// How many files it lists.
+        files: usize,
+    },
+    /// The registry's prefetch profile of the image cannot be used; the pull goes on without.
+    ProfileUnusable {
+        /// Why.
+        reason: String,
+    },
     /// The layer's placeholder tree is made: it can be mounted.
     Ready {
         /// The layer.
@@ -150,15 +162,45 @@ impl Engine {
         };
         let mut remote = RemoteLookup::default();
         // The registry's indexes of the layers not set up yet, fetched all at once: one
-        // round trip for an image of many layers, not one per layer.
-        let mut prefetched = match repository {
-            Some(repository) => {
-                remote
-                    .prefetch(repository, &resolved, store, options.index_trust)
-                    .await?
+        // round trip for an image of many layers, not one per layer; meanwhile the image's
+        // prefetch profile, if the registry binds one and this store has none.
+        let profile_path = store.profile_path(&resolved.manifest.digest);
+        let mut wants_profile = !profile_path.exists();
+        for layer in &resolved.layers {
+            wants_profile &= store.phase(&layer.digest)? != Some(Phase::Detached);
+        }
+        let indexes = async {
+            match repository {
+                Some(repository) => {
+                    remote
+                        .prefetch(repository, &resolved, store, options.index_trust)
+                        .await
+                }
+                None => Ok(HashMap::new()),
             }
-            None => HashMap::new(),
         };
+        let profile = async {
+            match repository {
+                Some(repository) if wants_profile => {
+                    Some(fetch_bound_profile(repository, &resolved).await)
+                }
+                _ => None,
+            }
+        };
+        let (indexes, profile) = tokio::join!(indexes, profile);
+        let mut prefetched = indexes?;
+        match profile {
+            Some(Ok(Some(profile))) => {
+                profile.save(&profile_path)?;
+                progress(PullEvent::ProfileFetched {
+                    files: profile.files.len(),
+                });
+            }
+            Some(Err(e)) => progress(PullEvent::ProfileUnusable {
+                reason: e.to_string(),
+            }),
+            Some(Ok(None)) | None => {}
+        }
         // Layers written for lazy reading (eStargz, zstd:chunked) announce their table of
         // contents here.
         let annotations = lazylayer_index::toc::layer_annotations(&resolved.manifest_bytes);

@@ -30,8 +30,23 @@ pub struct RunOptions {
     pub keep: bool,
     /// Host name inside the container.
     pub hostname: String,
-    /// Save the files the workload waited for as the image's prefetch profile.
+    /// Save the files the workload waited for as the image's prefetch profile (added to the
+    /// profile the store has for the image, if any).
     pub record: bool,
+    /// Afterwards, push the image's prefetch profile to its registry and bind it to the image
+    /// (see [`Engine::push_profile`]).
+    pub push_profile: bool,
+}
+
+/// The profile a run recorded.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    /// Where the store keeps it.
+    pub path: PathBuf,
+    /// Files the workload waited for in this run.
+    pub waited: usize,
+    /// Files the profile lists now (those of earlier runs first).
+    pub listed: usize,
 }
 
 /// How a run ended.
@@ -41,11 +56,13 @@ pub struct RunOutcome {
     pub exit_code: i32,
     /// Where the writable layer was kept, with [`RunOptions::keep`].
     pub kept: Option<PathBuf>,
-    /// The profile saved and how many files it lists, with [`RunOptions::record`].
-    pub recorded: Option<(PathBuf, usize)>,
+    /// The profile saved, with [`RunOptions::record`].
+    pub recorded: Option<Recorded>,
     /// [`RunOptions::record`] was asked for but every layer was local already: a profile
     /// would have been empty, and none was written.
     pub nothing_to_record: bool,
+    /// The profile pushed, with [`RunOptions::push_profile`].
+    pub pushed: Option<crate::PushedProfile>,
 }
 
 /// A run's directory under the root: the writable layer and the mount point.
@@ -183,13 +200,28 @@ impl Engine {
                 .filter(|f| image.layers.iter().any(|l| l.digest == f.layer))
                 .collect();
             let path = store.profile_path(&image.manifest);
-            let count = files.len();
-            Profile {
+            let waited = files.len();
+            let earlier = Profile::load(&path)?
+                .filter(|p| p.manifest.as_ref().is_none_or(|m| *m == image.manifest))
+                .unwrap_or_default();
+            let profile = Profile {
                 manifest: Some(image.manifest.clone()),
-                files,
-            }
-            .save(&path)?;
-            Some((path, count))
+                ..earlier.merged(files)
+            };
+            profile.save(&path)?;
+            Some(Recorded {
+                path,
+                waited,
+                listed: profile.files.len(),
+            })
+        } else {
+            None
+        };
+        let pushed = if options.push_profile {
+            Some(
+                self.push_profile(&options.image, options.pull.platform.as_deref())
+                    .await?,
+            )
         } else {
             None
         };
@@ -198,6 +230,7 @@ impl Engine {
             kept,
             recorded,
             nothing_to_record: options.record && !record,
+            pushed,
         })
     }
 

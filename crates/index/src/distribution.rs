@@ -131,7 +131,12 @@ fn index_blob(upload: &IndexUpload) -> BlobDescriptor {
 
 /// The artifact manifest attaching `indexes` to the image manifest `subject`.
 pub fn artifact_manifest(subject: &BlobDescriptor, indexes: &[IndexUpload]) -> Bytes {
-    let layers: Vec<serde_json::Value> = indexes
+    artifact_manifest_of(subject, ARTIFACT_TYPE, index_layers(indexes))
+}
+
+/// The descriptors of `indexes` as an index artifact lists them.
+fn index_layers(indexes: &[IndexUpload]) -> Vec<serde_json::Value> {
+    indexes
         .iter()
         .map(|upload| {
             let blob = index_blob(upload);
@@ -142,11 +147,20 @@ pub fn artifact_manifest(subject: &BlobDescriptor, indexes: &[IndexUpload]) -> B
                 "annotations": { LAYER_ANNOTATION: upload.layer.digest },
             })
         })
-        .collect();
+        .collect()
+}
+
+/// An OCI artifact manifest of `artifact_type` referring to `subject`, listing `layers`
+/// (descriptors as JSON).
+fn artifact_manifest_of(
+    subject: &BlobDescriptor,
+    artifact_type: &str,
+    layers: Vec<serde_json::Value>,
+) -> Bytes {
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": media_type::OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
+        "artifactType": artifact_type,
         "config": empty_config(),
         "layers": layers,
         "subject": {
@@ -156,6 +170,33 @@ pub fn artifact_manifest(subject: &BlobDescriptor, indexes: &[IndexUpload]) -> B
         },
     });
     Bytes::from(serde_json::to_vec(&manifest).expect("JSON"))
+}
+
+/// Pushes an artifact manifest of `artifact_type` referring to `subject` and listing `layers`
+/// (blobs already pushed, as JSON descriptors), with the empty config it needs. Returns its
+/// descriptor.
+pub async fn push_artifact(
+    repository: &Repository,
+    subject: &BlobDescriptor,
+    artifact_type: &str,
+    layers: Vec<serde_json::Value>,
+) -> Result<BlobDescriptor> {
+    repository
+        .push_blob(
+            &empty_config(),
+            Body::Bytes(Bytes::from_static(EMPTY_CONFIG)),
+        )
+        .await?;
+    let bytes = artifact_manifest_of(subject, artifact_type, layers);
+    let digest = Digest::sha256(&bytes);
+    repository
+        .put_manifest(&digest.to_string(), media_type::OCI_MANIFEST, bytes.clone())
+        .await?;
+    Ok(BlobDescriptor {
+        digest,
+        media_type: media_type::OCI_MANIFEST.to_string(),
+        size: bytes.len() as u64,
+    })
 }
 
 /// The referrers-tag index: `entries` (other referrers) plus the artifact `digest`.
@@ -198,27 +239,14 @@ pub async fn push_indexes(
     image: &ResolvedImage,
     indexes: &[IndexUpload],
 ) -> Result<BlobDescriptor> {
-    repository
-        .push_blob(
-            &empty_config(),
-            Body::Bytes(Bytes::from_static(EMPTY_CONFIG)),
-        )
-        .await?;
     for upload in indexes {
         repository
             .push_blob(&index_blob(upload), upload.body.clone())
             .await?;
     }
-    let bytes = artifact_manifest(&image.manifest, indexes);
-    let digest = Digest::sha256(&bytes);
-    repository
-        .put_manifest(&digest.to_string(), media_type::OCI_MANIFEST, bytes.clone())
-        .await?;
-    let artifact = BlobDescriptor {
-        digest: digest.clone(),
-        media_type: media_type::OCI_MANIFEST.to_string(),
-        size: bytes.len() as u64,
-    };
+    let layers = index_layers(indexes);
+    let artifact = push_artifact(repository, &image.manifest, ARTIFACT_TYPE, layers).await?;
+    let (digest, size) = (artifact.digest.clone(), artifact.size);
     if repository
         .referrers(&image.manifest.digest, None)
         .await?
@@ -237,29 +265,31 @@ pub async fn push_indexes(
         Err(e) => return Err(e.into()),
     };
     entries.retain(|e| e["artifactType"] != ARTIFACT_TYPE);
-    let list = referrers_list(entries, &digest, bytes.len() as u64);
+    let list = referrers_list(entries, &digest, size);
     repository
         .put_manifest(&tag, media_type::OCI_INDEX, list)
         .await?;
     Ok(artifact)
 }
 
-/// The image index that binds `artifact` (an index artifact) to the image `manifest` (of
-/// `platform`): the index the image was resolved through (`existing`, its bytes) with the
-/// artifact added, or a new one listing the manifest and the artifact. Entries binding an older artifact to the
-/// same manifest are replaced; every other entry, and the manifest, stay as they were.
+/// The image index that binds `artifact` (an artifact of `artifact_type`: an index artifact,
+/// or a prefetch profile) to the image `manifest` (of `platform`): the index the image was
+/// resolved through (`existing`, its bytes) with the artifact added, or a new one listing the
+/// manifest and the artifact. Entries binding an older artifact of the same type to the same
+/// manifest are replaced; every other entry, and the manifest, stay as they were.
 pub fn binding_index(
     existing: Option<&[u8]>,
     manifest: &BlobDescriptor,
     platform: &Platform,
     artifact: &BlobDescriptor,
+    artifact_type: &str,
 ) -> Result<Bytes> {
     let subject = manifest.digest.to_string();
     let entry = json!({
         "mediaType": artifact.media_type,
         "digest": artifact.digest,
         "size": artifact.size,
-        "artifactType": ARTIFACT_TYPE,
+        "artifactType": artifact_type,
         "platform": { "architecture": "unknown", "os": "unknown" },
         "annotations": { SUBJECT_ANNOTATION: subject },
     });
@@ -278,7 +308,7 @@ pub fn binding_index(
                 ));
             }
             manifests.retain(|m| {
-                !(m["artifactType"] == ARTIFACT_TYPE
+                !(m["artifactType"] == artifact_type
                     && m["annotations"][SUBJECT_ANNOTATION] == subject.as_str())
             });
             manifests.push(entry);
@@ -312,13 +342,15 @@ pub fn binding_index(
     Ok(Bytes::from(serde_json::to_vec(&index).expect("JSON")))
 }
 
-/// Re-points `tag` at an image index binding `artifact` to `image` (see [`binding_index`]).
-/// Returns the new image index's digest: pulling by it pins the image and its lazy index.
-pub async fn bind_indexes(
+/// Re-points `tag` at an image index binding `artifact` (of `artifact_type`) to `image` (see
+/// [`binding_index`]). Returns the new image index's digest: pulling by it pins the image and
+/// what is bound to it.
+pub async fn bind_artifact(
     repository: &Repository,
     image: &ResolvedImage,
     tag: &str,
     artifact: &BlobDescriptor,
+    artifact_type: &str,
 ) -> Result<Digest> {
     let existing = match &image.index {
         Some(index) => Some(
@@ -334,6 +366,7 @@ pub async fn bind_indexes(
         &image.manifest,
         &image.platform,
         artifact,
+        artifact_type,
     )?;
     Ok(repository
         .put_manifest(tag, media_type::OCI_INDEX, bytes)
@@ -345,21 +378,69 @@ pub async fn find_bound_indexes(
     repository: &Repository,
     image: &ResolvedImage,
 ) -> Result<RemoteIndexes> {
-    let subject = image.manifest.digest.to_string();
-    let Some(bound) = image.companions.iter().rev().find(|c| {
-        c.artifact_type.as_deref() == Some(ARTIFACT_TYPE)
-            && c.annotations.get(SUBJECT_ANNOTATION) == Some(&subject)
-    }) else {
+    let Some(bound) = bound_companion(image, ARTIFACT_TYPE) else {
         return Ok(RemoteIndexes::none(IndexOrigin::Bound));
     };
     read_artifact(
         repository,
         image,
-        &bound.descriptor.digest,
-        Some(bound.descriptor.size),
+        &bound.digest,
+        Some(bound.size),
         IndexOrigin::Bound,
     )
     .await
+}
+
+/// The artifact of `artifact_type` that the image index `image` was resolved through binds to
+/// its manifest, if any (the last, should there be several).
+pub fn bound_companion<'a>(
+    image: &'a ResolvedImage,
+    artifact_type: &str,
+) -> Option<&'a BlobDescriptor> {
+    let subject = image.manifest.digest.to_string();
+    image
+        .companions
+        .iter()
+        .rev()
+        .find(|c| {
+            c.artifact_type.as_deref() == Some(artifact_type)
+                && c.annotations.get(SUBJECT_ANNOTATION) == Some(&subject)
+        })
+        .map(|c| &c.descriptor)
+}
+
+/// Fetches the artifact manifest `artifact` (by digest, so the registry cannot swap it; of
+/// `size` bytes when a descriptor says so) and checks that it is of `artifact_type` and refers
+/// to `image`'s manifest.
+pub async fn fetch_artifact_manifest(
+    repository: &Repository,
+    image: &ResolvedImage,
+    artifact: &Digest,
+    size: Option<u64>,
+    artifact_type: &str,
+) -> Result<serde_json::Value> {
+    let fetched = repository.get_manifest(&artifact.to_string()).await?;
+    let what = format!("artifact {artifact}");
+    if let Some(size) = size
+        && fetched.bytes.len() as u64 != size
+    {
+        return Err(Error::bad_index(
+            &what,
+            "is not the size its descriptor says",
+        ));
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fetched.bytes).map_err(|e| Error::bad_index(&what, e))?;
+    if manifest["artifactType"] != artifact_type {
+        return Err(Error::bad_index(
+            &what,
+            format!("is not of type {artifact_type}"),
+        ));
+    }
+    if manifest["subject"]["digest"].as_str() != Some(&image.manifest.digest.to_string()) {
+        return Err(Error::bad_index(&what, "refers to another image"));
+    }
+    Ok(manifest)
 }
 
 /// Finds an index artifact referring to `image`'s manifest (unbound: see the module docs).
@@ -402,26 +483,9 @@ async fn read_artifact(
     size: Option<u64>,
     origin: IndexOrigin,
 ) -> Result<RemoteIndexes> {
-    let subject = &image.manifest.digest;
-    // Fetched by digest: the registry cannot swap the manifest we were pointed at.
-    let fetched = repository.get_manifest(&artifact.to_string()).await?;
+    let manifest =
+        fetch_artifact_manifest(repository, image, artifact, size, ARTIFACT_TYPE).await?;
     let what = format!("index artifact {artifact}");
-    if let Some(size) = size
-        && fetched.bytes.len() as u64 != size
-    {
-        return Err(Error::bad_index(
-            &what,
-            "is not the size its descriptor says",
-        ));
-    }
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&fetched.bytes).map_err(|e| Error::bad_index(&what, e))?;
-    if manifest["artifactType"] != ARTIFACT_TYPE {
-        return Err(Error::bad_index(&what, "is not a lazylayer index artifact"));
-    }
-    if manifest["subject"]["digest"].as_str() != Some(&subject.to_string()) {
-        return Err(Error::bad_index(&what, "refers to another image"));
-    }
     let wanted: HashMap<&Digest, ()> = image.layers.iter().map(|l| (&l.digest, ())).collect();
     let mut by_layer = HashMap::new();
     for blob in manifest["layers"].as_array().into_iter().flatten() {
@@ -509,7 +573,7 @@ mod tests {
         let manifest = descriptor(1, media_type::OCI_MANIFEST);
         let artifact = descriptor(2, media_type::OCI_MANIFEST);
         let platform = Platform::new("linux", "arm", Some("v7"));
-        let bytes = binding_index(None, &manifest, &platform, &artifact).unwrap();
+        let bytes = binding_index(None, &manifest, &platform, &artifact, ARTIFACT_TYPE).unwrap();
         let index: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(index["mediaType"], media_type::OCI_INDEX);
         let entries = index["manifests"].as_array().unwrap();
@@ -545,10 +609,11 @@ mod tests {
             &amd64,
             &platform,
             &first,
+            ARTIFACT_TYPE,
         )
         .unwrap();
         let second = descriptor(4, media_type::OCI_MANIFEST);
-        let twice = binding_index(Some(&once), &amd64, &platform, &second).unwrap();
+        let twice = binding_index(Some(&once), &amd64, &platform, &second, ARTIFACT_TYPE).unwrap();
         let index: serde_json::Value = serde_json::from_slice(&twice).unwrap();
         // A Docker list with an artifact in it is an OCI index; both images stay listed.
         assert_eq!(index["mediaType"], media_type::OCI_INDEX);
@@ -568,7 +633,47 @@ mod tests {
         );
         // An index that does not list the manifest itself is not rebound.
         let other = descriptor(5, media_type::OCI_MANIFEST);
-        assert!(binding_index(Some(&twice), &other, &platform, &second).is_err());
+        assert!(binding_index(Some(&twice), &other, &platform, &second, ARTIFACT_TYPE).is_err());
+    }
+
+    #[test]
+    fn artifacts_of_other_types_bound_to_the_same_manifest_stay() {
+        let manifest = descriptor(1, media_type::OCI_MANIFEST);
+        let platform = Platform::new("linux", "amd64", None);
+        let indexes = descriptor(2, media_type::OCI_MANIFEST);
+        let profile = descriptor(3, media_type::OCI_MANIFEST);
+        let newer_indexes = descriptor(4, media_type::OCI_MANIFEST);
+        let other_type = "application/vnd.example.profile";
+        let once = binding_index(None, &manifest, &platform, &indexes, ARTIFACT_TYPE).unwrap();
+        let twice = binding_index(Some(&once), &manifest, &platform, &profile, other_type).unwrap();
+        let thrice = binding_index(
+            Some(&twice),
+            &manifest,
+            &platform,
+            &newer_indexes,
+            ARTIFACT_TYPE,
+        )
+        .unwrap();
+        let index: serde_json::Value = serde_json::from_slice(&thrice).unwrap();
+        let listed: Vec<(&str, &str)> = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["digest"].as_str().unwrap(),
+                    m["artifactType"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (manifest.digest.to_string().as_str(), ""),
+                (profile.digest.to_string().as_str(), other_type),
+                (newer_indexes.digest.to_string().as_str(), ARTIFACT_TYPE),
+            ]
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! background's stream order. A profile is a plain file: copy it to another store to use it
 //! there.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use lazylayer_source::Digest;
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// One file of a profile.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProfileEntry {
     /// The layer holding the file.
     pub layer: Digest,
@@ -39,6 +40,18 @@ impl Profile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
         }
+    }
+
+    /// This profile followed by the files of `recorded` it does not list yet: a profile that
+    /// grows with every recorded run (a run with a profile waits only for what it lacks).
+    pub fn merged(mut self, recorded: Vec<ProfileEntry>) -> Profile {
+        let mut listed: HashSet<ProfileEntry> = self.files.iter().cloned().collect();
+        for file in recorded {
+            if listed.insert(file.clone()) {
+                self.files.push(file);
+            }
+        }
+        self
     }
 
     /// Writes the profile to `path`.

@@ -15,9 +15,14 @@ fn signal(pid: i32, signal: i32) {
     }
 }
 
-/// Stops a `lazylayer serve` the test spawned: SIGTERM (the holder stops its worker, then
-/// itself), then SIGKILL if it has not exited within 10 s.
+/// Stops a `lazylayer serve` the test spawned, once the test is done with its layers: SIGTERM
+/// twice (told once, a daemon first fills and detaches its lazy layers, which can take the
+/// rest of an image from the shared registry; told again, it stops now), then SIGKILL if it
+/// has not exited within 10 s.
 pub fn stop(child: &mut Child) {
+    signal(child.id() as i32, libc::SIGTERM);
+    // The second signal counts once the first has been taken in.
+    std::thread::sleep(Duration::from_millis(100));
     signal(child.id() as i32, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {

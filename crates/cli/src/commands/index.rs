@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Args;
 use lazylayer_index::distribution::{
-    IndexOrigin, IndexTrust, IndexUpload, bind_indexes, push_indexes,
+    ARTIFACT_TYPE, IndexOrigin, IndexTrust, IndexUpload, bind_artifact, push_indexes,
 };
 use lazylayer_index::local::StoredIndex;
 use lazylayer_index::{BuildOptions, DEFAULT_SPACING, IndexStore, build};
@@ -142,16 +142,18 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
             unreachable!("checked above");
         };
         let bound = match (&named.digest, &named.tag) {
-            (None, Some(tag)) => match bind_indexes(repository, &image, tag, &artifact).await {
-                Ok(digest) => format!(
-                    "; tag {tag} now names image index {digest}, which binds the manifest \
+            (None, Some(tag)) => {
+                match bind_artifact(repository, &image, tag, &artifact, ARTIFACT_TYPE).await {
+                    Ok(digest) => format!(
+                        "; tag {tag} now names image index {digest}, which binds the manifest \
                      (unchanged) and its lazy index: pull by the tag, or pin that digest"
-                ),
-                Err(e) => format!(
-                    "; not bound to the image ({e}): pull uses it only with --index-trust \
+                    ),
+                    Err(e) => format!(
+                        "; not bound to the image ({e}): pull uses it only with --index-trust \
                      referrer"
-                ),
-            },
+                    ),
+                }
+            }
             _ => format!(
                 "; not bound: {} names a manifest by digest, which cannot list its index (push by \
                  a tag to bind it); pull uses it only with --index-trust referrer",

@@ -40,9 +40,18 @@ pub struct RunArgs {
     pub hostname: String,
 
     /// Record the files the workload waited for, in order, as the image's prefetch profile
-    /// (--root/profiles/<manifest>.json): later pulls fill them first. Record on a cold image.
+    /// (--root/profiles/<manifest>.json): later pulls fill them first. Files recorded before
+    /// are kept, and the new ones added after them. Record on a cold image.
     #[arg(long)]
     pub record: bool,
+
+    /// With --record: afterwards, push the image's prefetch profile to its registry and bind it
+    /// to the image, as `index --push` binds lazy indexes (the tag is re-pointed at an OCI
+    /// image index listing the unchanged manifest and the profile). Pulls elsewhere that have
+    /// no profile of their own then fetch it and fill its files first. The image must be named
+    /// by tag, and you need push access to its repository.
+    #[arg(long, requires = "record")]
+    pub push: bool,
 }
 
 /// Runs `run`; returns the workload's exit code.
@@ -60,6 +69,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
         keep: args.keep,
         hostname: args.hostname.clone(),
         record: args.record,
+        push_profile: args.push,
     };
     let outcome = engine(global)?
         .run(&options, &|event| report.show(event))
@@ -73,10 +83,19 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
             args.image
         );
     }
-    if let Some((path, count)) = &outcome.recorded {
+    if let Some(recorded) = &outcome.recorded {
         eprintln!(
-            "recorded {count} files the workload waited for in {}",
-            path.display()
+            "recorded {} files the workload waited for in {} ({} files listed)",
+            recorded.waited,
+            recorded.path.display(),
+            recorded.listed
+        );
+    }
+    if let Some(pushed) = &outcome.pushed {
+        eprintln!(
+            "pushed the prefetch profile ({} files) as artifact {}; the tag now names image \
+             index {}, which binds it to the image",
+            pushed.files, pushed.artifact, pushed.image_index
         );
     }
     Ok(outcome.exit_code)

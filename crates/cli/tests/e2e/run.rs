@@ -269,6 +269,39 @@ fn files_populated(root: &Root) -> u64 {
     crate::common::files_populated(&status)
 }
 
+/// The one prefetch profile in `root`'s store: its file, and the paths it lists in order.
+fn profile_of(root: &Root) -> (std::path::PathBuf, Vec<String>) {
+    let profiles = root.path().join("profiles");
+    let mut files: Vec<_> = std::fs::read_dir(&profiles)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let file = files.pop().unwrap();
+    let profile: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let paths = profile["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap().to_string())
+        .collect();
+    (file, paths)
+}
+
+/// Waits until `root`'s daemon has filled at least `count` files.
+fn wait_for_populated(root: &Root, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while files_populated(root) < count as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} profile files filled",
+            files_populated(root),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_recorded_profile_and_the_startup_files_are_fetched_first_by_later_pulls() {
     if !require_root("a_recorded_profile_and_the_startup_files_are_fetched_first_by_later_pulls") {
@@ -298,21 +331,7 @@ fn a_recorded_profile_and_the_startup_files_are_fetched_first_by_later_pulls() {
     let inspect = String::from_utf8_lossy(&lazylayer(recorder.path(), &["inspect", &image]).stdout)
         .into_owned();
     assert!(inspect.contains("Profile:"), "{inspect}");
-    let profiles = recorder.path().join("profiles");
-    let profile_file = std::fs::read_dir(&profiles)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let profile: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&profile_file).unwrap()).unwrap();
-    let recorded: Vec<String> = profile["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["path"].as_str().unwrap().to_string())
-        .collect();
+    let (profile_file, recorded) = profile_of(&recorder);
     assert!(recorded.iter().any(|p| p == "usr/bin/perl"), "{recorded:?}");
     lazylayer_testkit::daemon::stop(&mut daemon);
 
@@ -333,16 +352,7 @@ fn a_recorded_profile_and_the_startup_files_are_fetched_first_by_later_pulls() {
             .status
             .success()
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while files_populated(&with_profile) < recorded.len() as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {} profile files filled",
-            files_populated(&with_profile),
-            recorded.len()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_populated(&with_profile, recorded.len());
     lazylayer_testkit::daemon::stop(&mut daemon);
 
     // Without it, the held-back background fills only the five files nearly every start
@@ -395,4 +405,180 @@ fn the_demo_runs_on_this_machine_alone() {
         "three runs, one output each: {stdout}"
     );
     assert_eq!(overlay_mounts_under(root.path()), 0);
+}
+
+/// A copy of the Debian test image under `name` in the shared registry, with its lazy index
+/// bound (tests that bind profiles must not change the image other tests pull).
+fn copy_of_debian(name: &str, indexed: bool) -> String {
+    let host = shared_registry().host();
+    let image = format!("{host}/test/{name}:bookworm");
+    lazylayer_testkit::fixtures::skopeo_copy(
+        &format!("docker://{host}/test/debian:bookworm"),
+        &format!("docker://{image}"),
+        &[],
+    );
+    if indexed {
+        let scratch = Root::new();
+        let output = lazylayer(scratch.path(), &["index", "--push", &image]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    image
+}
+
+#[test]
+fn a_pushed_profile_travels_to_other_stores_and_grows_with_each_recording() {
+    if !require_root("a_pushed_profile_travels_to_other_stores_and_grows_with_each_recording") {
+        return;
+    }
+    let image = copy_of_debian("profile-travels", true);
+    let recorder = Root::new();
+    let mut daemon = serve_held_back(&recorder);
+    let output = lazylayer(
+        recorder.path(),
+        &[
+            "run", "--record", "--push", &image, "--", "perl", "-e", "print 1",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("pushed the prefetch profile"), "{stderr}");
+    let (_, recorded) = profile_of(&recorder);
+    assert!(recorded.iter().any(|p| p == "usr/bin/perl"), "{recorded:?}");
+    lazylayer_testkit::daemon::stop(&mut daemon);
+
+    // Another machine, with no profile of its own: the pull brings the registry's, and its
+    // files are filled at once although the background is held back.
+    let elsewhere = Root::new();
+    let mut daemon = serve_held_back(&elsewhere);
+    let output = lazylayer(elsewhere.path(), &["pull", &image]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "prefetch profile from the registry lists {} files",
+            recorded.len()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(profile_of(&elsewhere).1, recorded);
+    wait_for_populated(&elsewhere, recorded.len());
+
+    // Recording there keeps what was listed and adds what this workload waited for.
+    let output = lazylayer(
+        elsewhere.path(),
+        &["run", "--record", &image, "--", "cat", "/usr/bin/apt-get"],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (_, grown) = profile_of(&elsewhere);
+    assert_eq!(grown[..recorded.len()], recorded[..]);
+    assert!(
+        grown[recorded.len()..]
+            .iter()
+            .any(|p| p == "usr/bin/apt-get"),
+        "{grown:?}"
+    );
+    lazylayer_testkit::daemon::stop(&mut daemon);
+
+    // A store that has a profile keeps its own: the pull does not replace it.
+    let output = lazylayer(elsewhere.path(), &["pull", &image]);
+    assert!(output.status.success());
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("from the registry"));
+    assert_eq!(profile_of(&elsewhere).1, grown);
+}
+
+#[test]
+fn a_bound_profile_that_names_another_layer_is_not_used() {
+    if !require_root("a_bound_profile_that_names_another_layer_is_not_used") {
+        return;
+    }
+    use lazylayer_engine::profiles::{PROFILE_ARTIFACT_TYPE, PROFILE_MEDIA_TYPE};
+    use lazylayer_index::distribution::{bind_artifact, push_artifact};
+    use lazylayer_source::registry::Body;
+    use lazylayer_source::{
+        BlobDescriptor, ClientOptions, Digest, ImageSource, PlatformChoice, RegistryClient,
+    };
+
+    let image = copy_of_debian("foreign-profile", false);
+    // Bound by the tag, as `run --record --push` binds one, but listing a file of a layer
+    // that is not in the image.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = RegistryClient::new(ClientOptions {
+            insecure_registries: vec![shared_registry().host()],
+            ..ClientOptions::default()
+        })
+        .unwrap();
+        let source = ImageSource::open(&image.parse().unwrap(), &client).unwrap();
+        let resolved = source
+            .resolve(&PlatformChoice::from_flag(None).unwrap())
+            .await
+            .unwrap();
+        let ImageSource::Registry { repository, .. } = &source else {
+            unreachable!("a registry image");
+        };
+        let profile = serde_json::json!({
+            "manifest": resolved.manifest.digest,
+            "files": [
+                {"layer": resolved.layers[0].digest, "path": "etc/passwd"},
+                {"layer": Digest::sha256(b"not in the image"), "path": "usr/bin/perl"},
+            ],
+        });
+        let bytes = serde_json::to_vec(&profile).unwrap();
+        let blob = BlobDescriptor {
+            digest: Digest::sha256(&bytes),
+            media_type: PROFILE_MEDIA_TYPE.into(),
+            size: bytes.len() as u64,
+        };
+        repository
+            .push_blob(&blob, Body::Bytes(bytes.into()))
+            .await
+            .unwrap();
+        let listed = vec![serde_json::json!({
+            "mediaType": PROFILE_MEDIA_TYPE, "digest": blob.digest, "size": blob.size,
+        })];
+        let artifact = push_artifact(
+            repository,
+            &resolved.manifest,
+            PROFILE_ARTIFACT_TYPE,
+            listed,
+        )
+        .await
+        .unwrap();
+        bind_artifact(
+            repository,
+            &resolved,
+            "bookworm",
+            &artifact,
+            PROFILE_ARTIFACT_TYPE,
+        )
+        .await
+        .unwrap();
+    });
+    let root = Root::new();
+    let output = lazylayer(root.path(), &["pull", &image]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not using the image's prefetch profile")
+            && stderr.contains("which is not a layer of the image"),
+        "{stderr}"
+    );
+    assert!(!root.path().join("profiles").exists() || profile_count(&root) == 0);
+}
+
+fn profile_count(root: &Root) -> usize {
+    std::fs::read_dir(root.path().join("profiles"))
+        .unwrap()
+        .count()
 }

@@ -3,7 +3,7 @@
 //! readers wait (marks, or a FUSE mount by the holder), and its background population starts.
 //! A failed layer is only opened to have its files denied (see `failure.rs`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use lazylayer_source::{ImageReference, ImageSource};
@@ -88,15 +88,16 @@ impl Worker {
     /// files nearly every container start opens ([`lazylayer_store::startup_files`]), each
     /// once.
     fn profile_files(&self, layer: &Layer) -> Vec<usize> {
-        let mut first = self.recorded_profile_files(layer);
+        let recorded = self.recorded_profile_files(layer);
         let prioritized = lazylayer_index::toc::prioritized(&layer.index);
         let startup = lazylayer_store::startup_files(&layer.index);
-        for i in prioritized.into_iter().chain(startup) {
-            if !first.contains(&i) {
-                first.push(i);
-            }
-        }
-        first
+        let mut listed = HashSet::new();
+        recorded
+            .into_iter()
+            .chain(prioritized)
+            .chain(startup)
+            .filter(|i| listed.insert(*i))
+            .collect()
     }
 
     /// The entries of `layer` that the prefetch profiles of images using it list, in order.
@@ -116,6 +117,8 @@ impl Worker {
             }
         };
         let mut first = Vec::new();
+        // Profiles come from the registry too: each file once, without a quadratic scan.
+        let mut listed = HashSet::new();
         for image in images {
             if !image.layers.iter().any(|l| l.digest == layer.digest) {
                 continue;
@@ -131,7 +134,7 @@ impl Worker {
             };
             for file in profile.files.iter().filter(|f| f.layer == layer.digest) {
                 if let Some(&i) = by_path.get(&file.path)
-                    && !first.contains(&i)
+                    && listed.insert(i)
                 {
                     first.push(i);
                 }

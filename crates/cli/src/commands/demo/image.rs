@@ -8,7 +8,8 @@ use std::process::Command;
 
 use bytes::Bytes;
 use lazylayer_index::distribution::{
-    EMPTY_CONFIG, IndexUpload, artifact_manifest, binding_index, referrers_list, referrers_tag,
+    ARTIFACT_TYPE, EMPTY_CONFIG, IndexUpload, artifact_manifest, binding_index, referrers_list,
+    referrers_tag,
 };
 use lazylayer_index::{BuildOptions, build_from_reader};
 use lazylayer_source::registry::Body;
@@ -283,6 +284,7 @@ pub fn ensure(cache: &Path) -> anyhow::Result<SampleImage> {
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             size: artifact.len() as u64,
         },
+        ARTIFACT_TYPE,
     )?;
     let binding_digest = put_blob(&layout, &binding)?;
     let referrers = referrers_list(Vec::new(), &artifact_digest, artifact.len() as u64);
