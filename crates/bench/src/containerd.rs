@@ -2,7 +2,11 @@
 //! snapshotter (`ctr image pull` + `ctr run`), lazylayer's snapshotter and stargz-snapshotter
 //! (the peer, on an eStargz copy of the same image made by `ctr-remote image convert`), each
 //! pulling through the same shaped link into a fresh containerd and a fresh snapshotter store,
-//! timed from the pull's start to the workload's exit. Printed as a table with ratios.
+//! timed from the pull's start to the workload's exit; then both lazy snapshotters again with
+//! a profile of the workload: lazylayer's recorded by `run --record --push` and bound to a copy
+//! of the image, stargz's the same files as the prioritized files of an eStargz copy
+//! (`convert --estargz-record-in`, what `ctr-remote image optimize` records by running the
+//! workload). Printed as a table with ratios.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -128,13 +132,14 @@ impl Snapshotter {
     }
 }
 
-/// One measured start: pull (lazily where the contender can) and run; returns the time and
-/// the bytes the link carried.
+/// One measured start of the workload's image with `suffix` after its tag: pull (lazily where
+/// the contender can) and run; returns the time and the bytes the link carried.
 fn start_once(
     contender: Contender,
     stargz: &Path,
     proxy: &FaultProxy,
     workload: &Workload,
+    suffix: &str,
 ) -> anyhow::Result<(Duration, u64)> {
     // Each contender starts with nothing dirty in the page cache: the previous contender's
     // extraction would otherwise be written back during this one's pull (a sync there waits).
@@ -150,10 +155,7 @@ fn start_once(
         Contender::Stargz => "stargz",
     };
     let containerd = Containerd::start_in(crate::scratch::base(), &[(name, &socket)], None);
-    let image = match contender {
-        Contender::Stargz => format!("{}/{}-esgz", proxy.host(), workload.image),
-        _ => format!("{}/{}", proxy.host(), workload.image),
-    };
+    let image = format!("{}/{}{suffix}", proxy.host(), workload.image);
     let before = proxy.bytes_sent();
     let started = Instant::now();
     match contender {
@@ -217,46 +219,98 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The eStargz copy of each image has `-esgz` after its tag.
     crate::images::convert(&registry.host(), &IMAGES, "--estargz", "-esgz")?;
     let workloads = crate::images::workloads(args.workload.as_deref());
+    // Each workload's profile, on copies of its image: lazylayer's bound by `run --record
+    // --push`, stargz's the same files as prioritized files.
+    for (n, workload) in workloads.iter().enumerate() {
+        let paths = crate::images::push_profiled(&registry.host(), workload, &profiled(n))?;
+        let record = tempfile::NamedTempFile::new()?;
+        let lines: Vec<String> = paths
+            .iter()
+            .map(|path| serde_json::json!({ "path": path }).to_string())
+            .collect();
+        std::fs::write(record.path(), lines.join("\n"))?;
+        let record = record.path().to_string_lossy().into_owned();
+        crate::images::convert_one(
+            &registry.host(),
+            workload.image,
+            &format!("{}-esgz{}", workload.image, profiled(n)),
+            &["--estargz", "--estargz-record-in", &record],
+        )?;
+    }
     println!(
         "containerd: pull + `ctr run` until the workload exits, median of {} runs, fresh \
-         containerd and snapshotter each run; ratio = overlayfs / contender",
+         containerd and snapshotter each run; ratio = overlayfs / contender; ll/sz = lazylayer / \
+         stargz",
         args.runs
     );
     println!(
-        "{:<36} {:<20} {:>10} {:>17} {:>17} {:>13} {:>13}",
-        "workload", "link", "overlayfs", "lazylayer", "stargz", "fetched (ll)", "fetched (sz)"
+        "{:<36} {:<20} {:>10} {:>17} {:>17} {:>7} {:>17} {:>17} {:>7} {:>12} {:>7} {:>8} {:>8}",
+        "workload",
+        "link",
+        "overlayfs",
+        "lazylayer",
+        "stargz",
+        "ll/sz",
+        "ll profiled",
+        "sz profiled",
+        "ll/sz",
+        "fetched: ll",
+        "sz",
+        "ll prof",
+        "sz prof"
     );
     for (shaping, label) in crate::images::links(args.slow_link_only) {
         let proxy = FaultProxy::start(registry.addr(), shaping)?;
-        for workload in &workloads {
-            let mut results = [Vec::new(), Vec::new(), Vec::new()];
+        for (n, workload) in workloads.iter().enumerate() {
+            let contenders = [
+                (Contender::Overlayfs, String::new()),
+                (Contender::Lazylayer, String::new()),
+                (Contender::Stargz, "-esgz".to_string()),
+                (Contender::Lazylayer, profiled(n)),
+                (Contender::Stargz, format!("-esgz{}", profiled(n))),
+            ];
+            let mut results = [const { Vec::new() }; 5];
             for _ in 0..args.runs {
-                for (i, contender) in [
-                    Contender::Overlayfs,
-                    Contender::Lazylayer,
-                    Contender::Stargz,
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    results[i].push(start_once(contender, &stargz, &proxy, workload)?);
+                for (i, (contender, suffix)) in contenders.iter().enumerate() {
+                    results[i].push(start_once(
+                        *contender, &stargz, &proxy, workload, suffix,
+                    )?);
                 }
             }
-            let [overlay, lazy, peer] = results.map(crate::median_run);
-            let ratio = |d: Duration| overlay.0.as_secs_f64() / d.as_secs_f64();
+            let [overlay, lazy, peer, lazy_profiled, peer_profiled] =
+                results.map(crate::median_run);
+            let time = |d: Duration| {
+                format!(
+                    "{:>9.2}s {:>5.2}x",
+                    d.as_secs_f64(),
+                    overlay.0.as_secs_f64() / d.as_secs_f64()
+                )
+            };
+            let versus = |ll: Duration, sz: Duration| {
+                format!("{:>6.2}x", ll.as_secs_f64() / sz.as_secs_f64())
+            };
             println!(
-                "{:<36} {:<20} {:>9.2}s {:>9.2}s {:>5.2}x {:>9.2}s {:>5.2}x {:>12.1}M {:>12.1}M",
+                "{:<36} {:<20} {:>9.2}s {} {} {} {} {} {} {:>11.1}M {:>6.1}M {:>7.1}M {:>7.1}M",
                 workload.name,
                 label,
                 overlay.0.as_secs_f64(),
-                lazy.0.as_secs_f64(),
-                ratio(lazy.0),
-                peer.0.as_secs_f64(),
-                ratio(peer.0),
+                time(lazy.0),
+                time(peer.0),
+                versus(lazy.0, peer.0),
+                time(lazy_profiled.0),
+                time(peer_profiled.0),
+                versus(lazy_profiled.0, peer_profiled.0),
                 lazy.1 as f64 / 1048576.0,
                 peer.1 as f64 / 1048576.0,
+                lazy_profiled.1 as f64 / 1048576.0,
+                peer_profiled.1 as f64 / 1048576.0,
             );
         }
     }
     Ok(())
+}
+
+/// The tag suffix of the copies of an image profiled for workload `n`.
+fn profiled(n: usize) -> String {
+    format!("-prof{n}")
 }

@@ -44,41 +44,111 @@ pub struct Workload {
     pub command: Vec<&'static str>,
 }
 
+/// The fixture layout's tag of each of [`IMAGES`].
+const LAYOUT_TAGS: [&str; 2] = ["bookworm", "bookworm-python"];
+
+/// Pushes `image` (one of [`IMAGES`]) from the fixture layout to `registry` as `to` with skopeo,
+/// then binds its lazy index to it (`lazylayer index --push`, indexing into the store `root`).
+fn push_one(registry: &str, image: &str, to: &str, root: &std::path::Path) -> anyhow::Result<()> {
+    let position = IMAGES.iter().position(|i| *i == image);
+    let tag = LAYOUT_TAGS[position.ok_or_else(|| anyhow::anyhow!("{image} is not a fixture"))?];
+    skopeo_copy(
+        &format!("oci:{}:{tag}", layout_dir().display()),
+        &format!("docker://{registry}/{to}"),
+        &[],
+    );
+    let status = Command::new(crate::lazylayer())
+        .arg("--root")
+        .arg(root)
+        .args(["index", "--push", &format!("{registry}/{to}")])
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "indexing {to}");
+    Ok(())
+}
+
 /// Pushes [`IMAGES`] to `registry` with skopeo, then binds their lazy indexes to them
 /// (`lazylayer index --push`).
 pub fn push_indexed(registry: &str) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;
-    for (tag, name) in [("bookworm", IMAGES[0]), ("bookworm-python", IMAGES[1])] {
-        skopeo_copy(
-            &format!("oci:{}:{tag}", layout_dir().display()),
-            &format!("docker://{registry}/{name}"),
-            &[],
-        );
-        let status = Command::new(crate::lazylayer())
-            .arg("--root")
-            .arg(scratch.path())
-            .args(["index", "--push", &format!("{registry}/{name}")])
-            .stdout(Stdio::null())
-            .status()?;
-        anyhow::ensure!(status.success(), "indexing {name}");
+    for image in IMAGES {
+        push_one(registry, image, image, scratch.path())?;
     }
     Ok(())
+}
+
+/// A copy of `workload`'s image at its tag + `suffix`, with its lazy index and a prefetch
+/// profile of the workload bound to it: recorded on a fresh store by `lazylayer run --record
+/// --push`, as the first node of a cluster would. Returns the paths the profile lists.
+pub fn push_profiled(
+    registry: &str,
+    workload: &Workload,
+    suffix: &str,
+) -> anyhow::Result<Vec<String>> {
+    let dir = crate::scratch::dir("ll-bench-profile.")?;
+    let root = dir.path().join("root");
+    let to = format!("{}{suffix}", workload.image);
+    push_one(registry, workload.image, &to, &root)?;
+    let image = format!("{registry}/{to}");
+    eprintln!("recording a profile of {:?} on {image}", workload.name);
+    let output = Command::new(crate::lazylayer())
+        .arg("--root")
+        .arg(&root)
+        .args(["run", "--record", "--push", &image, "--"])
+        .args(&workload.command)
+        .output()?;
+    if let Ok(status) = Command::new(crate::lazylayer())
+        .arg("--root")
+        .arg(&root)
+        .args(["status", "--json"])
+        .output()
+        && let Ok(status) = serde_json::from_slice::<serde_json::Value>(&status.stdout)
+    {
+        lazylayer_testkit::daemon::kill_from_status(&status);
+    }
+    lazylayer_testkit::unmount_everything_under(dir.path());
+    anyhow::ensure!(
+        output.status.success(),
+        "recording a profile on {image}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut paths = Vec::new();
+    for profile in std::fs::read_dir(root.join("profiles"))? {
+        let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(profile?.path())?)?;
+        paths.extend(
+            profile["files"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f["path"].as_str().map(str::to_string)),
+        );
+    }
+    Ok(paths)
 }
 
 /// Copies of `images` made by `ctr-remote image convert FLAG --oci` (`--estargz`,
 /// `--zstdchunked`) in a private containerd, pushed next to the originals with `suffix` after
 /// their tag.
 pub fn convert(registry: &str, images: &[&str], flag: &str, suffix: &str) -> anyhow::Result<()> {
+    for image in images {
+        convert_one(registry, image, &format!("{image}{suffix}"), &[flag])?;
+    }
+    Ok(())
+}
+
+/// A copy of `image` at `to` made by `ctr-remote image convert ARGS --oci` in a private
+/// containerd.
+pub fn convert_one(registry: &str, image: &str, to: &str, args: &[&str]) -> anyhow::Result<()> {
     let unused = std::path::PathBuf::from("/nonexistent.sock");
     let containerd = Containerd::start_with(&[("unused", &unused)], None);
-    for image in images {
-        let from = format!("{registry}/{image}");
-        let to = format!("{from}{suffix}");
-        eprintln!("converting {from} with {flag} (ctr-remote, about a minute)");
-        containerd.ctr_remote_ok(&["image", "pull", "--plain-http", &from]);
-        containerd.ctr_remote_ok(&["image", "convert", flag, "--oci", &from, &to]);
-        containerd.ctr_remote_ok(&["image", "push", "--plain-http", &to]);
-    }
+    let (from, to) = (format!("{registry}/{image}"), format!("{registry}/{to}"));
+    eprintln!("converting {from} with {args:?} (ctr-remote, about a minute)");
+    containerd.ctr_remote_ok(&["image", "pull", "--plain-http", &from]);
+    let mut convert = vec!["image", "convert"];
+    convert.extend(args);
+    convert.extend(["--oci", &from, &to]);
+    containerd.ctr_remote_ok(&convert);
+    containerd.ctr_remote_ok(&["image", "push", "--plain-http", &to]);
     Ok(())
 }
 
