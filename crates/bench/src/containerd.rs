@@ -272,9 +272,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let mut results = [const { Vec::new() }; 5];
             for _ in 0..args.runs {
                 for (i, (contender, suffix)) in contenders.iter().enumerate() {
-                    results[i].push(start_once(
-                        *contender, &stargz, &proxy, workload, suffix,
-                    )?);
+                    results[i].push(start_once(*contender, &stargz, &proxy, workload, suffix)?);
                 }
             }
             let [overlay, lazy, peer, lazy_profiled, peer_profiled] =

@@ -54,9 +54,9 @@ impl TestRegistry {
     /// Starts a registry as `options` say and waits until it answers.
     pub fn start_with(options: RegistryOptions<'_>) -> std::io::Result<TestRegistry> {
         require_tool("docker-registry");
-        let dir = tempfile::Builder::new()
-            .prefix("lazylayer-registry.")
-            .tempdir()?;
+        remove_orphaned_storage();
+        let dir = tempfile::Builder::new().prefix(STORAGE_PREFIX).tempdir()?;
+        std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())?;
         if options.tls {
             write_tls_files(dir.path(), options.ip)?;
         }
@@ -193,6 +193,41 @@ impl Drop for TestRegistry {
     }
 }
 
+/// Prefix of each registry's storage directory under the temporary directory.
+const STORAGE_PREFIX: &str = "lazylayer-registry.";
+/// The file in a registry's storage naming the process that started it.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes the storage of registries whose test process is gone. The shared registry of a test
+/// binary lives in a static, which is never dropped, and a killed test run drops nothing: each
+/// run would otherwise leave a copy of every fixture image (about 400 MiB) behind.
+fn remove_orphaned_storage() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(STORAGE_PREFIX)
+        {
+            continue;
+        }
+        let path = entry.path();
+        // Without an owner file, a registry may be starting right now: left alone.
+        let Ok(owner) = std::fs::read_to_string(path.join(OWNER_FILE)) else {
+            continue;
+        };
+        let alive = owner
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
 fn free_port(ip: IpAddr) -> std::io::Result<SocketAddr> {
     TcpListener::bind((ip, 0))?.local_addr()
 }
@@ -275,4 +310,36 @@ fn answers_http(addr: SocketAddr) -> bool {
     }
     let mut answer = [0u8; 12];
     stream.read_exact(&mut answer).is_ok() && answer.starts_with(b"HTTP/1.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_of_registries_whose_process_is_gone_is_removed() {
+        let storage = |owner: Option<u32>| {
+            let dir = tempfile::Builder::new()
+                .prefix(STORAGE_PREFIX)
+                .tempdir()
+                .unwrap()
+                .keep();
+            if let Some(pid) = owner {
+                std::fs::write(dir.join(OWNER_FILE), pid.to_string()).unwrap();
+            }
+            dir
+        };
+        let mut exited = Command::new("true").spawn().unwrap();
+        let gone = exited.id();
+        exited.wait().unwrap();
+        let orphaned = storage(Some(gone));
+        let ours = storage(Some(std::process::id()));
+        let starting = storage(None);
+        remove_orphaned_storage();
+        assert!(!orphaned.exists());
+        assert!(ours.exists() && starting.exists());
+        for dir in [ours, starting] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
 }
