@@ -146,11 +146,11 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
                 match bind_artifact(repository, &image, tag, &artifact, ARTIFACT_TYPE).await {
                     Ok(digest) => format!(
                         "; tag {tag} now names image index {digest}, which binds the manifest \
-                     (unchanged) and its lazy index: pull by the tag, or pin that digest"
+                         (unchanged) and its lazy index: pull by the tag, or pin that digest"
                     ),
                     Err(e) => format!(
                         "; not bound to the image ({e}): pull uses it only with --index-trust \
-                     referrer"
+                         referrer"
                     ),
                 }
             }
