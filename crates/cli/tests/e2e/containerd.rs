@@ -124,16 +124,40 @@ impl Setup {
 
     /// Mounts a read-only view of the snapshot `parent` (through the snapshotter's View and
     /// the mounts it answers) at a new directory; unmounted by the returned guard.
+    ///
+    /// `ctr snapshots view` takes no lease, so containerd's garbage collector (run after the
+    /// lease of a pull ends) may remove the view at any time: the view is labelled a GC root
+    /// at once, and made again if the collector took it before the label.
     fn view(&self, key: &str, parent: &str) -> ViewMount {
-        let json = self.containerd.ctr_ok(&[
-            "snapshots",
-            "--snapshotter",
-            "lazylayer",
-            "view",
-            "--mounts",
-            key,
-            parent,
-        ]);
+        let mut attempts = 0;
+        let json = loop {
+            attempts += 1;
+            let json = self.containerd.ctr_ok(&[
+                "snapshots",
+                "--snapshotter",
+                "lazylayer",
+                "view",
+                "--mounts",
+                key,
+                parent,
+            ]);
+            let labelled = self.containerd.ctr(&[
+                "snapshots",
+                "--snapshotter",
+                "lazylayer",
+                "label",
+                key,
+                "containerd.io/gc.root=e2e",
+            ]);
+            if labelled.status.success() {
+                break json;
+            }
+            assert!(
+                attempts < 5,
+                "labelling view {key}: {}",
+                String::from_utf8_lossy(&labelled.stderr)
+            );
+        };
         let mounts: serde_json::Value = serde_json::from_str(&json).unwrap();
         let mount = &mounts.as_array().unwrap()[0];
         let target = self.lazy.fs.dir.path().join(format!("view-{key}"));
