@@ -90,7 +90,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .filter_map(|s| match s.start {
             SpanStart::Deflate { window_len, .. } => Some(window_len as u64),
-            SpanStart::Fresh | SpanStart::Chunk { .. } => None,
+            SpanStart::Fresh | SpanStart::Chunk { .. } | SpanStart::Continue => None,
         })
         .collect();
     let window = windows.iter().sum::<u64>() / windows.len().max(1) as u64;

@@ -78,7 +78,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             file,
             &layer,
             None,
-            BuildOptions { spacing },
+            BuildOptions::spans_of(spacing),
         )?)
     };
     let build_time = median(args.runs, || build(DEFAULT_SPACING).map(|_| ()))?;

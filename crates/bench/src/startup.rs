@@ -25,6 +25,10 @@ pub struct Args {
     /// not given), to see what span size costs and saves.
     #[arg(long)]
     spacing: Option<u64>,
+    /// Index gzip layers with this continuation spacing (compressed bytes; 0 for none; the
+    /// product default if not given), to see what continuation spans save.
+    #[arg(long)]
+    continuation: Option<u64>,
     /// Only the workloads whose name contains this.
     #[arg(long)]
     workload: Option<String>,
@@ -147,6 +151,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         if let Some(spacing) = args.spacing {
             index.args(["--spacing", &spacing.to_string()]);
         }
+        if let Some(continuation) = args.continuation {
+            index.args(["--continuation", &continuation.to_string()]);
+        }
         let status = index.status().await?;
         anyhow::ensure!(status.success(), "indexing {image}");
         sizes.insert(name, compressed_size(scratch.path(), &image).await?);
@@ -215,9 +222,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .filter(|w| crate::selected(args.workload.as_deref(), w.name))
         .collect();
     println!(
-        "startup: time until the workload exits, median of {} runs; ratio = baseline / contender; spans of {} KiB",
+        "startup: time until the workload exits, median of {} runs; ratio = baseline / contender; spans of {} KiB, continuation spans of {} KiB",
         args.runs,
-        args.spacing.unwrap_or(lazylayer_index::DEFAULT_SPACING) >> 10
+        args.spacing.unwrap_or(lazylayer_index::DEFAULT_SPACING) >> 10,
+        args.continuation
+            .unwrap_or(lazylayer_index::DEFAULT_CONTINUATION)
+            >> 10
     );
     println!(
         "{:<36} {:<20} {:>10} {:>16} {:>16} {:>16} {:>16}",

@@ -28,8 +28,12 @@ pub const WINDOW: usize = 32 << 10;
 
 /// First bytes of every index file.
 pub const MAGIC: &[u8; 8] = b"LZLYIDX\0";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 2;
+/// The format version this build writes. It reads this one and version 2, whose metadata is
+/// version 3's without [`IndexMeta::continuation`] (its last field) and has no
+/// [`SpanStart::Continue`] span.
+pub const VERSION: u32 = 3;
+/// The oldest format version this build reads.
+const OLDEST_VERSION: u32 = 2;
 /// Media type of an index blob in a registry.
 pub const INDEX_MEDIA_TYPE: &str = "application/vnd.lazylayer.layer.index.v1";
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 8;
@@ -101,6 +105,13 @@ pub enum SpanStart {
         /// The chunk's length: the span's share of the (file data only) uncompressed stream.
         len: u64,
     },
+    /// No checkpoint: decompression goes on from the previous span, as one stream from the
+    /// nearest span before it that has one (see [`LayerIndex::checkpoint_of`]). Such spans let
+    /// a read fetch and verify only the compressed bytes from that checkpoint to the end of
+    /// what it needs, in small verified pieces, while the index keeps one window per
+    /// checkpoint (docs/benchmarks.md, "continuation spans"). Appended last: version-2
+    /// indexes decode as before.
+    Continue,
 }
 
 /// A run of compressed bytes that decompresses on its own from its start.
@@ -167,6 +178,10 @@ pub struct IndexMeta {
     pub spans: Vec<Span>,
     /// The file table in archive order.
     pub entries: Vec<Entry>,
+    /// The continuation spacing asked for when building (compressed bytes between the cuts of
+    /// [`SpanStart::Continue`] spans); 0 for none. Last, so a version-2 metadata section is
+    /// this one without it.
+    pub continuation: u64,
 }
 
 /// How a run of spans decompresses (see [`LayerIndex::run_plan`]).
@@ -323,7 +338,7 @@ impl LayerIndex {
         let mut header = vec![0u8; HEADER_LEN.min(size as usize)];
         file.read_exact(&mut header)
             .map_err(|e| Error::io(&what, e))?;
-        let (meta_len, _, _) = parse_header(&what, size, &header)?;
+        let (meta_len, ..) = parse_header(&what, size, &header)?;
         let mut head_and_meta = header;
         head_and_meta.resize(HEADER_LEN + meta_len as usize, 0);
         file.read_exact(&mut head_and_meta[HEADER_LEN..])
@@ -375,10 +390,26 @@ impl LayerIndex {
             .any(|s| matches!(s.start, SpanStart::Chunk { .. }))
     }
 
-    /// How spans `first..=last`, fetched as one run of compressed bytes, decompress.
+    /// The span decompression of span `i` starts from: `i` itself, or for a
+    /// [`SpanStart::Continue`] span the nearest one before it that has a checkpoint.
+    pub fn checkpoint_of(&self, i: usize) -> usize {
+        let mut c = i.min(self.spans.len().saturating_sub(1));
+        while c > 0 && self.spans[c].start == SpanStart::Continue {
+            c -= 1;
+        }
+        c
+    }
+
+    /// How spans `first..=last`, fetched as one run of compressed bytes, decompress; `first`
+    /// must have a checkpoint (see [`checkpoint_of`](Self::checkpoint_of)).
     pub fn run_plan(&self, first: usize, last: usize) -> Result<RunPlan> {
         if !self.from_toc() {
             let span = &self.spans[first];
+            if span.start == SpanStart::Continue {
+                return Err(Error::BadRead(format!(
+                    "span {first} has no checkpoint to decompress from"
+                )));
+            }
             return Ok(RunPlan::Stream {
                 start: span.start.clone(),
                 window: self.window(span)?,
@@ -446,6 +477,7 @@ impl LayerIndex {
             return bad("no spans".into());
         }
         let windows_len = self.windows.len();
+        let from_toc = self.from_toc();
         let first = &self.spans[0];
         if first.compressed_start != 0
             || first.uncompressed_start != 0
@@ -471,7 +503,7 @@ impl LayerIndex {
                 // Only an index from a table of contents has spans no file reads (tar headers,
                 // the footer): they take no room in its uncompressed stream.
                 let in_order = next.uncompressed_start > span.uncompressed_start
-                    || (self.from_toc()
+                    || (from_toc
                         && next.uncompressed_start == span.uncompressed_start
                         && span.start == SpanStart::Fresh);
                 if !contiguous || !in_order {
@@ -479,6 +511,11 @@ impl LayerIndex {
                 }
             } else if span.compressed_end != self.blob_size {
                 return bad("the spans do not reach the end of the blob".into());
+            }
+            if span.start == SpanStart::Continue
+                && (self.compression != Compression::Gzip || from_toc)
+            {
+                return bad(format!("span {i} continues a stream it cannot continue"));
             }
             if let SpanStart::Chunk { len } = span.start
                 && (self.compression == Compression::None
@@ -602,17 +639,21 @@ pub fn valid_path(path: &[u8]) -> bool {
                 .all(|c| !c.is_empty() && c != b"." && c != b".."))
 }
 
-fn parse_header(what: &str, size: u64, header: &[u8]) -> Result<(u64, u64, u64)> {
+/// The header's (metadata length, windows length, raw metadata length, version).
+fn parse_header(what: &str, size: u64, header: &[u8]) -> Result<(u64, u64, u64, u32)> {
     if header.len() < HEADER_LEN || &header[..8] != MAGIC {
         return Err(Error::bad_index(what, "not a lazylayer index (bad magic)"));
     }
     let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
     let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
     let version = u32_at(8);
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(Error::bad_index(
             what,
-            format!("format version {version}, this lazylayer reads version {VERSION}"),
+            format!(
+                "format version {version}, this lazylayer reads versions {OLDEST_VERSION} to \
+                 {VERSION}"
+            ),
         ));
     }
     let (meta_len, meta_raw_len, windows_len) = (u64_at(12), u64_at(20), u64_at(28));
@@ -628,11 +669,11 @@ fn parse_header(what: &str, size: u64, header: &[u8]) -> Result<(u64, u64, u64)>
     if meta_raw_len > META_LIMIT {
         return Err(Error::bad_index(what, "metadata larger than the limit"));
     }
-    Ok((meta_len, windows_len, meta_raw_len))
+    Ok((meta_len, windows_len, meta_raw_len, version))
 }
 
 fn decode_header_and_meta(what: &str, size: u64, bytes: &[u8]) -> Result<(u64, u64, IndexMeta)> {
-    let (meta_len, windows_len, meta_raw_len) = parse_header(what, size, bytes)?;
+    let (meta_len, windows_len, meta_raw_len, version) = parse_header(what, size, bytes)?;
     let packed = &bytes[HEADER_LEN..HEADER_LEN + meta_len as usize];
     let mut raw = Vec::new();
     zstd::stream::read::Decoder::new(packed)
@@ -642,6 +683,10 @@ fn decode_header_and_meta(what: &str, size: u64, bytes: &[u8]) -> Result<(u64, u
         .map_err(|e| Error::bad_index(what, format!("metadata does not decompress: {e}")))?;
     if raw.len() as u64 != meta_raw_len {
         return Err(Error::bad_index(what, "metadata has the wrong length"));
+    }
+    if version == 2 {
+        // Version 2 ends before `continuation`: 0, as postcard writes it.
+        raw.push(0);
     }
     let meta: IndexMeta = postcard::from_bytes(&raw)
         .map_err(|e| Error::bad_index(what, format!("metadata does not decode: {e}")))?;

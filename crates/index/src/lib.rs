@@ -19,7 +19,9 @@ pub mod local;
 pub mod read;
 pub mod toc;
 
-pub use build::{BuildOptions, DEFAULT_SPACING, build, build_and_cache, build_from_reader};
+pub use build::{
+    BuildOptions, DEFAULT_CONTINUATION, DEFAULT_SPACING, build, build_and_cache, build_from_reader,
+};
 pub use entry::{Entry, EntryKind, Piece};
 pub use error::{Error, Result};
 pub use format::{Compression, INDEX_MEDIA_TYPE, IndexMeta, LayerIndex, Span, SpanStart};

@@ -40,11 +40,21 @@ async fn open(image: &str) -> (ImageSource, ResolvedImage) {
 
 /// The Debian image's layout, its layer and the layer's index built from the layout.
 async fn debian_layer() -> (ImageSource, BlobDescriptor, Arc<LayerIndex>) {
+    debian_layer_with(BuildOptions::default()).await
+}
+
+/// The Debian layer indexed with checkpoint spans only (no continuation spans): for tests that
+/// count whole spans.
+async fn debian_layer_in_checkpoint_spans() -> (ImageSource, BlobDescriptor, Arc<LayerIndex>) {
+    debian_layer_with(BuildOptions::spans_of(lazylayer_index::DEFAULT_SPACING)).await
+}
+
+async fn debian_layer_with(
+    options: BuildOptions,
+) -> (ImageSource, BlobDescriptor, Arc<LayerIndex>) {
     let (layout, image) = open(&format!("oci:{}:bookworm", layout_dir().display())).await;
     let layer = image.layers[0].clone();
-    let index = build(&layout, &layer, None, BuildOptions::default())
-        .await
-        .unwrap();
+    let index = build(&layout, &layer, None, options).await.unwrap();
     (layout, layer, Arc::new(index))
 }
 
@@ -324,7 +334,7 @@ async fn random_ranges(
     let layer = &image.layers[layer];
     // Small spans, so reads cross span boundaries often.
     let index = Arc::new(
-        build(&layout, layer, None, BuildOptions { spacing: 192 << 10 })
+        build(&layout, layer, None, BuildOptions::spans_of(192 << 10))
             .await
             .unwrap(),
     );
@@ -429,7 +439,7 @@ async fn multi_member_gzip_and_multi_frame_zstd() {
             &source,
             &descriptor,
             Some(&diff_id),
-            BuildOptions { spacing: 1 << 20 },
+            BuildOptions::spans_of(1 << 20),
         )
         .await
         .unwrap();
@@ -456,7 +466,7 @@ async fn wrong_bytes_from_the_registry_are_errors_never_data() {
     let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
     let layer = &image.layers[0];
     let index = Arc::new(
-        build(&layout, layer, None, BuildOptions { spacing: 256 << 10 })
+        build(&layout, layer, None, BuildOptions::spans_of(256 << 10))
             .await
             .unwrap(),
     );
@@ -577,7 +587,7 @@ async fn broken_indexes_are_rejected_with_a_clear_error() {
         &layout,
         &image.layers[0],
         None,
-        BuildOptions { spacing: 64 << 10 },
+        BuildOptions::spans_of(64 << 10),
     )
     .await
     .unwrap();
@@ -612,6 +622,10 @@ async fn broken_indexes_are_rejected_with_a_clear_error() {
         "of a",
     );
     lie(&|i| i.spans[1].compressed_start += 7, "not in order");
+    lie(
+        &|i| i.spans[0].start = lazylayer_index::SpanStart::Continue,
+        "does not start at the beginning",
+    );
     lie(
         &|i| {
             let end = i.uncompressed_size;
@@ -676,7 +690,7 @@ async fn broken_indexes_are_rejected_with_a_clear_error() {
 
 #[tokio::test]
 async fn concurrent_reads_of_one_span_fetch_it_once() {
-    let (_, _, index) = debian_layer().await;
+    let (_, _, index) = debian_layer_in_checkpoint_spans().await;
     let (source, _) = open(&format!(
         "{}/test/debian:bookworm",
         shared_registry().host()
@@ -785,7 +799,7 @@ fn blob_gets(proxy: &FaultProxy, layer: &Digest) -> usize {
 
 #[tokio::test]
 async fn a_run_of_missing_spans_is_one_ranged_get() {
-    let (layout, layer, index) = debian_layer().await;
+    let (layout, layer, index) = debian_layer_in_checkpoint_spans().await;
     let layer = &layer;
     let (first, last) = (4, 8);
     assert!(index.spans.len() > last + 1, "{} spans", index.spans.len());
@@ -822,11 +836,163 @@ async fn a_run_of_missing_spans_is_one_ranged_get() {
     assert_eq!((stats.requests, stats.spans_fetched), (3, 5), "{stats:?}");
 }
 
+/// With continuation spans, a cold read of a small file fetches and verifies the compressed
+/// bytes from its span's checkpoint to the end of the file's span, not the whole checkpoint
+/// span; a later file after it in the same checkpoint span fetches only the pieces between.
+#[tokio::test]
+async fn a_read_fetches_from_its_checkpoint_to_the_end_of_its_file_only() {
+    let (layout, layer, index) = debian_layer().await;
+    let checkpoints = index
+        .spans
+        .iter()
+        .filter(|s| s.start != lazylayer_index::SpanStart::Continue)
+        .count();
+    assert!(
+        index.spans.len() > 8 * checkpoints,
+        "{} spans, {checkpoints} checkpoints",
+        index.spans.len()
+    );
+    // The end of the checkpoint span (the last continuation span after `checkpoint`).
+    let group_end = |checkpoint: usize| {
+        let mut last = checkpoint;
+        while index
+            .spans
+            .get(last + 1)
+            .is_some_and(|s| s.start == lazylayer_index::SpanStart::Continue)
+        {
+            last += 1;
+        }
+        last
+    };
+    // Two small files, each inside one continuation span, in the third and the sixth
+    // continuation span after a checkpoint, with more continuation spans after both.
+    let span_of = |e: &Entry| {
+        let span = index.span_at(e.data_offset);
+        (index.span_at(e.data_offset + e.size - 1) == span).then_some(span)
+    };
+    let small = |e: &&Entry| e.kind == EntryKind::File && e.size > 0 && e.size < 4096;
+    let (early, late) = index
+        .entries
+        .iter()
+        .filter(small)
+        .find_map(|early| {
+            let span = span_of(early)?;
+            let checkpoint = index.checkpoint_of(span);
+            if span != checkpoint + 3 || group_end(checkpoint) < span + 5 {
+                return None;
+            }
+            let late = index
+                .entries
+                .iter()
+                .filter(small)
+                .find(|e| span_of(e) == Some(span + 3))?;
+            Some((early.clone(), late.clone()))
+        })
+        .expect("two small files in one checkpoint span");
+    let (early_span, late_span) = (
+        index.span_at(early.data_offset),
+        index.span_at(late.data_offset),
+    );
+    let checkpoint = index.checkpoint_of(early_span);
+    let spans = &index.spans;
+    let proxy = FaultProxy::start(shared_registry().addr(), Shaping::default()).unwrap();
+    let (source, _) = open(&format!("{}/test/debian:bookworm", proxy.host())).await;
+    let cache = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), source, cache.path()).unwrap();
+    for (entry, from, to, requests) in [
+        (&early, checkpoint, early_span, 1),
+        (&late, early_span + 1, late_span, 2),
+    ] {
+        let before = reader.stats();
+        let got = reader.read(entry, 0, entry.size).await.unwrap();
+        let range = entry.data_offset..entry.data_offset + entry.size;
+        assert!(
+            got == read_from_layout(layout.clone(), &index, range).await,
+            "{} read wrong",
+            entry.display_path()
+        );
+        let stats = reader.stats();
+        assert_eq!(
+            stats.bytes_fetched - before.bytes_fetched,
+            spans[to].compressed_end - spans[from].compressed_start,
+            "{}: spans {from}..={to}",
+            entry.display_path()
+        );
+        assert_eq!(stats.requests, requests);
+    }
+    assert_eq!(blob_gets(&proxy, &layer.digest), 2);
+    let whole = spans[group_end(checkpoint)].compressed_end - spans[checkpoint].compressed_start;
+    assert!(
+        reader.stats().bytes_fetched < whole,
+        "{} bytes fetched, the checkpoint span is {whole}",
+        reader.stats().bytes_fetched
+    );
+}
+
+/// Every file of a layer indexed with continuation spans reads right when the spans are
+/// inflated one by one out of order (each from its checkpoint), and the layer passes the check
+/// against its blob and the index rebuilt from it; an index whose continuation cut is moved
+/// does not.
+#[tokio::test]
+async fn continuation_spans_read_right_in_any_order_and_are_checked_when_complete() {
+    let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
+    let layer = &image.layers[0];
+    let options = BuildOptions {
+        spacing: 256 << 10,
+        continuation: 16 << 10,
+    };
+    let built = build(&layout, layer, None, options).await.unwrap();
+    let good = built.encode().unwrap();
+    let index = Arc::new(LayerIndex::decode("good", &good).unwrap());
+    assert!(
+        index
+            .spans
+            .iter()
+            .filter(|s| s.start == lazylayer_index::SpanStart::Continue)
+            .count()
+            > 4,
+        "{} spans",
+        index.spans.len()
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), layout.clone(), cache.path()).unwrap();
+    let whole = reader
+        .read_uncompressed(0..index.uncompressed_size)
+        .await
+        .unwrap();
+    let cold = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), layout.clone(), cold.path()).unwrap();
+    for i in (0..index.spans.len()).rev() {
+        let (start, output) = reader.decompress(i..=i).await.unwrap();
+        let checkpoint = index.checkpoint_of(i);
+        assert_eq!(start, index.spans[checkpoint].uncompressed_start);
+        assert!(
+            output[..] == whole[start as usize..index.span_uncompressed_end(i) as usize],
+            "span {i}"
+        );
+    }
+    reader.verify_complete().await.unwrap();
+    let mut moved = LayerIndex::decode("good", &good).unwrap();
+    let cut = moved
+        .spans
+        .iter()
+        .position(|s| s.start == lazylayer_index::SpanStart::Continue)
+        .unwrap();
+    moved.spans[cut].uncompressed_start -= 1;
+    let moved = LayerIndex::decode("moved", &moved.encode().unwrap()).unwrap();
+    let reader = LayerReader::new(Arc::new(moved), layout, cold.path()).unwrap();
+    let err = reader.verify_complete().await.unwrap_err().to_string();
+    assert!(
+        err.contains("differs from the index rebuilt from the verified blob"),
+        "{err}"
+    );
+}
+
 /// A reader waiting for the first span of a long run gets it when it has arrived, not when the
 /// run ends: a profile or background fetch of many spans never holds back a reader.
 #[tokio::test]
 async fn a_span_is_served_while_the_rest_of_its_run_is_still_arriving() {
-    let (layout, layer, index) = debian_layer().await;
+    let (layout, layer, index) = debian_layer_in_checkpoint_spans().await;
     let layer = &layer;
     let (first, last) = (4, 8);
     let proxy = FaultProxy::start(shared_registry().addr(), Shaping::default()).unwrap();
@@ -901,7 +1067,7 @@ async fn an_index_is_only_used_for_its_own_layer() {
 async fn a_complete_layer_is_checked_against_its_blob_and_a_rebuilt_index() {
     let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
     let layer = &image.layers[0];
-    let built = build(&layout, layer, None, BuildOptions { spacing: 256 << 10 })
+    let built = build(&layout, layer, None, BuildOptions::spans_of(256 << 10))
         .await
         .unwrap();
     let good = built.encode().unwrap();
@@ -943,7 +1109,7 @@ async fn a_complete_layer_is_checked_against_its_blob_and_a_rebuilt_index() {
 async fn the_check_of_a_layer_follows_its_spans_as_they_arrive() {
     let (layout, image) = open(&format!("oci:{}:layers", layout_dir().display())).await;
     let layer = &image.layers[0];
-    let built = build(&layout, layer, None, BuildOptions { spacing: 64 << 10 })
+    let built = build(&layout, layer, None, BuildOptions::spans_of(64 << 10))
         .await
         .unwrap();
     assert!(built.spans.len() > 4, "{} spans", built.spans.len());
@@ -1098,7 +1264,7 @@ fn the_gnu_tar_fuzz_seeds_index_with_every_header_form() {
             std::io::Cursor::new(tar),
             &layer,
             None,
-            BuildOptions { spacing: 4096 },
+            BuildOptions::spans_of(4096),
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         built

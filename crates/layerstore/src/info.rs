@@ -81,6 +81,7 @@ mod tests {
             spacing: 1 << 20,
             spans: Vec::new(),
             entries: Vec::new(),
+            continuation: 0,
         }
     }
 

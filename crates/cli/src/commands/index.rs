@@ -8,7 +8,7 @@ use lazylayer_index::distribution::{
     ARTIFACT_TYPE, IndexOrigin, IndexTrust, IndexUpload, bind_artifact, push_indexes,
 };
 use lazylayer_index::local::StoredIndex;
-use lazylayer_index::{BuildOptions, DEFAULT_SPACING, IndexStore, build};
+use lazylayer_index::{BuildOptions, DEFAULT_CONTINUATION, DEFAULT_SPACING, IndexStore, build};
 use lazylayer_source::registry::Body;
 use lazylayer_source::{BlobDescriptor, ImageReference, ImageSource, PlatformChoice};
 
@@ -38,12 +38,35 @@ pub struct IndexArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_SPACING, value_parser = parse_size)]
     pub spacing: u64,
 
+    /// Compressed bytes between the cuts of continuation spans in gzip layers: pieces with
+    /// their own digest but no checkpoint, so a read fetches and verifies only from its
+    /// checkpoint to the end of what it needs, not the whole span. Smaller pieces fetch less
+    /// and add about 50 bytes each to the index; 0 turns them off (suffixes K, M).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CONTINUATION, value_parser = parse_continuation)]
+    pub continuation: u64,
+
     /// Rebuild indexes that are already stored.
     #[arg(long)]
     pub force: bool,
 }
 
+fn parse_continuation(text: &str) -> Result<u64, String> {
+    match size_of(text)? {
+        size if size == 0 || size >= 16 << 10 => Ok(size),
+        _ => Err(format!(
+            "{text:?}: the continuation spacing is 0 or at least 16K"
+        )),
+    }
+}
+
 fn parse_size(text: &str) -> Result<u64, String> {
+    match size_of(text)? {
+        size if size >= 64 << 10 => Ok(size),
+        _ => Err(format!("{text:?}: the spacing must be at least 64K")),
+    }
+}
+
+fn size_of(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((i, _)) => (&text[..i], text[i..].trim_start()),
@@ -58,10 +81,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         _ => return Err(format!("unknown size unit in {text:?} (use K or M)")),
     };
-    match number.checked_mul(factor) {
-        Some(size) if size >= 64 << 10 => Ok(size),
-        _ => Err(format!("{text:?}: the spacing must be at least 64K")),
-    }
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn upload(layer: &BlobDescriptor, stored: StoredIndex) -> IndexUpload {
@@ -118,6 +140,7 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
             diff_id,
             BuildOptions {
                 spacing: args.spacing,
+                continuation: args.continuation,
             },
         )
         .await?;

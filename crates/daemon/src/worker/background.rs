@@ -17,8 +17,9 @@ use crate::worker::lifecycle::{LayerLife, Managed};
 /// How long no reader must have waited before the background fetches (demand first).
 pub const DEMAND_QUIET: Duration = Duration::from_millis(1500);
 
-/// Spans fetched ahead of the current file in one ranged request when uncapped.
-const FETCH_AHEAD: usize = 8;
+/// Compressed bytes fetched ahead of the current file in one ranged request when uncapped
+/// (eight spans of the default spacing; spans may be as small as continuation spans).
+const FETCH_AHEAD: u64 = 8 * lazylayer_index::DEFAULT_SPACING;
 
 /// Files filled at once in stream order.
 const FILLS_AT_ONCE: usize = 4;
@@ -189,7 +190,12 @@ impl Worker {
                 // Fetch ahead in runs: one ranged GET covers several spans.
                 let span = layer.index.span_at(layer.index.entries[i].data_offset);
                 if span >= prefetched {
-                    let last = (span + FETCH_AHEAD).min(layer.index.spans.len() - 1);
+                    let spans = &layer.index.spans;
+                    let reach = spans[span].compressed_start + FETCH_AHEAD;
+                    let mut last = span;
+                    while last + 1 < spans.len() && spans[last + 1].compressed_end <= reach {
+                        last += 1;
+                    }
                     match layer.reader().ensure(span..=last).await {
                         Ok(()) => prefetched = last + 1,
                         // A span that never matches its digest: the fill below stops the layer.

@@ -26,18 +26,37 @@ use crate::{Error, Result};
 /// Default checkpoint spacing, in compressed bytes (see docs/benchmarks.md for the choice).
 pub const DEFAULT_SPACING: u64 = 1 << 20;
 
+/// Default continuation spacing of gzip layers, in compressed bytes: a read fetches and
+/// verifies from its span's checkpoint up to the end of what it needs, in pieces this size,
+/// instead of whole checkpoint spans (see docs/benchmarks.md, "continuation spans").
+pub const DEFAULT_CONTINUATION: u64 = 64 << 10;
+
 /// How to build.
 #[derive(Clone, Copy, Debug)]
 pub struct BuildOptions {
     /// Compressed bytes between checkpoints (at least; checkpoints fall on block or frame
     /// boundaries).
     pub spacing: u64,
+    /// Compressed bytes between the cuts of continuation spans, which have a digest but no
+    /// checkpoint (at least; they fall on deflate block boundaries); 0 for none. gzip only.
+    pub continuation: u64,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
             spacing: DEFAULT_SPACING,
+            continuation: DEFAULT_CONTINUATION,
+        }
+    }
+}
+
+impl BuildOptions {
+    /// Checkpoints every `spacing` bytes and no continuation spans (the format-2 layout).
+    pub fn spans_of(spacing: u64) -> Self {
+        BuildOptions {
+            spacing,
+            continuation: 0,
         }
     }
 }
@@ -175,8 +194,8 @@ pub fn build_from_reader<R: Read + Send + 'static>(
             layer.media_type
         ))
     })?;
-    let indexer =
-        codec::indexer(compression, blob, options.spacing).map_err(|e| bad(e.to_string()))?;
+    let indexer = codec::indexer(compression, blob, options.spacing, options.continuation)
+        .map_err(|e| bad(e.to_string()))?;
     let mut uncompressed = Uncompressed {
         inner: indexer,
         hasher: DigestHasher::new(DigestAlgorithm::Sha256),
@@ -211,6 +230,7 @@ pub fn build_from_reader<R: Read + Send + 'static>(
             spacing: options.spacing,
             spans,
             entries,
+            continuation: options.continuation,
         },
         windows_file,
         windows_len,

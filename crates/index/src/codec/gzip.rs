@@ -6,7 +6,7 @@
 use std::io::{self, Read};
 
 use super::inflate::{Inflater, Wrapper};
-use super::{CompressedInput, Indexer, WindowSpill, corrupt};
+use super::{CompressedInput, Indexer, Resume, WindowSpill, corrupt};
 pub use crate::format::WINDOW;
 use crate::format::{Span, SpanStart};
 
@@ -56,24 +56,29 @@ impl Ring {
     }
 }
 
-/// Decompresses a gzip layer and cuts spans at deflate block boundaries.
+/// Decompresses a gzip layer and cuts spans at deflate block boundaries: a checkpoint (with
+/// its window) once `spacing` compressed bytes have passed since the last one, and a
+/// continuation span (no window) once `continuation` bytes have passed since the last cut.
 pub struct GzipIndexer<R> {
     input: CompressedInput<R>,
     inflater: Inflater,
     ring: Ring,
     spacing: u64,
+    /// 0: no continuation spans.
+    continuation: u64,
     out_total: u64,
     member_out_start: u64,
     finished: bool,
 }
 
 impl<R: Read> GzipIndexer<R> {
-    pub fn new(blob: R, spacing: u64) -> io::Result<Self> {
+    pub fn new(blob: R, spacing: u64, continuation: u64) -> io::Result<Self> {
         Ok(GzipIndexer {
             input: CompressedInput::new(blob)?,
             inflater: Inflater::new(Wrapper::Gzip).map_err(corrupt)?,
             ring: Ring::new(),
             spacing: spacing.max(1),
+            continuation,
             out_total: 0,
             member_out_start: 0,
             finished: false,
@@ -107,9 +112,16 @@ impl<R: Read> GzipIndexer<R> {
             }
             self.inflater.reset(Wrapper::Gzip).map_err(corrupt)?;
             self.member_out_start = self.out_total;
-            if self.input.span_len() >= self.spacing {
+            // A member boundary needs no window: a fresh span is as cheap as a continuation.
+            let cut_every = match self.continuation {
+                0 => self.spacing,
+                continuation => continuation.min(self.spacing),
+            };
+            if self.input.span_len() >= cut_every
+                && self.out_total > self.input.span_uncompressed_start()
+            {
                 let at = self.out_total;
-                self.input.cut(false, at, None)?;
+                self.input.cut(false, at, Resume::Fresh)?;
             }
             return Ok(());
         }
@@ -141,14 +153,22 @@ impl<R: Read> Read for GzipIndexer<R> {
             } else if step.data_type & 128 != 0
                 && step.data_type & 64 == 0
                 && self.out_total > self.member_out_start
-                && self.input.span_len() >= self.spacing
+                && self.out_total > self.input.span_uncompressed_start()
             {
                 let bits = (step.data_type & 7) as u8;
-                let window_len =
-                    (self.out_total - self.member_out_start).min(WINDOW as u64) as usize;
                 let at = self.out_total;
-                let window = self.ring.last(window_len);
-                self.input.cut(bits > 0, at, Some((bits, &window)))?;
+                if self.input.since_checkpoint() >= self.spacing {
+                    let window_len =
+                        (self.out_total - self.member_out_start).min(WINDOW as u64) as usize;
+                    let window = self.ring.last(window_len);
+                    let resume = Resume::Deflate {
+                        bits,
+                        window: &window,
+                    };
+                    self.input.cut(bits > 0, at, resume)?;
+                } else if self.continuation > 0 && self.input.span_len() >= self.continuation {
+                    self.input.cut(bits > 0, at, Resume::Continue)?;
+                }
             }
             if step.produced > 0 {
                 return Ok(step.produced);
@@ -197,6 +217,7 @@ pub fn resume(
             inflater.set_dictionary(window).map_err(corrupt)?;
             (inflater, Wrapper::Raw, input)
         }
+        SpanStart::Continue => return Err(corrupt("a continuation span has no checkpoint")),
     };
     let mut buffer = vec![0u8; 256 << 10];
     let mut left = want;

@@ -48,6 +48,17 @@ impl WindowSpill {
     }
 }
 
+/// How decompression resumes at a cut (what the span after it starts with).
+pub(crate) enum Resume<'a> {
+    /// From nothing: a new gzip member or zstd frame, or any offset of a plain tar.
+    Fresh,
+    /// Raw deflate from a block boundary: the boundary's `bits` in the last byte, and the
+    /// window.
+    Deflate { bits: u8, window: &'a [u8] },
+    /// Only by going on from the previous span (a [`SpanStart::Continue`] span).
+    Continue,
+}
+
 /// The compressed side of indexing: buffers input from the blob, tracks how much the
 /// decoder consumed, and hashes the consumed bytes into the current span.
 pub(crate) struct CompressedInput<R> {
@@ -62,6 +73,8 @@ pub(crate) struct CompressedInput<R> {
     hasher: Sha256,
     span_start: u64,
     span_uncompressed_start: u64,
+    /// Where the current span's checkpoint is: its own start, or an earlier span's.
+    checkpoint_start: u64,
     span_begin: SpanStart,
     spans: Vec<Span>,
     windows: WindowSpill,
@@ -80,6 +93,7 @@ impl<R: Read> CompressedInput<R> {
             hasher: Sha256::new(),
             span_start: 0,
             span_uncompressed_start: 0,
+            checkpoint_start: 0,
             span_begin: SpanStart::Fresh,
             spans: Vec::new(),
             windows: WindowSpill::new()?,
@@ -126,18 +140,31 @@ impl<R: Read> CompressedInput<R> {
         self.consumed - self.span_start
     }
 
+    /// Compressed bytes since the current span's checkpoint (more than
+    /// [`span_len`](Self::span_len) after [`Resume::Continue`] cuts).
+    pub fn since_checkpoint(&self) -> u64 {
+        self.consumed - self.checkpoint_start
+    }
+
+    /// Uncompressed offset where the current span starts.
+    pub fn span_uncompressed_start(&self) -> u64 {
+        self.span_uncompressed_start
+    }
+
     /// Ends the current span at the consumed position and starts the next one there, or one
-    /// byte earlier when the next checkpoint needs bits of the last consumed byte. A deflate
-    /// checkpoint brings its `bits` and the `window` to resume with.
+    /// byte earlier when the next span needs bits of the last consumed byte; `resume` says
+    /// how the next span starts.
     pub fn cut(
         &mut self,
         share_last_byte: bool,
         uncompressed_at: u64,
-        deflate: Option<(u8, &[u8])>,
+        resume: Resume<'_>,
     ) -> io::Result<()> {
-        let next = match deflate {
-            None => SpanStart::Fresh,
-            Some((bits, window)) => {
+        let checkpoint = !matches!(resume, Resume::Continue);
+        let next = match resume {
+            Resume::Fresh => SpanStart::Fresh,
+            Resume::Continue => SpanStart::Continue,
+            Resume::Deflate { bits, window } => {
                 let (window_offset, window_len) = self.windows.append(window)?;
                 SpanStart::Deflate {
                     bits,
@@ -162,6 +189,9 @@ impl<R: Read> CompressedInput<R> {
             self.consumed
         };
         self.span_uncompressed_start = uncompressed_at;
+        if checkpoint {
+            self.checkpoint_start = self.span_start;
+        }
         Ok(())
     }
 
@@ -188,14 +218,17 @@ pub trait Indexer: Read + Send {
     fn finish(self: Box<Self>) -> io::Result<(Vec<Span>, WindowSpill)>;
 }
 
-/// The indexing decoder for a layer's compression.
+/// The indexing decoder for a layer's compression: checkpoints every `spacing` compressed
+/// bytes, and between them [`SpanStart::Continue`] spans every `continuation` bytes (0: none;
+/// gzip only).
 pub fn indexer<R: Read + Send + 'static>(
     compression: Compression,
     blob: R,
     spacing: u64,
+    continuation: u64,
 ) -> io::Result<Box<dyn Indexer>> {
     Ok(match compression {
-        Compression::Gzip => Box::new(gzip::GzipIndexer::new(blob, spacing)?),
+        Compression::Gzip => Box::new(gzip::GzipIndexer::new(blob, spacing, continuation)?),
         Compression::Zstd => Box::new(zstd::ZstdIndexer::new(blob, spacing)?),
         Compression::None => Box::new(plain::PlainIndexer::new(blob, spacing)?),
     })

@@ -2,7 +2,7 @@
 
 use std::io::{self, Read};
 
-use super::{CompressedInput, Indexer, WindowSpill, corrupt};
+use super::{CompressedInput, Indexer, Resume, WindowSpill, corrupt};
 use crate::format::Span;
 
 /// Passes the tar through, cutting a span every `spacing` bytes.
@@ -24,7 +24,7 @@ impl<R: Read> Read for PlainIndexer<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.input.span_len() >= self.spacing {
             let at = self.input.consumed;
-            self.input.cut(false, at, None)?;
+            self.input.cut(false, at, Resume::Fresh)?;
         }
         let room = (self.spacing - self.input.span_len()).min(out.len() as u64) as usize;
         let available = self.input.available()?;

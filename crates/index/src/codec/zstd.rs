@@ -5,7 +5,7 @@ use std::io::{self, Read};
 
 use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer};
 
-use super::{CompressedInput, Indexer, WindowSpill, corrupt};
+use super::{CompressedInput, Indexer, Resume, WindowSpill, corrupt};
 use crate::format::Span;
 
 /// Decompresses a zstd layer, cutting spans at frame ends once `spacing` bytes have passed.
@@ -61,7 +61,7 @@ impl<R: Read> Read for ZstdIndexer<R> {
             self.in_frame = hint != 0;
             if hint == 0 && self.input.span_len() >= self.spacing {
                 let at = self.out_total;
-                self.input.cut(false, at, None)?;
+                self.input.cut(false, at, Resume::Fresh)?;
             }
             if produced > 0 {
                 return Ok(produced);

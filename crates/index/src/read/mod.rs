@@ -23,7 +23,7 @@ use self::cache::SpanCache;
 pub use self::verification::Verification;
 use crate::codec;
 use crate::entry::{Entry, EntryKind, Piece};
-use crate::format::LayerIndex;
+use crate::format::{LayerIndex, SpanStart};
 use crate::{Error, Result};
 
 /// Compressed bytes a fetch of spans of an index from a table of contents reaches (see
@@ -31,8 +31,9 @@ use crate::{Error, Result};
 const READ_AHEAD: u64 = crate::build::DEFAULT_SPACING;
 /// Ranged requests in flight at once for one read.
 const MAX_IN_FLIGHT: usize = 4;
-/// Decompressed spans kept in memory, so reads of neighbouring files inflate a span once.
-const RECENT_SPANS: usize = 4;
+/// Decompressed spans kept in memory, so reads of neighbouring files inflate a span once
+/// (a checkpoint span followed by its continuation spans is inflated at once: 16 or more).
+const RECENT_SPANS: usize = 64;
 /// ... and at most this many bytes of them, the newest span excepted (a 1 MiB span of text
 /// inflates to 3-4 MiB): the worker's memory stays small while it populates every layer.
 const RECENT_BYTES: usize = 16 << 20;
@@ -261,21 +262,48 @@ impl LayerReader {
             .map(|(_, output)| output.clone())
     }
 
+    /// Inflates span `i` and keeps its output; a continuation span is inflated from its
+    /// checkpoint, and the output of the local continuation spans after it is kept too, so
+    /// that filling a layer in order inflates each span once.
     async fn inflate_and_keep(&self, i: usize) -> Result<Arc<Vec<u8>>> {
         if let Some(output) = self.recent_output(i) {
             return Ok(output);
         }
-        let (_, output) = self.decompress(i..=i).await?;
-        let output = Arc::new(output);
+        let index = &self.index;
+        let output_of =
+            |j: usize| index.span_uncompressed_end(j) - index.spans[j].uncompressed_start;
+        let mut last = i;
+        let mut kept = output_of(i);
+        while last + 1 < index.spans.len()
+            && index.spans[last + 1].start == SpanStart::Continue
+            && self.cache.has(last + 1)
+            && kept + output_of(last + 1) <= RECENT_BYTES as u64
+        {
+            last += 1;
+            kept += output_of(last);
+        }
+        let from = index.spans[i].uncompressed_start;
+        let output = self.decompress_keeping(i..=last, from).await?;
+        let mut outputs = Vec::with_capacity(last - i + 1);
+        for j in i..=last {
+            let at = (index.spans[j].uncompressed_start - from) as usize;
+            let end = (index.span_uncompressed_end(j) - from) as usize;
+            outputs.push((j, Arc::new(output[at..end].to_vec())));
+        }
+        let first = outputs[0].1.clone();
         let mut recent = self.recent.lock().expect("recent spans");
-        recent.push_back((i, output.clone()));
+        for (j, output) in outputs {
+            if !recent.iter().any(|(span, _)| *span == j) {
+                recent.push_back((j, output));
+            }
+        }
         while recent.len() > RECENT_SPANS
             || (recent.len() > 1
                 && recent.iter().map(|(_, o)| o.len()).sum::<usize>() > RECENT_BYTES)
         {
             recent.pop_front();
         }
-        Ok(output)
+        Ok(first)
     }
 
     /// Whether span `i`'s output is too large to hold in memory whole (see
@@ -312,18 +340,27 @@ impl LayerReader {
             )));
         }
         self.ensure(i..=i).await?;
-        let compressed = self.load_verified(i, i, span.compressed_start, span.compressed_end)?;
-        let plan = index.run_plan(i, i)?;
+        // A continuation span streams from its checkpoint; what comes before `range` is
+        // passed over.
+        let checkpoint = index.checkpoint_of(i);
+        let checkpoint_start = index.spans[checkpoint].uncompressed_start;
+        let compressed = self.load_verified(
+            checkpoint,
+            i,
+            index.spans[checkpoint].compressed_start,
+            span.compressed_end,
+        )?;
+        let plan = index.run_plan(checkpoint, i)?;
         let compression = index.compression;
         let layer = index.blob_digest.to_string();
         let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
         tokio::task::spawn_blocking(move || {
-            let mut position = span_start;
+            let mut position = checkpoint_start;
             let result = codec::resume_run(
                 compression,
                 &plan,
                 &compressed,
-                range.end - span_start,
+                range.end - checkpoint_start,
                 &mut |chunk| {
                     let chunk_start = position;
                     position += chunk.len() as u64;
@@ -350,27 +387,44 @@ impl LayerReader {
         Ok(receiver)
     }
 
-    /// Decompresses a run of spans; returns the uncompressed offset of the output and the
-    /// output, which covers every file byte in those spans.
+    /// Decompresses a run of spans (from the first one's checkpoint); returns the
+    /// uncompressed offset of the output and the output, which covers every file byte in
+    /// those spans.
     pub async fn decompress(&self, spans: RangeInclusive<usize>) -> Result<(u64, Vec<u8>)> {
         let (first, last) = (*spans.start(), *spans.end());
         if last >= self.index.spans.len() || first > last {
             return Err(Error::BadRead(format!("no spans {first}..={last}")));
         }
-        self.ensure(spans).await?;
+        let output_start = self.index.spans[self.index.checkpoint_of(first)].uncompressed_start;
+        let output = self.decompress_keeping(first..=last, output_start).await?;
+        Ok((output_start, output))
+    }
+
+    /// Decompresses spans `spans` from the first one's checkpoint and returns their output
+    /// from uncompressed offset `from` on (what comes before is passed over, not held).
+    async fn decompress_keeping(&self, spans: RangeInclusive<usize>, from: u64) -> Result<Vec<u8>> {
         let index = &self.index;
+        let first = index.checkpoint_of(*spans.start());
+        let last = *spans.end();
+        self.ensure(spans).await?;
         let start = index.spans[first].compressed_start;
         let end = index.spans[last].compressed_end;
         let compressed = self.load_verified(first, last, start, end)?;
         let plan = index.run_plan(first, last)?;
         let output_start = index.spans[first].uncompressed_start;
         let want = index.span_uncompressed_end(last) - output_start;
+        let skip = from.saturating_sub(output_start).min(want);
         let compression = index.compression;
         let layer = index.blob_digest.to_string();
         let output = tokio::task::spawn_blocking(move || {
-            let mut output = Vec::with_capacity(want as usize);
+            let mut output = Vec::with_capacity((want - skip) as usize);
+            let mut position = 0u64;
             codec::resume_run(compression, &plan, &compressed, want, &mut |chunk| {
-                output.extend_from_slice(chunk);
+                let chunk_start = position;
+                position += chunk.len() as u64;
+                if position > skip {
+                    output.extend_from_slice(&chunk[skip.saturating_sub(chunk_start) as usize..]);
+                }
                 Ok(())
             })
             .map(|()| output)
@@ -381,7 +435,7 @@ impl LayerReader {
             layer,
             reason: format!("spans {first}..={last} do not decompress: {e}"),
         })?;
-        Ok((output_start, output))
+        Ok(output)
     }
 
     /// Reads spans `first..=last` from the cache, checking each against its digest again;
@@ -421,7 +475,20 @@ impl LayerReader {
     /// started in the order of `spans` (the caller puts what is needed first first).
     pub async fn ensure_set(&self, spans: impl IntoIterator<Item = usize>) -> Result<()> {
         let mut runs: Vec<RangeInclusive<usize>> = Vec::new();
+        // A continuation span is read from its checkpoint: those before it are needed too.
+        let mut seen = std::collections::HashSet::new();
+        let mut needed = Vec::new();
         for i in spans {
+            if i >= self.index.spans.len() {
+                return Err(Error::BadRead(format!("no span {i}")));
+            }
+            for j in self.index.checkpoint_of(i)..=i {
+                if seen.insert(j) {
+                    needed.push(j);
+                }
+            }
+        }
+        for i in needed {
             if self.cache.has(i) {
                 continue;
             }

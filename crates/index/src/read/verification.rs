@@ -89,6 +89,7 @@ fn check(blob: ArrivingBlob, index: &LayerIndex) -> Result<()> {
         Some(&index.diff_id),
         crate::BuildOptions {
             spacing: index.spacing,
+            continuation: index.continuation,
         },
     )?;
     if index.from_toc() {

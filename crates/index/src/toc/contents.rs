@@ -106,6 +106,7 @@ pub(super) fn index_of(
         spacing: DEFAULT_SPACING,
         spans,
         entries: table.finish(),
+        continuation: 0,
     })
 }
 

@@ -255,13 +255,12 @@ pub fn ensure(cache: &Path) -> anyhow::Result<SampleImage> {
     };
     // Its lazy index, attached the way `lazylayer index --push` attaches it to a registry.
     let blob = std::fs::File::open(layout.join("blobs/sha256").join(layer.digest.hex()))?;
-    // Many small library files: smaller spans waste less of each fetch on neighbours.
-    let index = build_from_reader(
-        blob,
-        &layer,
-        Some(&diff_id),
-        BuildOptions { spacing: 512 << 10 },
-    )?;
+    // Many small library files: denser checkpoints waste less of each fetch on neighbours.
+    let options = BuildOptions {
+        spacing: 512 << 10,
+        ..BuildOptions::default()
+    };
+    let index = build_from_reader(blob, &layer, Some(&diff_id), options)?;
     let encoded = index.encode()?;
     let index_digest = put_blob(&layout, &encoded)?;
     put_blob(&layout, EMPTY_CONFIG)?;
