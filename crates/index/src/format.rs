@@ -400,6 +400,20 @@ impl LayerIndex {
         c
     }
 
+    /// The last span that goes on from the same checkpoint as span `i` (the end of the
+    /// continuation spans after it; `i` itself when none follows).
+    pub fn checkpoint_span_end(&self, i: usize) -> usize {
+        let mut last = i;
+        while self
+            .spans
+            .get(last + 1)
+            .is_some_and(|s| s.start == SpanStart::Continue)
+        {
+            last += 1;
+        }
+        last
+    }
+
     /// How spans `first..=last`, fetched as one run of compressed bytes, decompress; `first`
     /// must have a checkpoint (see [`checkpoint_of`](Self::checkpoint_of)).
     pub fn run_plan(&self, first: usize, last: usize) -> Result<RunPlan> {

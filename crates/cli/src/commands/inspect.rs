@@ -92,6 +92,9 @@ struct IndexOutput {
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 struct SpanOutput {
+    /// The span decompression starts from (this one, or for a continuation span the
+    /// checkpoint before it): a read of this span fetches `checkpoint..=` it.
+    checkpoint: usize,
     compressed_start: u64,
     compressed_end: u64,
     uncompressed_start: u64,
@@ -176,6 +179,7 @@ fn index_output(found: &FoundIndex, files: bool) -> IndexOutput {
                 .iter()
                 .enumerate()
                 .map(|(i, s)| SpanOutput {
+                    checkpoint: index.checkpoint_of(i),
                     compressed_start: s.compressed_start,
                     compressed_end: s.compressed_end,
                     uncompressed_start: s.uncompressed_start,
@@ -369,13 +373,14 @@ fn render_text(image: &ResolvedImage, indexes: &[Option<FoundIndex>], files: boo
 fn render_files(out: &mut String, index: &LayerIndex) {
     let _ = writeln!(
         out,
-        "      {:>5}  {:>23}  {:>23}",
-        "SPAN", "COMPRESSED", "UNCOMPRESSED"
+        "      {:>5}  {:>10}  {:>23}  {:>23}",
+        "SPAN", "CHECKPOINT", "COMPRESSED", "UNCOMPRESSED"
     );
     for (i, span) in index.spans.iter().enumerate() {
         let _ = writeln!(
             out,
-            "      {i:>5}  {:>23}  {:>23}",
+            "      {i:>5}  {:>10}  {:>23}  {:>23}",
+            index.checkpoint_of(i),
             format!("{}..{}", span.compressed_start, span.compressed_end),
             format!(
                 "{}..{}",

@@ -377,6 +377,8 @@ fn same_file_readers_share_one_fetch(kind: &str, mode: &'static str) {
         entry["spans"][1].as_u64().unwrap() as usize,
     );
     let spans = index["spanTable"].as_array().unwrap();
+    // A read fetches from the checkpoint of the file's first span.
+    let first = spans[first]["checkpoint"].as_u64().unwrap() as usize;
     let span_bytes = spans[last]["compressedEnd"].as_u64().unwrap()
         - spans[first]["compressedStart"].as_u64().unwrap();
 

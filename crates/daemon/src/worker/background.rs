@@ -186,24 +186,26 @@ impl Worker {
                 }
                 Step::Fill => {}
             }
-            if self.options.background_rate.is_none() || urgent {
-                // Fetch ahead in runs: one ranged GET covers several spans.
-                let span = layer.index.span_at(layer.index.entries[i].data_offset);
-                if span >= prefetched {
-                    let spans = &layer.index.spans;
+            // Fetch ahead in runs: one ranged GET covers several spans. Uncapped, about
+            // FETCH_AHEAD bytes; capped, to the end of the checkpoint span (continuation spans
+            // are small: a GET for each file's own would make the fill request-bound).
+            let span = layer.index.span_at(layer.index.entries[i].data_offset);
+            if span >= prefetched {
+                let spans = &layer.index.spans;
+                let mut last = layer.index.checkpoint_span_end(span);
+                if self.options.background_rate.is_none() || urgent {
                     let reach = spans[span].compressed_start + FETCH_AHEAD;
-                    let mut last = span;
                     while last + 1 < spans.len() && spans[last + 1].compressed_end <= reach {
                         last += 1;
                     }
-                    match layer.reader().ensure(span..=last).await {
-                        Ok(()) => prefetched = last + 1,
-                        // A span that never matches its digest: the fill below stops the layer.
-                        Err(_) if layer.reader().condemned_span().is_some() => {}
-                        Err(e) => {
-                            retry_later(managed, "fetch", &e, &mut backoff).await;
-                            continue;
-                        }
+                }
+                match layer.reader().ensure(span..=last).await {
+                    Ok(()) => prefetched = last + 1,
+                    // A span that never matches its digest: the fill below stops the layer.
+                    Err(_) if layer.reader().condemned_span().is_some() => {}
+                    Err(e) => {
+                        retry_later(managed, "fetch", &e, &mut backoff).await;
+                        continue;
                     }
                 }
             }
