@@ -12,5 +12,5 @@ fuzz_target!(|data: &[u8]| {
         media_type: "application/vnd.oci.image.layer.v1.tar".to_string(),
         size: data.len() as u64,
     };
-    let _ = build_from_reader(std::io::Cursor::new(data.to_vec()), &layer, None, BuildOptions { spacing: 4096 });
+    let _ = build_from_reader(std::io::Cursor::new(data.to_vec()), &layer, None, BuildOptions::spans_of(4096));
 });
