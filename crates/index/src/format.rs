@@ -28,9 +28,9 @@ pub const WINDOW: usize = 32 << 10;
 
 /// First bytes of every index file.
 pub const MAGIC: &[u8; 8] = b"LZLYIDX\0";
-/// The format version this build writes. It reads this one and version 2, whose metadata is
-/// version 3's without [`IndexMeta::continuation`] (its last field) and has no
-/// [`SpanStart::Continue`] span.
+/// The format version this build writes for indexes with continuation spans (it writes the
+/// others as version 2). It reads both: version 2's metadata is version 3's without
+/// [`IndexMeta::continuation`] (its last field) and has no [`SpanStart::Continue`] span.
 pub const VERSION: u32 = 3;
 /// The oldest format version this build reads.
 const OLDEST_VERSION: u32 = 2;
@@ -293,13 +293,25 @@ impl LayerIndex {
 
     /// Writes the index to `out`, streaming the windows (they are never all in memory).
     pub fn encode_to(&self, out: &mut dyn Write) -> Result<()> {
-        let raw = postcard::to_stdvec(&self.meta).map_err(|e| Error::bad_index("encoding", e))?;
+        let mut raw =
+            postcard::to_stdvec(&self.meta).map_err(|e| Error::bad_index("encoding", e))?;
+        // An index without continuation spans is written as version 2, which builds from
+        // before version 3 read too (byte for byte what they wrote): its metadata is this one
+        // without the last field, `continuation` = 0, one byte.
+        let version = if self.continuation == 0
+            && !self.spans.iter().any(|s| s.start == SpanStart::Continue)
+        {
+            raw.pop();
+            OLDEST_VERSION
+        } else {
+            VERSION
+        };
         let packed =
             zstd::bulk::compress(&raw, 9).map_err(|e| Error::io("compressing index", e))?;
         let windows_len = self.windows.len();
         let written = (|| -> std::io::Result<()> {
             out.write_all(MAGIC)?;
-            out.write_all(&VERSION.to_le_bytes())?;
+            out.write_all(&version.to_le_bytes())?;
             out.write_all(&(packed.len() as u64).to_le_bytes())?;
             out.write_all(&(raw.len() as u64).to_le_bytes())?;
             out.write_all(&windows_len.to_le_bytes())?;

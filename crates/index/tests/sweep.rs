@@ -944,6 +944,23 @@ async fn continuation_spans_read_right_in_any_order_and_are_checked_when_complet
     let built = build(&layout, layer, None, options).await.unwrap();
     let good = built.encode().unwrap();
     let index = Arc::new(LayerIndex::decode("good", &good).unwrap());
+    // Version 3, and what decodes encodes to the same bytes; without continuation spans the
+    // same layer's index is version 2, which builds from before read.
+    assert_eq!(good[8..12], 3u32.to_le_bytes());
+    assert!(index.encode().unwrap() == good);
+    let plain = build(&layout, layer, None, BuildOptions::spans_of(256 << 10))
+        .await
+        .unwrap()
+        .encode()
+        .unwrap();
+    assert_eq!(plain[8..12], 2u32.to_le_bytes());
+    assert!(
+        LayerIndex::decode("version 2", &plain)
+            .unwrap()
+            .encode()
+            .unwrap()
+            == plain
+    );
     assert!(
         index
             .spans

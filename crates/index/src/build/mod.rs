@@ -230,7 +230,12 @@ pub fn build_from_reader<R: Read + Send + 'static>(
             spacing: options.spacing,
             spans,
             entries,
-            continuation: options.continuation,
+            // Only gzip layers have continuation spans; the others stay readable by builds
+            // that know only version 2.
+            continuation: match compression {
+                Compression::Gzip => options.continuation,
+                Compression::Zstd | Compression::None => 0,
+            },
         },
         windows_file,
         windows_len,
