@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use clap::Args;
-use lazylayer_index::{Compression, Entry, EntryKind, IndexStore, LayerIndex};
+use lazylayer_index::{Compression, Entry, EntryKind, IndexStore, LayerIndex, SpanStart};
 use lazylayer_source::{
     BlobDescriptor, ImageReference, ImageSource, PlatformChoice, ResolvedImage,
 };
@@ -174,12 +174,13 @@ fn index_output(found: &FoundIndex, files: bool) -> IndexOutput {
         entries: index.entries.len(),
         single_span: single_span(index),
         span_table: files.then(|| {
+            let checkpoints = checkpoints(index);
             index
                 .spans
                 .iter()
                 .enumerate()
                 .map(|(i, s)| SpanOutput {
-                    checkpoint: index.checkpoint_of(i),
+                    checkpoint: checkpoints[i],
                     compressed_start: s.compressed_start,
                     compressed_end: s.compressed_end,
                     uncompressed_start: s.uncompressed_start,
@@ -229,6 +230,19 @@ const ZSTD_CHUNKED_HINT: &str = "a single zstd frame: any read fetches the whole
 /// A layer whose data is all in one span (a single zstd frame, or a small layer).
 fn single_span(index: &LayerIndex) -> bool {
     index.spans.len() == 1 && index.compression == Compression::Zstd
+}
+
+/// Each span's checkpoint (see [`LayerIndex::checkpoint_of`]), in one pass.
+fn checkpoints(index: &LayerIndex) -> Vec<usize> {
+    let mut checkpoint = 0;
+    (0..index.spans.len())
+        .map(|i| {
+            if index.spans[i].start != SpanStart::Continue {
+                checkpoint = i;
+            }
+            checkpoint
+        })
+        .collect()
 }
 
 /// The first and last span holding a file's stored bytes.
@@ -376,11 +390,12 @@ fn render_files(out: &mut String, index: &LayerIndex) {
         "      {:>5}  {:>10}  {:>23}  {:>23}",
         "SPAN", "CHECKPOINT", "COMPRESSED", "UNCOMPRESSED"
     );
+    let checkpoints = checkpoints(index);
     for (i, span) in index.spans.iter().enumerate() {
         let _ = writeln!(
             out,
             "      {i:>5}  {:>10}  {:>23}  {:>23}",
-            index.checkpoint_of(i),
+            checkpoints[i],
             format!("{}..{}", span.compressed_start, span.compressed_end),
             format!(
                 "{}..{}",

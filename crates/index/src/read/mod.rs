@@ -476,17 +476,24 @@ impl LayerReader {
     pub async fn ensure_set(&self, spans: impl IntoIterator<Item = usize>) -> Result<()> {
         let mut runs: Vec<RangeInclusive<usize>> = Vec::new();
         // A continuation span is read from its checkpoint: those before it are needed too.
+        // Walking back stops at a span already taken, so a long run of spans costs each span
+        // once, however long the chains an index (perhaps hostile) makes.
         let mut seen = std::collections::HashSet::new();
         let mut needed = Vec::new();
         for i in spans {
             if i >= self.index.spans.len() {
                 return Err(Error::BadRead(format!("no span {i}")));
             }
-            for j in self.index.checkpoint_of(i)..=i {
-                if seen.insert(j) {
-                    needed.push(j);
+            let mut back = Vec::new();
+            let mut j = i;
+            while seen.insert(j) {
+                back.push(j);
+                if j == 0 || self.index.spans[j].start != SpanStart::Continue {
+                    break;
                 }
+                j -= 1;
             }
+            needed.extend(back.into_iter().rev());
         }
         for i in needed {
             if self.cache.has(i) {
