@@ -24,4 +24,4 @@ pub use profile::{Profile, ProfileEntry};
 pub use startup_files::startup_files;
 pub use state::{FrontendMode, Phase};
 pub use store::{ImageRecord, LayerLock, Progress, Store};
-pub use tree::LayerTree;
+pub use tree::{LastParent, LayerTree};

@@ -22,6 +22,22 @@ pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// File capabilities: a data write clears them, so they are set again after population.
 pub const CAPABILITY_XATTR: &[u8] = b"security.capability";
 
+/// The directory of the last entry looked up, kept open for the next: entries in tar order
+/// mostly share their parent, and each lookup beneath the root walks the whole path.
+#[derive(Default)]
+pub struct LastParent {
+    path: Vec<u8>,
+    dir: Option<OwnedFd>,
+}
+
+/// `relative` split into its parent directory and its last name.
+fn split_parent(relative: &[u8]) -> (&[u8], &[u8]) {
+    match relative.iter().rposition(|b| *b == b'/') {
+        Some(slash) => (&relative[..slash], &relative[slash + 1..]),
+        None => (&relative[..0], relative),
+    }
+}
+
 /// A layer directory, opened.
 pub struct LayerTree {
     root: OwnedFd,
@@ -86,23 +102,42 @@ impl LayerTree {
 
     /// Opens the parent directory of `relative` beneath the root; returns it and the last name.
     pub fn parent<'a>(&self, relative: &'a [u8]) -> Result<(OwnedFd, &'a [u8])> {
-        let (parent, name) = match relative.iter().rposition(|b| *b == b'/') {
-            Some(slash) => (&relative[..slash], &relative[slash + 1..]),
-            None => (&relative[..0], relative),
-        };
-        let dir = if parent.is_empty() {
-            rustix::io::dup(&self.root).map_err(|e| Error::sys("dup", e))?
-        } else {
-            rustix::fs::openat2(
-                &self.root,
-                std::ffi::OsStr::from_bytes(parent),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::empty(),
-                beneath(),
-            )
-            .map_err(|e| Error::sys(format!("opening {}", self.path_of(parent).display()), e))?
+        let (parent, name) = split_parent(relative);
+        Ok((self.open_dir(parent)?, name))
+    }
+
+    /// [`parent`](Self::parent), opened again only when it is not the one `last` holds.
+    pub fn parent_after<'c, 'a>(
+        &self,
+        relative: &'a [u8],
+        last: &'c mut LastParent,
+    ) -> Result<(&'c OwnedFd, &'a [u8])> {
+        let (parent, name) = split_parent(relative);
+        let dir = match last.dir.take() {
+            Some(dir) if last.path == parent => last.dir.insert(dir),
+            _ => {
+                let dir = self.open_dir(parent)?;
+                last.path.clear();
+                last.path.extend_from_slice(parent);
+                last.dir.insert(dir)
+            }
         };
         Ok((dir, name))
+    }
+
+    /// Opens the directory `relative` beneath the root (the root itself when empty).
+    fn open_dir(&self, relative: &[u8]) -> Result<OwnedFd> {
+        if relative.is_empty() {
+            return rustix::io::dup(&self.root).map_err(|e| Error::sys("dup", e));
+        }
+        rustix::fs::openat2(
+            &self.root,
+            std::ffi::OsStr::from_bytes(relative),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            beneath(),
+        )
+        .map_err(|e| Error::sys(format!("opening {}", self.path_of(relative).display()), e))
     }
 
     /// Opens an entry beneath the root (never through a symlink).
@@ -126,22 +161,27 @@ impl LayerTree {
     /// directories are set later ([`set_dir_times`](Self::set_dir_times)), since creating their
     /// children changes them.
     pub fn create(&self, entry: &Entry) -> Result<()> {
+        self.create_after(entry, &mut LastParent::default())
+    }
+
+    /// [`create`](Self::create), in the parent `last` holds open when it is the same.
+    fn create_after(&self, entry: &Entry, last: &mut LastParent) -> Result<()> {
         let shown = || self.path_of(&entry.path).display().to_string();
         let sys = |what: &str, e: rustix::io::Errno| Error::sys(format!("{what} {}", shown()), e);
         if entry.path.is_empty() {
             // The layer root itself.
             return self.apply_metadata(&self.root, entry, true);
         }
-        let (dir, name) = self.parent(&entry.path)?;
+        let (dir, name) = self.parent_after(&entry.path, last)?;
         let name = std::ffi::OsStr::from_bytes(name);
         match entry.kind {
             EntryKind::Dir => {
-                match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
+                match rustix::fs::mkdirat(dir, name, created_mode(entry)) {
                     Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                     Err(e) => return Err(sys("creating directory", e)),
                 }
                 let fd = rustix::fs::openat(
-                    &dir,
+                    dir,
                     name,
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
@@ -155,24 +195,25 @@ impl LayerTree {
             }
             EntryKind::File => {
                 let fd = rustix::fs::openat(
-                    &dir,
+                    dir,
                     name,
                     OFlags::WRONLY
                         | OFlags::CREATE
                         | OFlags::EXCL
                         | OFlags::NOFOLLOW
                         | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
+                    created_mode(entry),
                 )
                 .map_err(|e| sys("creating file", e))?;
-                rustix::fs::ftruncate(&fd, entry.size).map_err(|e| sys("sizing", e))?;
+                if entry.size > 0 {
+                    rustix::fs::ftruncate(&fd, entry.size).map_err(|e| sys("sizing", e))?;
+                }
                 self.apply_metadata(&fd, entry, true)
             }
             EntryKind::Symlink => {
                 let target = std::ffi::OsStr::from_bytes(entry.link.as_deref().unwrap_or_default());
-                rustix::fs::symlinkat(target, &dir, name)
-                    .map_err(|e| sys("creating symlink", e))?;
-                self.apply_metadata_at(&dir, name, entry, false)
+                rustix::fs::symlinkat(target, dir, name).map_err(|e| sys("creating symlink", e))?;
+                self.apply_metadata_at(dir, name, entry, false)
             }
             EntryKind::Hardlink => {
                 let target = entry.link.as_deref().unwrap_or_default();
@@ -180,7 +221,7 @@ impl LayerTree {
                 rustix::fs::linkat(
                     &target_dir,
                     std::ffi::OsStr::from_bytes(target_name),
-                    &dir,
+                    dir,
                     name,
                     AtFlags::empty(),
                 )
@@ -202,14 +243,14 @@ impl LayerTree {
                     _ => (FileType::CharacterDevice, (0, 0)),
                 };
                 rustix::fs::mknodat(
-                    &dir,
+                    dir,
                     name,
                     kind,
                     Mode::from_raw_mode(0o600),
                     rustix::fs::makedev(device.0, device.1),
                 )
                 .map_err(|e| sys("creating node", e))?;
-                self.apply_metadata_at(&dir, name, entry, true)
+                self.apply_metadata_at(dir, name, entry, true)
             }
         }
     }
@@ -238,13 +279,22 @@ impl LayerTree {
     /// [`create`](Self::create) for each of `entries`, on up to [`CREATE_THREADS`] threads.
     fn create_concurrently(&self, entries: &[&Entry]) -> Result<()> {
         if entries.len() < 2 * CREATE_THREADS {
-            return entries.iter().try_for_each(|e| self.create(e));
+            let mut last = LastParent::default();
+            return entries
+                .iter()
+                .try_for_each(|e| self.create_after(e, &mut last));
         }
         let chunk = entries.len().div_ceil(CREATE_THREADS);
         std::thread::scope(|scope| {
             let workers: Vec<_> = entries
                 .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().try_for_each(|e| self.create(e))))
+                .map(|part| {
+                    scope.spawn(move || {
+                        let mut last = LastParent::default();
+                        part.iter()
+                            .try_for_each(|e| self.create_after(e, &mut last))
+                    })
+                })
                 .collect();
             // The scope joins every thread before it returns, also after an early error.
             workers
@@ -265,15 +315,20 @@ impl LayerTree {
         let sys = |what: &str, e: rustix::io::Errno| {
             Error::sys(format!("{what} {}", self.path_of(&entry.path).display()), e)
         };
-        rustix::fs::chownat(
-            dir,
-            name,
-            Some(uid(entry.uid)),
-            Some(gid(entry.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| sys("chown", e))?;
-        if chmod {
+        let made =
+            rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| sys("stat", e))?;
+        let chowned = !owned_as(&made, entry);
+        if chowned {
+            rustix::fs::chownat(
+                dir,
+                name,
+                Some(uid(entry.uid)),
+                Some(gid(entry.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| sys("chown", e))?;
+        }
+        if chmod && (chowned || (made.st_mode & 0o7777) != entry.mode & 0o7777) {
             rustix::fs::chmodat(dir, name, Mode::from_raw_mode(entry.mode), AtFlags::empty())
                 .map_err(|e| sys("chmod", e))?;
         }
@@ -294,10 +349,19 @@ impl LayerTree {
     /// write clears `security.capability`; [`finish_file`](Self::finish_file) sets it again.
     fn apply_metadata(&self, fd: &OwnedFd, entry: &Entry, set_times: bool) -> Result<()> {
         let shown = || self.path_of(&entry.path).display().to_string();
-        rustix::fs::fchown(fd, Some(uid(entry.uid)), Some(gid(entry.gid)))
-            .map_err(|e| Error::sys(format!("chown {}", shown()), e))?;
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(entry.mode))
-            .map_err(|e| Error::sys(format!("chmod {}", shown()), e))?;
+        // A new placeholder mostly has its owner already (root's, or a setgid parent's group):
+        // each change it skips is one metadata update fewer.
+        let made = rustix::fs::fstat(fd).map_err(|e| Error::sys(format!("stat {}", shown()), e))?;
+        let chowned = !owned_as(&made, entry);
+        if chowned {
+            rustix::fs::fchown(fd, Some(uid(entry.uid)), Some(gid(entry.gid)))
+                .map_err(|e| Error::sys(format!("chown {}", shown()), e))?;
+        }
+        // chown clears setuid and setgid: the mode goes on after it.
+        if chowned || (made.st_mode & 0o7777) != entry.mode & 0o7777 {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(entry.mode))
+                .map_err(|e| Error::sys(format!("chmod {}", shown()), e))?;
+        }
         for (key, value) in &entry.xattrs {
             rustix::fs::fsetxattr(
                 fd,
@@ -393,6 +457,17 @@ fn proc_path(dir: &impl AsFd, name: &std::ffi::OsStr) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", dir.as_fd().as_raw_fd())).join(name)
 }
 
+/// The mode a placeholder is created with: its permissions, never more (the umask may take
+/// some away; setuid, setgid and sticky bits come with the final chmod).
+fn created_mode(entry: &Entry) -> Mode {
+    Mode::from_raw_mode(entry.mode & 0o777)
+}
+
+/// Whether the inode `made` is owned as `entry` says.
+fn owned_as(made: &rustix::fs::Stat, entry: &Entry) -> bool {
+    u64::from(made.st_uid) == entry.uid && u64::from(made.st_gid) == entry.gid
+}
+
 fn uid(id: u64) -> Uid {
     Uid::from_raw(id as u32)
 }
@@ -409,5 +484,81 @@ fn times(entry: &Entry) -> Timestamps {
     Timestamps {
         last_access: time,
         last_modification: time,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind, mode: u32, uid: u64, gid: u64) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime: 1_000_000_000,
+            mtime_nsec: 5,
+            size: if kind == EntryKind::File { 3 } else { 0 },
+            link: (kind == EntryKind::Symlink).then(|| b"target".to_vec()),
+            device: None,
+            xattrs: Vec::new(),
+            data_offset: 0,
+            sparse: None,
+            digest: None,
+            opaque: false,
+            implied: false,
+        }
+    }
+
+    /// Placeholders skip the owner and mode changes they do not need, and still end with what
+    /// the index says: in a setgid directory (whose group new entries inherit), with setuid
+    /// bits that a chown would clear, under a umask that takes bits away.
+    #[test]
+    fn placeholders_get_the_owner_and_mode_of_their_entry_whatever_they_inherit() {
+        if !lazylayer_testkit::require_root(
+            "placeholders_get_the_owner_and_mode_of_their_entry_whatever_they_inherit",
+        ) {
+            return;
+        }
+        let scratch = tempfile::tempdir().unwrap();
+        let tree = LayerTree::open(&scratch.path().join("fs")).unwrap();
+        let entries = [
+            entry("", EntryKind::Dir, 0o755, 0, 0),
+            entry("shared", EntryKind::Dir, 0o2775, 0, 50),
+            entry("shared/root-owned", EntryKind::File, 0o644, 0, 0),
+            entry("shared/group-owned", EntryKind::File, 0o664, 0, 50),
+            entry("shared/sub", EntryKind::Dir, 0o755, 0, 0),
+            entry("shared/link", EntryKind::Symlink, 0o777, 0, 0),
+            entry("shared/their-link", EntryKind::Symlink, 0o777, 1000, 1000),
+            entry("suid", EntryKind::File, 0o4755, 1000, 1000),
+            entry("private", EntryKind::File, 0o600, 0, 0),
+            entry("open", EntryKind::File, 0o666, 0, 0),
+            entry("empty", EntryKind::Dir, 0o555, 7, 8),
+        ];
+        tree.create_all(&entries).unwrap();
+        for e in &entries {
+            let meta = std::fs::symlink_metadata(tree.path_of(&e.path)).unwrap();
+            let shown = e.display_path();
+            assert_eq!(
+                (u64::from(meta.uid()), u64::from(meta.gid())),
+                (e.uid, e.gid),
+                "owner of {shown}"
+            );
+            if e.kind != EntryKind::Symlink {
+                assert_eq!(meta.mode() & 0o7777, e.mode, "mode of {shown}");
+            }
+            if e.kind == EntryKind::File {
+                assert_eq!(meta.len(), e.size, "size of {shown}");
+                assert_eq!(
+                    (meta.mtime(), meta.mtime_nsec()),
+                    (e.mtime, 5),
+                    "time of {shown}"
+                );
+            }
+        }
     }
 }

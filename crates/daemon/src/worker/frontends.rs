@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use lazylayer_fanotify::Group;
-use lazylayer_store::{FrontendMode, Layer, LayerTree};
+use lazylayer_store::{FrontendMode, LastParent, Layer, LayerTree};
 
 use crate::error::LayerError;
 use crate::relay::{ToHolder, ToWorker};
@@ -69,8 +69,10 @@ impl FanotifyMarks {
         &self.group
     }
 
-    fn mark(&self, tree: &LayerTree, path: &[u8]) -> std::io::Result<()> {
-        let (dir, name) = tree.parent(path).map_err(std::io::Error::other)?;
+    fn mark(&self, tree: &LayerTree, path: &[u8], last: &mut LastParent) -> std::io::Result<()> {
+        let (dir, name) = tree
+            .parent_after(path, last)
+            .map_err(std::io::Error::other)?;
         let name: &std::ffi::OsStr = std::os::unix::ffi::OsStrExt::from_bytes(name);
         self.group.add_mark(dir.as_fd(), name)
     }
@@ -93,8 +95,9 @@ impl LayerFrontend for FanotifyMarks {
         files: &'a [usize],
     ) -> Pending<'a, Result<(), LayerError>> {
         Box::pin(async move {
+            let mut last = LastParent::default();
             for &i in files {
-                self.mark(&layer.tree, &layer.index.entries[i].path)
+                self.mark(&layer.tree, &layer.index.entries[i].path, &mut last)
                     .map_err(|cause| LayerError::Marks {
                         layer: layer.digest.clone(),
                         cause,
