@@ -101,6 +101,9 @@ pub async fn ensure_running(
     }
     let mut child = command.spawn()?;
     let deadline = Instant::now() + Duration::from_secs(20);
+    // A daemon answers some 20-40 ms after it starts: look often at first (each look is one
+    // connect), then every 50 ms.
+    let mut pause = Duration::from_millis(2);
     while Instant::now() < deadline {
         if is_running(socket).await {
             return Ok(Started::Answering);
@@ -116,7 +119,8 @@ pub async fn ensure_running(
                 last.into_iter().rev().collect::<Vec<_>>().join(" / ")
             )));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
     Err(std::io::Error::other(
         "lazylayer serve did not start within 20 s (see serve.log under the root)",

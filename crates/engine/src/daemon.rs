@@ -10,11 +10,8 @@ use crate::{Engine, Error, Result};
 const ATTEMPTS: u32 = 6;
 
 impl Engine {
-    /// Makes sure a daemon runs and has taken up every lazy layer (marks placed, FUSE mounts
-    /// up), if any layer of a pulled image is lazy; with none, no daemon is needed and none is
-    /// started.
-    pub async fn start_daemon(&self) -> Result<()> {
-        let store = &self.store;
+    /// The daemon's options besides the store: how to reach registries.
+    fn daemon_args(&self) -> Vec<String> {
         let mut extra = Vec::new();
         for host in &self.options.insecure_registries {
             extra.push("--insecure-registry".to_string());
@@ -25,6 +22,28 @@ impl Engine {
             Some(dir) => dir.display().to_string(),
             None => "none".to_string(),
         });
+        extra
+    }
+
+    /// Starts the daemon in the background, unless one answers, while a pull still makes its
+    /// placeholder trees: by the time the pull asks it to take the layers up
+    /// ([`start_daemon`](Self::start_daemon)) it has started. A daemon started with nothing
+    /// lazy stays a second before it leaves idle.
+    pub(crate) fn start_daemon_early(&self) -> tokio::task::JoinHandle<()> {
+        let (root, socket) = (self.options.root.clone(), self.store.socket());
+        let (program, extra) = (self.options.program.clone(), self.daemon_args());
+        tokio::spawn(async move {
+            // Whatever happens here, start_daemon looks again and reports it.
+            let _ = client::ensure_running(&root, &socket, &program, &extra).await;
+        })
+    }
+
+    /// Makes sure a daemon runs and has taken up every lazy layer (marks placed, FUSE mounts
+    /// up), if any layer of a pulled image is lazy; with none, no daemon is needed and none is
+    /// started.
+    pub async fn start_daemon(&self) -> Result<()> {
+        let store = &self.store;
+        let extra = self.daemon_args();
         // A daemon started on demand leaves once nothing is lazy; one leaving just as this
         // asks (or one still holding the store while it leaves) is waited out and started
         // again.

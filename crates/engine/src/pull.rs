@@ -205,6 +205,7 @@ impl Engine {
         // contents here.
         let annotations = lazylayer_index::toc::layer_annotations(&resolved.manifest_bytes);
         let mut built_here = 0;
+        let mut daemon_starting = None;
         let count = resolved.layers.len();
         for (i, layer) in resolved.layers.iter().enumerate() {
             let label = LayerLabel {
@@ -322,6 +323,7 @@ impl Engine {
                 }
             };
             let index = Arc::new(index);
+            daemon_starting.get_or_insert_with(|| self.start_daemon_early());
             store.prepare_layer(&index, frontend)?;
             if fetched_whole {
                 // The registry served the whole blob to index it: status counts it.
@@ -343,6 +345,9 @@ impl Engine {
             config,
         };
         store.save_image(&record)?;
+        if let Some(starting) = daemon_starting {
+            let _ = starting.await;
+        }
         self.start_daemon().await?;
         Ok(Pulled {
             image: record,

@@ -439,9 +439,14 @@ impl LayerTree {
 
     /// The `(device, inode)` of an entry, as fanotify events and overlay report it.
     pub fn inode(&self, relative: &[u8]) -> Result<(u64, u64)> {
-        let (dir, name) = self.parent(relative)?;
+        self.inode_after(relative, &mut LastParent::default())
+    }
+
+    /// [`inode`](Self::inode), through the parent `last` holds open when it is the same.
+    pub fn inode_after(&self, relative: &[u8], last: &mut LastParent) -> Result<(u64, u64)> {
+        let (dir, name) = self.parent_after(relative, last)?;
         let stat = rustix::fs::statat(
-            &dir,
+            dir,
             std::ffi::OsStr::from_bytes(name),
             AtFlags::SYMLINK_NOFOLLOW,
         )

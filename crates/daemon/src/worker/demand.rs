@@ -113,10 +113,11 @@ impl Demand {
         condemned: bool,
     ) -> std::io::Result<()> {
         let mut targets = self.targets.write().expect("targets");
+        let mut last = lazylayer_store::LastParent::default();
         for &i in files {
             let inode = layer
                 .tree
-                .inode(&layer.index.entries[i].path)
+                .inode_after(&layer.index.entries[i].path, &mut last)
                 .map_err(std::io::Error::other)?;
             targets.insert(
                 inode,

@@ -115,8 +115,10 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
         worker.holder_pid
     );
     // A timer outside the loop: commands arriving more often than once a second must not
-    // postpone the check for ever.
-    let mut idle_check = tokio::time::interval(Duration::from_secs(1));
+    // postpone the check for ever. The first check comes a second after the start, so that
+    // a pull can start the daemon while it sets its layers up (see `Engine::pull`).
+    let mut idle_check =
+        tokio::time::interval_at(tokio::time::Instant::now() + IDLE_CHECK, IDLE_CHECK);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| ServeError::io("catching SIGTERM", e))?;
@@ -146,6 +148,9 @@ pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeErro
         }
     }
 }
+
+/// How often a worker started with `exit_when_idle` looks whether it is idle.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// The exit status of a worker stopped by SIGTERM (as a shell reports a death by it).
 const STOPPED_BY_SIGNAL: i32 = 128 + 15;
