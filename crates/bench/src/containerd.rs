@@ -215,7 +215,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .trim(),
     );
     let registry = TestRegistry::start(RegistryAuth::Anonymous)?;
-    crate::images::push_indexed(&registry.host())?;
+    crate::images::push_indexed(&registry.host(), &[])?;
     // The eStargz copy of each image has `-esgz` after its tag.
     crate::images::convert(&registry.host(), &IMAGES, "--estargz", "-esgz")?;
     let workloads = crate::images::workloads(args.workload.as_deref());

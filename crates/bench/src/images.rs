@@ -48,8 +48,15 @@ pub struct Workload {
 const LAYOUT_TAGS: [&str; 2] = ["bookworm", "bookworm-python"];
 
 /// Pushes `image` (one of [`IMAGES`]) from the fixture layout to `registry` as `to` with skopeo,
-/// then binds its lazy index to it (`lazylayer index --push`, indexing into the store `root`).
-fn push_one(registry: &str, image: &str, to: &str, root: &std::path::Path) -> anyhow::Result<()> {
+/// then binds its lazy index to it (`lazylayer index --push INDEX_ARGS`, indexing into the store
+/// `root`).
+fn push_one(
+    registry: &str,
+    image: &str,
+    to: &str,
+    root: &std::path::Path,
+    index_args: &[String],
+) -> anyhow::Result<()> {
     let position = IMAGES.iter().position(|i| *i == image);
     let tag = LAYOUT_TAGS[position.ok_or_else(|| anyhow::anyhow!("{image} is not a fixture"))?];
     skopeo_copy(
@@ -61,6 +68,7 @@ fn push_one(registry: &str, image: &str, to: &str, root: &std::path::Path) -> an
         .arg("--root")
         .arg(root)
         .args(["index", "--push", &format!("{registry}/{to}")])
+        .args(index_args)
         .stdout(Stdio::null())
         .status()?;
     anyhow::ensure!(status.success(), "indexing {to}");
@@ -68,11 +76,11 @@ fn push_one(registry: &str, image: &str, to: &str, root: &std::path::Path) -> an
 }
 
 /// Pushes [`IMAGES`] to `registry` with skopeo, then binds their lazy indexes to them
-/// (`lazylayer index --push`).
-pub fn push_indexed(registry: &str) -> anyhow::Result<()> {
+/// (`lazylayer index --push INDEX_ARGS`).
+pub fn push_indexed(registry: &str, index_args: &[String]) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;
     for image in IMAGES {
-        push_one(registry, image, image, scratch.path())?;
+        push_one(registry, image, image, scratch.path(), index_args)?;
     }
     Ok(())
 }
@@ -88,7 +96,7 @@ pub fn push_profiled(
     let dir = crate::scratch::dir("ll-bench-profile.")?;
     let root = dir.path().join("root");
     let to = format!("{}{suffix}", workload.image);
-    push_one(registry, workload.image, &to, &root)?;
+    push_one(registry, workload.image, &to, &root, &[])?;
     let image = format!("{registry}/{to}");
     eprintln!("recording a profile of {:?} on {image}", workload.name);
     let output = Command::new(crate::lazylayer())

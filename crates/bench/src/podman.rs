@@ -120,7 +120,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let _scratch = crate::scratch::Scratch::mount("8G")?;
     let registry = TestRegistry::start(RegistryAuth::Anonymous)?;
-    crate::images::push_indexed(&registry.host())?;
+    crate::images::push_indexed(&registry.host(), &[])?;
     let workloads = crate::images::workloads(args.workload.as_deref());
     println!(
         "podman: `podman run --rm` (pull included) until the workload exits, median of {} runs, \

@@ -25,6 +25,10 @@ pub struct Args {
     /// Files in the synthetic layer of small files.
     #[arg(long, default_value_t = 100_000)]
     files: usize,
+    /// Index gzip layers with this continuation spacing (compressed bytes; 0 for none; the
+    /// product default if not given), to see what continuation spans cost a whole population.
+    #[arg(long)]
+    continuation: Option<u64>,
 }
 
 /// Peak resident memory (KiB) of the daemon's processes for one store, by role.
@@ -110,7 +114,7 @@ fn populate(reference: &str) -> anyhow::Result<(Duration, Peaks)> {
 }
 
 /// Pushes the layer of `files` small files as `bench/many-files:latest`, with its index.
-fn push_many_files(registry: &str, files: usize) -> anyhow::Result<()> {
+fn push_many_files(registry: &str, files: usize, index_args: &[String]) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;
     let layout = scratch.path().join("layout");
     let layer = hostile::many_small_files(files);
@@ -121,14 +125,10 @@ fn push_many_files(registry: &str, files: usize) -> anyhow::Result<()> {
         &format!("docker://{registry}/bench/many-files:latest"),
         &[],
     );
-    ll(
-        scratch.path(),
-        &[
-            "index",
-            "--push",
-            &format!("{registry}/bench/many-files:latest"),
-        ],
-    )?;
+    let reference = format!("{registry}/bench/many-files:latest");
+    let mut index = vec!["index", "--push", &reference];
+    index.extend(index_args.iter().map(String::as_str));
+    ll(scratch.path(), &index)?;
     Ok(())
 }
 
@@ -140,8 +140,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _scratch = crate::scratch::Scratch::mount("8G")?;
     let registry = TestRegistry::start(RegistryAuth::Anonymous)?;
     let host = registry.host();
-    crate::images::push_indexed(&host)?;
-    push_many_files(&host, args.files)?;
+    let index_args: Vec<String> = match args.continuation {
+        Some(bytes) => vec!["--continuation".into(), bytes.to_string()],
+        None => Vec::new(),
+    };
+    crate::images::push_indexed(&host, &index_args)?;
+    push_many_files(&host, args.files, &index_args)?;
     let scratch = tempfile::tempdir()?;
     println!(
         "pull + detach --wait against curl | tar -xz, local registry, cold cache, final sync; \

@@ -64,6 +64,11 @@ pub async fn run(global: &GlobalArgs, args: DetachArgs) -> anyhow::Result<()> {
     crate::output::print(&text)
 }
 
+/// How often `detach --wait` looks whether the layers are detached.
+const PHASE_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+/// How often it asks the daemon for progress (and whether it still runs).
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Polls the daemon until every layer of `layers` is detached, showing progress.
 async fn wait_until_detached(
     store: &Store,
@@ -74,6 +79,7 @@ async fn wait_until_detached(
         .map(|d| format!("{:.19}", d.to_string()))
         .collect();
     let bars = crate::progress::LayerBars::new(&labels);
+    let mut asked: Option<std::time::Instant> = None;
     loop {
         if layers
             .iter()
@@ -81,6 +87,13 @@ async fn wait_until_detached(
         {
             break;
         }
+        // The phase is a file in the store, looked at often so that the command returns as
+        // soon as the layers are detached; the daemon is asked for progress less often.
+        if asked.is_some_and(|at| at.elapsed() < STATUS_EVERY) {
+            tokio::time::sleep(PHASE_EVERY).await;
+            continue;
+        }
+        asked = Some(std::time::Instant::now());
         let response = client::request(&store.socket(), &Request::Status).await;
         let Ok(response) = response else {
             anyhow::bail!(
@@ -101,7 +114,7 @@ async fn wait_until_detached(
                 }
             }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        tokio::time::sleep(PHASE_EVERY).await;
     }
     bars.finish();
     Ok(())

@@ -73,7 +73,8 @@ pub struct LayerReader {
     /// One lock per span being fetched, so that concurrent reads needing the same span fetch
     /// it once (taken in ascending order: overlapping runs cannot deadlock).
     fetching: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
-    /// One lock per span being inflated into [`Self::recent`], for the same reason.
+    /// One lock per checkpoint whose spans are being inflated into [`Self::recent`], for the
+    /// same reason (keyed by the checkpoint span).
     inflating: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
     /// How many fetches of each span did not match its digest (see [`SPAN_ATTEMPTS`]).
     mismatches: Mutex<std::collections::HashMap<usize, u32>>,
@@ -238,18 +239,20 @@ impl LayerReader {
         if let Some(output) = self.recent_output(i) {
             return Ok(output);
         }
-        // Files of one span filled at once inflate it once: the others wait for it.
+        // Files of one span, or of one checkpoint's continuation spans, filled at once inflate
+        // it once: the others wait for it, then find their span's output kept.
+        let chain = self.index.checkpoint_of(i);
         let lock = self
             .inflating
             .lock()
             .expect("inflating")
-            .entry(i)
+            .entry(chain)
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
             .clone();
         let guard = lock.lock().await;
         let result = self.inflate_and_keep(i).await;
         drop(guard);
-        self.inflating.lock().expect("inflating").remove(&i);
+        self.inflating.lock().expect("inflating").remove(&chain);
         result
     }
 
