@@ -112,10 +112,18 @@ impl Setup {
 
     /// The committed snapshot of the image's top layer (the one no other has as parent).
     fn top_snapshot(&self) -> String {
+        self.top_snapshot_besides(&[])
+    }
+
+    /// The committed snapshot nothing stands on that is not among `earlier` (the top of the
+    /// image pulled since `earlier` was listed: an earlier image's top has no child either).
+    fn top_snapshot_besides(&self, earlier: &[(String, String, String)]) -> String {
         let all = self.snapshots();
         all.iter()
             .find(|(name, _, kind)| {
-                kind == "Committed" && !all.iter().any(|(_, parent, _)| parent == name)
+                kind == "Committed"
+                    && !all.iter().any(|(_, parent, _)| parent == name)
+                    && !earlier.iter().any(|(old, _, _)| old == name)
             })
             .unwrap_or_else(|| panic!("no top snapshot among {all:?}"))
             .0
@@ -251,13 +259,14 @@ fn rpull_runs_lazily_without_layer_downloads(kind: &str, mode: &'static str) {
         ("layers", "test/layers:latest"),
     ] {
         let image = format!("{registry}/{name}");
+        let earlier = setup.snapshots();
         setup.rpull(&image);
         assert_eq!(
             holds_layer_blobs(&setup.containerd, NAMESPACE, tag),
             Vec::<String>::new(),
             "containerd downloaded layer blobs of {image}"
         );
-        let top = setup.top_snapshot();
+        let top = setup.top_snapshot_besides(&earlier);
         if tag == "bookworm" {
             // Usage counts what the layer holds on disk: unfilled placeholders hold nothing.
             let usage = setup.containerd.ctr_ok(&[
