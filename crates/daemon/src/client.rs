@@ -54,7 +54,8 @@ pub async fn is_running(socket: &Path) -> bool {
 pub enum Started {
     /// A daemon answers on the socket.
     Answering,
-    /// The daemon started and left at once, cleanly: it found no lazy layer to serve.
+    /// The daemon started and left cleanly before it answered: it found no lazy layer to
+    /// serve (a worker looks for idleness a second after it starts, so this is rare).
     ExitedIdle,
 }
 
