@@ -25,11 +25,26 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_with(path, |out| out.write_all(bytes))
 }
 
+/// Replaces `path` with `bytes` followed by a hole up to `len` bytes (see [`write`]): a file
+/// whose end is filled in later, in place (an index whose windows are fetched on demand).
+pub fn write_sized(path: &Path, bytes: &[u8], len: u64) -> std::io::Result<()> {
+    replace(path, |out| out.write_all(bytes), Some(len))
+}
+
 /// Replaces `path` with what `fill` writes (see the crate docs), as a file of mode
 /// [`RECORD_MODE`]. If `fill` fails, `path` is left as it was and the temporary file is gone.
 pub fn write_with(
     path: &Path,
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    replace(path, fill, None)
+}
+
+/// [`write_with`], the file then extended to `len` bytes if that is longer.
+fn replace(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    len: Option<u64>,
 ) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -50,6 +65,11 @@ pub fn write_with(
         let mut out = BufWriter::new(temporary.as_file());
         fill(&mut out)?;
         out.flush()?;
+    }
+    if let Some(len) = len
+        && len > temporary.as_file().metadata()?.len()
+    {
+        temporary.as_file().set_len(len)?;
     }
     // An explicit mode, whatever the umask did to the one asked for at creation.
     temporary

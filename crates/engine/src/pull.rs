@@ -8,7 +8,8 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use lazylayer_index::distribution::{
-    IndexOrigin, IndexTrust, RemoteIndexes, fetch_index, find_bound_indexes, find_referrer_indexes,
+    IndexOrigin, IndexTrust, RemoteIndex, RemoteIndexes, fetch_index, find_bound_indexes,
+    find_referrer_indexes,
 };
 use lazylayer_index::{BuildOptions, build_and_cache};
 use lazylayer_source::{Digest, ImageReference, ImageSource, PlatformChoice};
@@ -394,7 +395,7 @@ struct RemoteLookup {
 }
 
 /// What looking for a layer's index in the registry found.
-type RemoteIndex =
+type IndexLookup =
     std::result::Result<Option<(lazylayer_index::LayerIndex, IndexOrigin)>, RemoteIndexError>;
 
 /// Registry indexes fetched at once.
@@ -404,15 +405,12 @@ const PREFETCHES_IN_FLIGHT: usize = 8;
 async fn fetch_one(
     repository: lazylayer_source::Repository,
     layer: lazylayer_source::BlobDescriptor,
-    descriptor: std::result::Result<
-        Option<(lazylayer_source::BlobDescriptor, IndexOrigin)>,
-        RemoteIndexError,
-    >,
-) -> (Digest, RemoteIndex) {
+    descriptor: std::result::Result<Option<(RemoteIndex, IndexOrigin)>, RemoteIndexError>,
+) -> (Digest, IndexLookup) {
     let found = match descriptor {
         Ok(Some((descriptor, origin))) => fetch_index(&repository, &descriptor, &layer)
             .await
-            .map(|(index, _)| Some((index, origin)))
+            .map(|index| Some((index, origin)))
             .map_err(|e| RemoteIndexError::Unusable(e.to_string())),
         Ok(None) => Ok(None),
         Err(e) => Err(e),
@@ -429,7 +427,7 @@ impl RemoteLookup {
         image: &lazylayer_source::ResolvedImage,
         store: &lazylayer_store::Store,
         trust: IndexTrust,
-    ) -> Result<HashMap<Digest, RemoteIndex>> {
+    ) -> Result<HashMap<Digest, IndexLookup>> {
         let mut wanted = Vec::new();
         for layer in &image.layers {
             if matches!(
@@ -460,7 +458,7 @@ impl RemoteLookup {
         image: &lazylayer_source::ResolvedImage,
         layer: &lazylayer_source::BlobDescriptor,
         trust: IndexTrust,
-    ) -> RemoteIndex {
+    ) -> IndexLookup {
         let descriptor = self.descriptor_of(repository, image, layer, trust).await;
         fetch_one(repository.clone(), layer.clone(), descriptor)
             .await
@@ -475,10 +473,7 @@ impl RemoteLookup {
         image: &lazylayer_source::ResolvedImage,
         layer: &lazylayer_source::BlobDescriptor,
         trust: IndexTrust,
-    ) -> std::result::Result<
-        Option<(lazylayer_source::BlobDescriptor, IndexOrigin)>,
-        RemoteIndexError,
-    > {
+    ) -> std::result::Result<Option<(RemoteIndex, IndexOrigin)>, RemoteIndexError> {
         if self.bound.is_none() {
             let found = find_bound_indexes(repository, image).await;
             self.bound = Some(found.map_err(|e| e.to_string()));

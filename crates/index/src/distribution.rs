@@ -26,7 +26,7 @@ use lazylayer_source::registry::Body;
 use lazylayer_source::{BlobDescriptor, Digest, Platform, Repository, ResolvedImage};
 use serde_json::json;
 
-use crate::format::{INDEX_MEDIA_TYPE, LayerIndex};
+use crate::format::{INDEX_MEDIA_TYPE, IndexHead, LayerIndex};
 use crate::{Error, Result};
 
 /// The artifact type of lazylayer's index artifacts.
@@ -37,6 +37,11 @@ pub const LAYER_ANNOTATION: &str = "dev.lazylayer.layer.digest";
 const EMPTY_CONFIG_TYPE: &str = "application/vnd.oci.empty.v1+json";
 /// Annotation on a bound index artifact's entry in an image index: the manifest it indexes.
 pub const SUBJECT_ANNOTATION: &str = "dev.lazylayer.index.subject";
+/// Annotations on an index blob that can be fetched head first (see [`IndexHead`]): the
+/// size, in decimal, and the digest of its head.
+pub const HEAD_SIZE_ANNOTATION: &str = "dev.lazylayer.index.head.size";
+/// See [`HEAD_SIZE_ANNOTATION`].
+pub const HEAD_DIGEST_ANNOTATION: &str = "dev.lazylayer.index.head.digest";
 /// Largest index blob accepted from a registry.
 pub const INDEX_SIZE_LIMIT: u64 = 512 << 20;
 
@@ -96,7 +101,17 @@ pub struct RemoteIndexes {
     /// How it was found: bound, or as a referrer.
     pub origin: IndexOrigin,
     /// Index blob per layer digest.
-    pub by_layer: HashMap<Digest, BlobDescriptor>,
+    pub by_layer: HashMap<Digest, RemoteIndex>,
+}
+
+/// An index blob in a registry, as its artifact describes it.
+#[derive(Clone, Debug)]
+pub struct RemoteIndex {
+    /// The blob.
+    pub blob: BlobDescriptor,
+    /// Its head, if the artifact says it can be fetched head first (the windows when reads
+    /// need them).
+    pub head: Option<IndexHead>,
 }
 
 impl RemoteIndexes {
@@ -140,11 +155,16 @@ fn index_layers(indexes: &[IndexUpload]) -> Vec<serde_json::Value> {
         .iter()
         .map(|upload| {
             let blob = index_blob(upload);
+            let mut annotations = json!({ LAYER_ANNOTATION: upload.layer.digest });
+            if let Some(head) = &upload.head {
+                annotations[HEAD_SIZE_ANNOTATION] = json!(head.size.to_string());
+                annotations[HEAD_DIGEST_ANNOTATION] = json!(head.digest);
+            }
             json!({
                 "mediaType": blob.media_type,
                 "digest": blob.digest,
                 "size": blob.size,
-                "annotations": { LAYER_ANNOTATION: upload.layer.digest },
+                "annotations": annotations,
             })
         })
         .collect()
@@ -228,6 +248,8 @@ pub struct IndexUpload {
     pub digest: Digest,
     /// Size of the encoded index.
     pub size: u64,
+    /// Its head, if it can be fetched head first.
+    pub head: Option<IndexHead>,
     /// Its bytes (a file, streamed).
     pub body: Body,
 }
@@ -499,12 +521,29 @@ async fn read_artifact(
         if blob["mediaType"] != INDEX_MEDIA_TYPE || !wanted.contains_key(&layer) {
             continue;
         }
+        // A head the annotations describe badly is not used: the blob is fetched whole.
+        let head_size = blob["annotations"][HEAD_SIZE_ANNOTATION]
+            .as_str()
+            .and_then(|s| s.parse::<u64>().ok());
+        let head_digest: Option<Digest> = blob["annotations"][HEAD_DIGEST_ANNOTATION]
+            .as_str()
+            .and_then(|d| d.parse().ok());
+        let head = match (head_size, head_digest) {
+            (Some(head_size), Some(digest)) if head_size < size => Some(IndexHead {
+                size: head_size,
+                digest,
+            }),
+            _ => None,
+        };
         by_layer.insert(
             layer,
-            BlobDescriptor {
-                digest,
-                media_type: INDEX_MEDIA_TYPE.to_string(),
-                size,
+            RemoteIndex {
+                blob: BlobDescriptor {
+                    digest,
+                    media_type: INDEX_MEDIA_TYPE.to_string(),
+                    size,
+                },
+                head,
             },
         );
     }
@@ -515,22 +554,42 @@ async fn read_artifact(
     })
 }
 
-/// Fetches an index blob, verified against its descriptor, and checks that it indexes `layer`.
+/// Fetches an index blob and checks that it indexes `layer`: only its head (checked against
+/// the head digest of the artifact) when the artifact describes one, the windows then being
+/// fetched as reads need them (see [`LayerIndex::windows_source`]); else whole, verified
+/// against its descriptor.
 pub async fn fetch_index(
     repository: &Repository,
-    descriptor: &BlobDescriptor,
+    remote: &RemoteIndex,
     layer: &BlobDescriptor,
-) -> Result<(LayerIndex, Vec<u8>)> {
+) -> Result<LayerIndex> {
+    let descriptor = &remote.blob;
     let what = format!("index {} of layer {}", descriptor.digest, layer.digest);
     if descriptor.size > INDEX_SIZE_LIMIT {
         return Err(Error::bad_index(&what, "larger than the limit"));
     }
-    let mut stream = repository.open_blob(descriptor).await?;
-    let mut encoded = Vec::with_capacity(descriptor.size as usize);
-    while let Some(chunk) = stream.next().await {
-        encoded.extend_from_slice(&chunk?);
-    }
-    let index = LayerIndex::decode(&what, &encoded)?;
+    let index = match &remote.head {
+        Some(head) if head.size < descriptor.size => {
+            let bytes = repository
+                .read_range(&descriptor.digest, 0..head.size)
+                .await?;
+            if Digest::sha256(&bytes) != head.digest {
+                return Err(Error::bad_index(
+                    &what,
+                    "its head does not match the digest its artifact gives",
+                ));
+            }
+            LayerIndex::decode_head(&what, &bytes, descriptor.size, descriptor.digest.clone())?
+        }
+        _ => {
+            let mut stream = repository.open_blob(descriptor).await?;
+            let mut encoded = Vec::with_capacity(descriptor.size as usize);
+            while let Some(chunk) = stream.next().await {
+                encoded.extend_from_slice(&chunk?);
+            }
+            LayerIndex::decode(&what, &encoded)?
+        }
+    };
     check_identity(&what, &index, layer)?;
     if index.from_toc() {
         // Made only here, from a layer's table of contents; never pushed.
@@ -539,7 +598,7 @@ pub async fn fetch_index(
             "has chunk spans, which only an index made from the layer's table of contents has",
         ));
     }
-    Ok((index, encoded))
+    Ok(index)
 }
 
 /// An index is only used for the layer it was built from.

@@ -51,6 +51,11 @@ pub enum Error {
         attempts: u32,
     },
 
+    /// A read needs a deflate window that is not local yet (an index fetched head first):
+    /// it is fetched from the index blob first.
+    #[error("layer {layer}: the window of span {span} is not local yet")]
+    WindowMissing { layer: String, span: usize },
+
     /// A read outside a file, or of a file without data.
     #[error("{0}")]
     BadRead(String),

@@ -3,9 +3,15 @@
 //!
 //! ```text
 //! magic "LZLYIDX\0" | version u32 | meta_len u64 | meta_raw_len u64 | windows_len u64   (LE)
-//! meta:    zstd(postcard(Meta))          file table, spans, layer identity
+//! meta:    zstd(postcard(Meta))          file table, spans, layer identity, window digests
 //! windows: zstd-compressed 32 KiB deflate windows, one per gzip checkpoint, read on demand
 //! ```
+//!
+//! The header and metadata (the *head*) are enough to make a layer's tree. Since version 4 the
+//! metadata holds the digest of every window, so an index from a registry can be fetched head
+//! first (its digest rides in the artifact's descriptor, see [`IndexHead`]) and each window
+//! later, when a read first decompresses from its checkpoint; a window not fetched yet is
+//! zeros in the stored file (see [`LayerIndex::window_is_local`]).
 //!
 //! Why one file of this size: the on-disk layout, its encoder and its checked decoder must change
 //! together.
@@ -13,7 +19,8 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use lazylayer_source::Digest;
 use serde::{Deserialize, Serialize};
@@ -28,10 +35,14 @@ pub const WINDOW: usize = 32 << 10;
 
 /// First bytes of every index file.
 pub const MAGIC: &[u8; 8] = b"LZLYIDX\0";
-/// The format version this build writes for indexes with continuation spans (it writes the
-/// others as version 2). It reads both: version 2's metadata is version 3's without
-/// [`IndexMeta::continuation`] (its last field) and has no [`SpanStart::Continue`] span.
-pub const VERSION: u32 = 3;
+/// The format version this build writes for indexes with deflate windows (it writes the others
+/// as version 3 when they have continuation spans, else as version 2). It reads all three:
+/// version 3's metadata is version 4's without [`IndexMeta::window_digests`] (its last field),
+/// version 2's also without [`IndexMeta::continuation`], and has no [`SpanStart::Continue`]
+/// span.
+pub const VERSION: u32 = 4;
+/// The version whose metadata ends with [`IndexMeta::continuation`].
+const CONTINUATION_VERSION: u32 = 3;
 /// The oldest format version this build reads.
 const OLDEST_VERSION: u32 = 2;
 /// Media type of an index blob in a registry.
@@ -182,6 +193,11 @@ pub struct IndexMeta {
     /// [`SpanStart::Continue`] spans); 0 for none. Last, so a version-2 metadata section is
     /// this one without it.
     pub continuation: u64,
+    /// The sha256 of each deflate checkpoint's compressed window, in span order (one per
+    /// [`SpanStart::Deflate`] span), so that a window fetched on its own can be checked; empty
+    /// in indexes before version 4. Last, so a version-3 metadata section is this one without
+    /// it.
+    pub window_digests: Vec<[u8; 32]>,
 }
 
 /// How a run of spans decompresses (see [`LayerIndex::run_plan`]).
@@ -198,22 +214,33 @@ pub enum RunPlan {
     Pieces(Vec<(std::ops::Range<usize>, u64)>),
 }
 
-/// Where the compressed windows are: in memory (a decoded index), or in a file (an opened or
-/// just built index), read when a span needs one.
+/// Where the compressed windows are: in memory (a decoded index), in a file (an opened or just
+/// built index; a window not fetched yet reads as zeros there), or not here at all (an index
+/// fetched head first, before it is stored).
 enum Windows {
     Memory(Vec<u8>),
-    File { file: File, base: u64, len: u64 },
+    File {
+        file: File,
+        /// The file's path, where windows fetched later are written (none for a just-built
+        /// index's temporary file, which has them all).
+        path: Option<PathBuf>,
+        base: u64,
+        len: u64,
+    },
+    Absent {
+        len: u64,
+    },
 }
 
 impl Windows {
     fn len(&self) -> u64 {
         match self {
             Windows::Memory(bytes) => bytes.len() as u64,
-            Windows::File { len, .. } => *len,
+            Windows::File { len, .. } | Windows::Absent { len } => *len,
         }
     }
 
-    /// Bytes `offset..offset+len` of the windows section.
+    /// Bytes `offset..offset+len` of the windows section (zeros where nothing is yet).
     fn read(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
         match self {
             Windows::Memory(bytes) => Ok(bytes[offset as usize..(offset + len) as usize].to_vec()),
@@ -222,8 +249,62 @@ impl Windows {
                 file.read_exact_at(&mut out, base + offset)?;
                 Ok(out)
             }
+            Windows::Absent { .. } => Ok(vec![0; len as usize]),
         }
     }
+}
+
+/// The head of an encoded index (header and metadata, enough to make the layer's tree): its
+/// size and digest. An index artifact's descriptor carries them, so that the head can be
+/// fetched and checked on its own and each window later (only for version 4 indexes with
+/// windows, whose metadata holds the windows' digests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexHead {
+    /// Bytes from the start of the encoded index.
+    pub size: u64,
+    /// Their digest.
+    pub digest: Digest,
+}
+
+impl IndexHead {
+    /// The head of the encoded index `encoded`, if its windows can be fetched on their own.
+    pub fn of(encoded: &[u8]) -> Option<IndexHead> {
+        let size = head_len_of(encoded)?;
+        Some(IndexHead {
+            size,
+            digest: Digest::sha256(encoded.get(..size as usize)?),
+        })
+    }
+
+    /// The head of the index file `path` (see [`of`](Self::of)).
+    pub fn of_file(path: &Path) -> std::io::Result<Option<IndexHead>> {
+        let file = File::open(path)?;
+        let mut header = [0u8; HEADER_LEN];
+        if file.read_exact_at(&mut header, 0).is_err() {
+            return Ok(None);
+        }
+        let Some(size) = head_len_of(&header) else {
+            return Ok(None);
+        };
+        let mut head = vec![0u8; size as usize];
+        file.read_exact_at(&mut head, 0)?;
+        Ok(Some(IndexHead {
+            size,
+            digest: Digest::sha256(&head),
+        }))
+    }
+}
+
+/// The head length an index header announces, if the index (version 4 or later, with
+/// windows) can be fetched head first.
+fn head_len_of(header: &[u8]) -> Option<u64> {
+    if header.len() < HEADER_LEN || &header[..8] != MAGIC {
+        return None;
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().ok()?);
+    let meta_len = u64::from_le_bytes(header[12..20].try_into().ok()?);
+    let windows_len = u64::from_le_bytes(header[28..36].try_into().ok()?);
+    (version >= VERSION && windows_len > 0).then(|| HEADER_LEN as u64 + meta_len)
 }
 
 /// A layer's lazy index: its metadata (reachable through `Deref`) and the deflate windows,
@@ -231,6 +312,16 @@ impl Windows {
 pub struct LayerIndex {
     meta: IndexMeta,
     windows: Windows,
+    /// Where the windows section starts in the encoded index, when known (a decoded or opened
+    /// index): window ranges in the registry's blob are relative to it.
+    head_len: Option<u64>,
+    /// The spans with a deflate checkpoint, in order: window `k` (digest `window_digests[k]`)
+    /// is span `deflate_spans[k]`'s.
+    deflate_spans: Vec<usize>,
+    /// Which windows have been found local and matching their digest.
+    windows_local: Vec<AtomicBool>,
+    /// The index blob (in the layer's repository) whose windows are not all local yet.
+    windows_source: Option<Digest>,
 }
 
 impl std::ops::Deref for LayerIndex {
@@ -259,63 +350,122 @@ impl std::fmt::Debug for LayerIndex {
 }
 
 impl LayerIndex {
+    fn assemble(meta: IndexMeta, windows: Windows, head_len: Option<u64>) -> Self {
+        let deflate_spans: Vec<usize> = meta
+            .spans
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s.start, SpanStart::Deflate { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        let windows_local = deflate_spans
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        LayerIndex {
+            meta,
+            windows,
+            head_len,
+            deflate_spans,
+            windows_local,
+            windows_source: None,
+        }
+    }
+
     /// An index without deflate windows (one made from a layer's table of contents), checked
     /// like a decoded one.
     pub fn from_meta(meta: IndexMeta) -> Result<Self> {
-        let index = LayerIndex {
-            meta,
-            windows: Windows::Memory(Vec::new()),
-        };
+        let index = LayerIndex::assemble(meta, Windows::Memory(Vec::new()), None);
         index.validate("made from the layer's table of contents")?;
         Ok(index)
     }
 
-    /// A just-built index whose windows are in `windows_file` (checked like a decoded one).
+    /// A just-built index whose windows are in `windows_file` (checked like a decoded one);
+    /// the digests of its windows are taken here.
     pub(crate) fn built(meta: IndexMeta, windows_file: File, windows_len: u64) -> Result<Self> {
-        let index = LayerIndex {
-            meta,
-            windows: Windows::File {
-                file: windows_file,
-                base: 0,
-                len: windows_len,
-            },
+        let windows = Windows::File {
+            file: windows_file,
+            path: None,
+            base: 0,
+            len: windows_len,
         };
+        let mut window_digests = Vec::new();
+        for span in &meta.spans {
+            if let SpanStart::Deflate {
+                window_offset,
+                window_len,
+                ..
+            } = span.start
+            {
+                let packed = windows
+                    .read(window_offset, u64::from(window_len))
+                    .map_err(|e| Error::io("reading a deflate window", e))?;
+                window_digests.push(sha256(&packed));
+            }
+        }
+        let index = LayerIndex::assemble(
+            IndexMeta {
+                window_digests,
+                ..meta
+            },
+            windows,
+            None,
+        );
         index.validate("just built")?;
         Ok(index)
     }
 
-    /// The index as bytes (what is stored and pushed).
+    /// The index as bytes (what is stored and pushed; a window not local is zeros).
     pub fn encode(&self) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         self.encode_to(&mut out)?;
         Ok(out)
     }
 
-    /// Writes the index to `out`, streaming the windows (they are never all in memory).
-    pub fn encode_to(&self, out: &mut dyn Write) -> Result<()> {
+    /// The header and metadata of the encoded index (the [`IndexHead`]'s bytes); the windows
+    /// section, [`windows_len`](Self::windows_len) bytes, follows them.
+    pub fn encode_head(&self) -> Result<Vec<u8>> {
         let mut raw =
             postcard::to_stdvec(&self.meta).map_err(|e| Error::bad_index("encoding", e))?;
-        // An index without continuation spans is written as version 2, which builds from
-        // before version 3 read too (byte for byte what they wrote): its metadata is this one
-        // without the last field, `continuation` = 0, one byte.
-        let version = if self.continuation == 0
-            && !self.spans.iter().any(|s| s.start == SpanStart::Continue)
-        {
-            raw.pop();
-            OLDEST_VERSION
-        } else {
+        // An index without windows is written as an older version, which older builds read
+        // too (byte for byte what they wrote): its metadata is this one without the last field
+        // (`window_digests`, empty: one byte), and for version 2 also without `continuation`
+        // (0: one byte).
+        let version = if !self.window_digests.is_empty() {
             VERSION
+        } else {
+            raw.pop();
+            if self.continuation == 0 && !self.spans.iter().any(|s| s.start == SpanStart::Continue)
+            {
+                raw.pop();
+                OLDEST_VERSION
+            } else {
+                CONTINUATION_VERSION
+            }
         };
         let packed =
             zstd::bulk::compress(&raw, 9).map_err(|e| Error::io("compressing index", e))?;
+        let mut out = Vec::with_capacity(HEADER_LEN + packed.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&(packed.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.windows.len().to_le_bytes());
+        out.extend_from_slice(&packed);
+        Ok(out)
+    }
+
+    /// The length of the windows section.
+    pub fn windows_len(&self) -> u64 {
+        self.windows.len()
+    }
+
+    /// Writes the index to `out`, streaming the windows (they are never all in memory).
+    pub fn encode_to(&self, out: &mut dyn Write) -> Result<()> {
+        let head = self.encode_head()?;
         let windows_len = self.windows.len();
         let written = (|| -> std::io::Result<()> {
-            out.write_all(MAGIC)?;
-            out.write_all(&version.to_le_bytes())?;
-            out.write_all(&(packed.len() as u64).to_le_bytes())?;
-            out.write_all(&(raw.len() as u64).to_le_bytes())?;
-            out.write_all(&windows_len.to_le_bytes())?;
-            out.write_all(&packed)?;
+            out.write_all(&head)?;
             let mut offset = 0;
             while offset < windows_len {
                 let chunk = (windows_len - offset).min(1 << 20);
@@ -333,11 +483,39 @@ impl LayerIndex {
             decode_header_and_meta(what, bytes.len() as u64, bytes)?;
         let start = HEADER_LEN as u64 + meta_len;
         let windows = bytes[start as usize..(start + windows_len) as usize].to_vec();
-        let index = LayerIndex {
-            meta,
-            windows: Windows::Memory(windows),
-        };
+        let index = LayerIndex::assemble(meta, Windows::Memory(windows), Some(start));
         index.validate(what)?;
+        Ok(index)
+    }
+
+    /// Decodes and checks the head (see [`IndexHead`]) of an index of `size` bytes, whose
+    /// windows are to be fetched from `source` (the index blob) when reads need them; the
+    /// head must be of a version 4 index, which holds the windows' digests.
+    pub fn decode_head(what: &str, head: &[u8], size: u64, source: Digest) -> Result<Self> {
+        let (meta_len, windows_len, meta) = decode_header_and_meta(what, size, head)?;
+        if head.len() as u64 != HEADER_LEN as u64 + meta_len {
+            return Err(Error::bad_index(
+                what,
+                format!(
+                    "its head is {} bytes, its header says {}",
+                    head.len(),
+                    HEADER_LEN as u64 + meta_len
+                ),
+            ));
+        }
+        let mut index = LayerIndex::assemble(
+            meta,
+            Windows::Absent { len: windows_len },
+            Some(head.len() as u64),
+        );
+        index.validate(what)?;
+        if index.window_digests.len() != index.deflate_spans.len() {
+            return Err(Error::bad_index(
+                what,
+                "has no window digests: its windows cannot be fetched on their own",
+            ));
+        }
+        index.windows_source = Some(source);
         Ok(index)
     }
 
@@ -356,14 +534,17 @@ impl LayerIndex {
         file.read_exact(&mut head_and_meta[HEADER_LEN..])
             .map_err(|e| Error::io(&what, e))?;
         let (meta_len, windows_len, meta) = decode_header_and_meta(&what, size, &head_and_meta)?;
-        let index = LayerIndex {
+        let base = HEADER_LEN as u64 + meta_len;
+        let index = LayerIndex::assemble(
             meta,
-            windows: Windows::File {
+            Windows::File {
                 file,
-                base: HEADER_LEN as u64 + meta_len,
+                path: Some(path.to_path_buf()),
+                base,
                 len: windows_len,
             },
-        };
+            Some(base),
+        );
         index.validate(&what)?;
         Ok(index)
     }
@@ -373,13 +554,97 @@ impl LayerIndex {
         Digest::sha256(encoded)
     }
 
-    /// The deflate window a span resumes with (empty for other spans).
-    pub fn window(&self, span: &Span) -> Result<Vec<u8>> {
+    /// The index blob missing windows are fetched from, if some may be missing.
+    pub fn windows_source(&self) -> Option<&Digest> {
+        self.windows_source.as_ref()
+    }
+
+    /// Says that missing windows are fetched from the index blob `source`.
+    pub fn set_windows_source(&mut self, source: Option<Digest>) {
+        self.windows_source = source;
+    }
+
+    /// Which of the windows span `i`'s is (`None`: the span has none).
+    fn window_slot(&self, i: usize) -> Option<usize> {
+        self.deflate_spans.binary_search(&i).ok()
+    }
+
+    /// Whether span `i` can be decompressed from without fetching its window: it has none, or
+    /// it is here and matches its digest (an index before version 4 has every window).
+    pub fn window_is_local(&self, i: usize) -> bool {
+        let Some(slot) = self.window_slot(i) else {
+            return true;
+        };
+        if self.window_digests.is_empty() || self.windows_local[slot].load(Ordering::Relaxed) {
+            return true;
+        }
+        self.packed_window(i).is_ok()
+    }
+
+    /// How many windows are not local (see [`window_is_local`](Self::window_is_local)).
+    pub fn missing_windows(&self) -> usize {
+        self.deflate_spans
+            .iter()
+            .filter(|&&i| !self.window_is_local(i))
+            .count()
+    }
+
+    /// Where span `i`'s window is in the encoded index (what to fetch from the index blob).
+    pub fn window_range(&self, i: usize) -> Option<std::ops::Range<u64>> {
         let SpanStart::Deflate {
             window_offset,
             window_len,
             ..
-        } = span.start
+        } = self.spans.get(i)?.start
+        else {
+            return None;
+        };
+        let start = self.head_len? + window_offset;
+        Some(start..start + u64::from(window_len))
+    }
+
+    /// Keeps span `i`'s window, fetched from the index blob, in the index file once it matches
+    /// its digest.
+    pub fn put_window(&self, i: usize, packed: &[u8]) -> Result<()> {
+        let what = format!("of layer {}", self.blob_digest);
+        let (Some(slot), Some(range)) = (self.window_slot(i), self.window_range(i)) else {
+            return Err(Error::bad_index(what, format!("span {i} has no window")));
+        };
+        if self.window_digests.get(slot) != Some(&sha256(packed)) {
+            return Err(Error::bad_index(
+                what,
+                format!(
+                    "the window of span {i} fetched from the registry does not match its digest"
+                ),
+            ));
+        }
+        let Windows::File {
+            path: Some(path), ..
+        } = &self.windows
+        else {
+            return Err(Error::bad_index(
+                what,
+                "is not in a file: a fetched window has nowhere to go",
+            ));
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        file.write_all_at(packed, range.start)
+            .map_err(|e| Error::io(format!("writing a window into {}", path.display()), e))?;
+        self.windows_local[slot].store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Span `i`'s compressed window, checked against its digest (an index before version 4
+    /// has none to check against: its windows came with it, under the blob's digest).
+    fn packed_window(&self, i: usize) -> Result<Vec<u8>> {
+        let SpanStart::Deflate {
+            window_offset,
+            window_len,
+            ..
+        } = self.spans[i].start
         else {
             return Ok(Vec::new());
         };
@@ -387,6 +652,28 @@ impl LayerIndex {
             .windows
             .read(window_offset, u64::from(window_len))
             .map_err(|e| Error::io("reading a deflate window", e))?;
+        if let Some(slot) = self.window_slot(i)
+            && let Some(digest) = self.window_digests.get(slot)
+            && !self.windows_local[slot].load(Ordering::Relaxed)
+        {
+            if sha256(&packed) != *digest {
+                return Err(Error::WindowMissing {
+                    layer: self.blob_digest.to_string(),
+                    span: i,
+                });
+            }
+            self.windows_local[slot].store(true, Ordering::Relaxed);
+        }
+        Ok(packed)
+    }
+
+    /// The deflate window span `i` resumes with (empty for other spans); an error if it is
+    /// not local (see [`window_is_local`](Self::window_is_local)).
+    pub fn window(&self, i: usize) -> Result<Vec<u8>> {
+        let packed = self.packed_window(i)?;
+        if packed.is_empty() {
+            return Ok(packed);
+        }
         let window = zstd::bulk::decompress(&packed, WINDOW)
             .map_err(|e| Error::bad_index("window", format!("does not decompress: {e}")))?;
         Ok(window)
@@ -438,7 +725,7 @@ impl LayerIndex {
             }
             return Ok(RunPlan::Stream {
                 start: span.start.clone(),
-                window: self.window(span)?,
+                window: self.window(first)?,
             });
         }
         let base = self.spans[first].compressed_start;
@@ -567,6 +854,14 @@ impl LayerIndex {
                     return bad(format!("span {i}'s window is outside the index"));
                 }
             }
+        }
+        if !self.window_digests.is_empty() && self.window_digests.len() != self.deflate_spans.len()
+        {
+            return bad(format!(
+                "{} window digests for {} windows",
+                self.window_digests.len(),
+                self.deflate_spans.len()
+            ));
         }
         // The kind of each path seen so far (entries before the current one).
         let mut paths = std::collections::HashMap::new();
@@ -700,7 +995,9 @@ fn parse_header(what: &str, size: u64, header: &[u8]) -> Result<(u64, u64, u64, 
 
 fn decode_header_and_meta(what: &str, size: u64, bytes: &[u8]) -> Result<(u64, u64, IndexMeta)> {
     let (meta_len, windows_len, meta_raw_len, version) = parse_header(what, size, bytes)?;
-    let packed = &bytes[HEADER_LEN..HEADER_LEN + meta_len as usize];
+    let Some(packed) = bytes.get(HEADER_LEN..HEADER_LEN + meta_len as usize) else {
+        return Err(Error::bad_index(what, "truncated metadata"));
+    };
     let mut raw = Vec::new();
     zstd::stream::read::Decoder::new(packed)
         .map_err(|e| Error::io(what, e))?
@@ -710,8 +1007,12 @@ fn decode_header_and_meta(what: &str, size: u64, bytes: &[u8]) -> Result<(u64, u
     if raw.len() as u64 != meta_raw_len {
         return Err(Error::bad_index(what, "metadata has the wrong length"));
     }
-    if version == 2 {
-        // Version 2 ends before `continuation`: 0, as postcard writes it.
+    // Older versions end before `continuation` (version 2) or `window_digests` (version 3):
+    // 0 and an empty list, as postcard writes them.
+    if version < CONTINUATION_VERSION {
+        raw.push(0);
+    }
+    if version < VERSION {
         raw.push(0);
     }
     let meta: IndexMeta = postcard::from_bytes(&raw)

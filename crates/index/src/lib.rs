@@ -24,6 +24,8 @@ pub use build::{
 };
 pub use entry::{Entry, EntryKind, Piece};
 pub use error::{Error, Result};
-pub use format::{Compression, INDEX_MEDIA_TYPE, IndexMeta, LayerIndex, Span, SpanStart};
+pub use format::{
+    Compression, INDEX_MEDIA_TYPE, IndexHead, IndexMeta, LayerIndex, Span, SpanStart,
+};
 pub use local::IndexStore;
 pub use read::{LayerReader, ReaderStats, Verification};

@@ -1,13 +1,16 @@
 //! Indexes kept on this machine, under `ROOT/indexes/<algorithm>/<layer hex>`: built here or
 //! fetched and verified once, keyed by the layer they index (layers are shared between images),
 //! each with its origin beside it (`<hex>.origin`), which decides whether `pull` may use it.
+//! An index fetched head first is stored with its windows section as a hole, and the digest
+//! of the registry's index blob they are fetched from beside it (`<hex>.windows`): each window
+//! is written into the hole when a read first needs it (see [`LayerIndex::put_window`]).
 
 use std::path::{Path, PathBuf};
 
 use lazylayer_source::{BlobDescriptor, Digest, DigestAlgorithm, DigestHasher};
 
 use crate::distribution::{IndexOrigin, IndexTrust, check_identity};
-use crate::format::LayerIndex;
+use crate::format::{IndexHead, LayerIndex};
 use crate::{Error, Result};
 
 /// The local index store.
@@ -36,8 +39,19 @@ impl IndexStore {
         if !path.exists() {
             return Ok(None);
         }
-        let index = LayerIndex::open(&path)?;
+        let mut index = LayerIndex::open(&path)?;
         check_identity(&path.display().to_string(), &index, layer)?;
+        let windows_path = self.windows_path(layer);
+        match std::fs::read_to_string(&windows_path) {
+            Ok(text) => {
+                let source = text.trim().parse::<Digest>().map_err(|e| {
+                    Error::bad_index(windows_path.display().to_string(), e.to_string())
+                })?;
+                index.set_windows_source(Some(source));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("reading {}", windows_path.display()), e)),
+        }
         Ok(Some(index))
     }
 
@@ -53,11 +67,22 @@ impl IndexStore {
         std::io::copy(&mut file, &mut hashing)
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         let (digest, size) = hashing.finish();
-        Ok(Some(StoredIndex { path, digest, size }))
+        let head = IndexHead::of_file(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Ok(Some(StoredIndex {
+            path,
+            digest,
+            size,
+            head,
+        }))
     }
 
     fn origin_path(&self, layer: &BlobDescriptor) -> PathBuf {
         self.path(layer).with_extension("origin")
+    }
+
+    fn windows_path(&self, layer: &BlobDescriptor) -> PathBuf {
+        self.path(layer).with_extension("windows")
     }
 
     /// Where the stored index of `layer` came from. An index whose origin was never recorded
@@ -105,18 +130,52 @@ impl IndexStore {
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let mut encoded = HashingWriter::new(Vec::new());
-        index.encode_to(&mut encoded)?;
-        let bytes = std::mem::take(&mut encoded.inner);
-        let (digest, size) = encoded.finish();
-        lazylayer_durable::write(&path, &bytes)
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        let windows_path = self.windows_path(layer);
+        let (digest, size, head) = match index.windows_source() {
+            // Fetched head first: the head, a hole for the windows, and where they come from
+            // (written first, so that no stored index lacks windows without saying where).
+            Some(source) => {
+                lazylayer_durable::write(&windows_path, source.to_string().as_bytes())
+                    .map_err(|e| Error::io(format!("writing {}", windows_path.display()), e))?;
+                let head = index.encode_head()?;
+                let size = head.len() as u64 + index.windows_len();
+                lazylayer_durable::write_sized(&path, &head, size)
+                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                let head = IndexHead {
+                    size: head.len() as u64,
+                    digest: Digest::sha256(&head),
+                };
+                (source.clone(), size, Some(head))
+            }
+            None => {
+                let mut encoded = HashingWriter::new(Vec::new());
+                index.encode_to(&mut encoded)?;
+                let bytes = std::mem::take(&mut encoded.inner);
+                let (digest, size) = encoded.finish();
+                lazylayer_durable::write(&path, &bytes)
+                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                let head = IndexHead::of(&bytes);
+                match std::fs::remove_file(&windows_path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(Error::io(format!("removing {}", windows_path.display()), e));
+                    }
+                }
+                (digest, size, head)
+            }
+        };
         lazylayer_durable::write(
             &origin_path,
             &serde_json::to_vec(&origin).expect("an origin serialises"),
         )
         .map_err(|e| Error::io(format!("writing {}", origin_path.display()), e))?;
-        Ok(StoredIndex { path, digest, size })
+        Ok(StoredIndex {
+            path,
+            digest,
+            size,
+            head,
+        })
     }
 }
 
@@ -129,6 +188,8 @@ pub struct StoredIndex {
     pub digest: Digest,
     /// Its size.
     pub size: u64,
+    /// Its head, if it can be fetched head first (see [`IndexHead`]).
+    pub head: Option<IndexHead>,
 }
 
 /// Counts and hashes what passes through.

@@ -944,15 +944,27 @@ async fn continuation_spans_read_right_in_any_order_and_are_checked_when_complet
     let built = build(&layout, layer, None, options).await.unwrap();
     let good = built.encode().unwrap();
     let index = Arc::new(LayerIndex::decode("good", &good).unwrap());
-    // Version 3, and what decodes encodes to the same bytes; without continuation spans the
-    // same layer's index is version 2, which builds from before read.
-    assert_eq!(good[8..12], 3u32.to_le_bytes());
+    // Version 4 (it has windows, and their digests), and what decodes encodes to the same
+    // bytes; without window digests it is version 3, and without continuation spans too
+    // version 2, which builds from before read.
+    assert_eq!(good[8..12], 4u32.to_le_bytes());
     assert!(index.encode().unwrap() == good);
-    let plain = build(&layout, layer, None, BuildOptions::spans_of(256 << 10))
+    let mut older = LayerIndex::decode("good", &good).unwrap();
+    older.window_digests.clear();
+    let older = older.encode().unwrap();
+    assert_eq!(older[8..12], 3u32.to_le_bytes());
+    assert!(
+        LayerIndex::decode("version 3", &older)
+            .unwrap()
+            .encode()
+            .unwrap()
+            == older
+    );
+    let mut plain = build(&layout, layer, None, BuildOptions::spans_of(256 << 10))
         .await
-        .unwrap()
-        .encode()
         .unwrap();
+    plain.window_digests.clear();
+    let plain = plain.encode().unwrap();
     assert_eq!(plain[8..12], 2u32.to_le_bytes());
     assert!(
         LayerIndex::decode("version 2", &plain)
@@ -1383,4 +1395,163 @@ async fn a_profile_s_spans_come_in_the_order_of_its_files() {
         .position(|e| e.kind == EntryKind::Dir)
         .unwrap();
     assert!(index.spans_of(&[dir, usize::MAX]).is_empty());
+}
+
+/// The GETs of the index blob `index` the proxy has seen, with their Range headers.
+fn index_gets(proxy: &FaultProxy, index: &Digest) -> Vec<Option<String>> {
+    let path = format!("/blobs/{index}");
+    proxy
+        .exchanges()
+        .iter()
+        .filter(|e| e.method == "GET" && e.target.contains(&path))
+        .map(|e| e.range.clone())
+        .collect()
+}
+
+/// An index pushed with its head's digest is fetched head first (one ranged GET of the header
+/// and metadata); stored, it has a hole where its windows go, and each window is fetched,
+/// checked and written into it when a read first decompresses from its checkpoint. Wrong
+/// window bytes are an error, never data; once the whole layer was read the stored index is
+/// the registry's, byte for byte. A head that does not match its digest is refused.
+#[tokio::test]
+async fn an_index_fetched_head_first_fetches_each_window_when_a_read_needs_it() {
+    use lazylayer_index::distribution::{IndexOrigin, RemoteIndex, fetch_index};
+    use lazylayer_index::{IndexHead, IndexStore, SpanStart};
+    use lazylayer_source::registry::Body;
+
+    let (_, layer, built) = debian_layer().await;
+    let encoded = built.encode().unwrap();
+    assert_eq!(
+        encoded[8..12],
+        4u32.to_le_bytes(),
+        "an index with windows is version 4"
+    );
+    let head = IndexHead::of(&encoded).expect("a version 4 index with windows has a head");
+    let windows = built
+        .spans
+        .iter()
+        .filter(|s| matches!(s.start, SpanStart::Deflate { .. }))
+        .count();
+    assert!(windows > 10, "{windows} windows");
+    assert!(
+        head.size * 3 < encoded.len() as u64,
+        "the head is a small part"
+    );
+    let blob = BlobDescriptor {
+        digest: Digest::sha256(&encoded),
+        media_type: lazylayer_index::INDEX_MEDIA_TYPE.to_string(),
+        size: encoded.len() as u64,
+    };
+    let registry = shared_registry();
+    let proxy = FaultProxy::start(registry.addr(), Shaping::default()).unwrap();
+    let (source, _) = open(&format!("{}/test/debian:bookworm", proxy.host())).await;
+    let ImageSource::Registry { repository, .. } = &source else {
+        unreachable!("a registry source");
+    };
+    repository
+        .push_blob(&blob, Body::Bytes(encoded.clone().into()))
+        .await
+        .unwrap();
+
+    // A head that does not match the digest its artifact gives is refused.
+    let lying = RemoteIndex {
+        blob: blob.clone(),
+        head: Some(IndexHead {
+            size: head.size,
+            digest: Digest::sha256(b"another head"),
+        }),
+    };
+    let err = fetch_index(repository, &lying, &layer).await.unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+
+    let before = index_gets(&proxy, &blob.digest).len();
+    let remote = RemoteIndex {
+        blob: blob.clone(),
+        head: Some(head.clone()),
+    };
+    let fetched = fetch_index(repository, &remote, &layer).await.unwrap();
+    let gets = index_gets(&proxy, &blob.digest);
+    assert_eq!(
+        gets[before..],
+        [Some(format!("bytes=0-{}", head.size - 1))],
+        "the head only"
+    );
+    assert_eq!(fetched.missing_windows(), windows);
+    assert_eq!(fetched.entries, built.entries);
+
+    let root = tempfile::tempdir().unwrap();
+    let store = IndexStore::new(root.path());
+    store.put(&layer, &fetched, IndexOrigin::Bound).unwrap();
+    let index = Arc::new(store.get(&layer).unwrap().unwrap());
+    assert_eq!(index.windows_source(), Some(&blob.digest));
+    assert_eq!(index.missing_windows(), windows);
+    let stored_path = root.path().join("indexes/sha256").join(layer.digest.hex());
+    assert_eq!(
+        std::fs::metadata(&stored_path).unwrap().len(),
+        encoded.len() as u64
+    );
+
+    // A file far into the layer: one window, its checkpoint's, fetched with its spans.
+    let extracted = extract(&blob_path(&layer.digest));
+    let cache = tempfile::tempdir().unwrap();
+    let reader = LayerReader::new(index.clone(), source.clone(), cache.path()).unwrap();
+    let entry = index
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File && e.size > 1000)
+        .find(|e| {
+            let span = index.span_at(e.data_offset);
+            index.checkpoint_of(span) > 0
+                && index.checkpoint_of(index.span_at(e.data_offset + e.size - 1))
+                    == index.checkpoint_of(span)
+        })
+        .unwrap()
+        .clone();
+    let before = index_gets(&proxy, &blob.digest).len();
+    let got = reader.read(&entry, 0, entry.size).await.unwrap();
+    assert!(got == std::fs::read(on_disk(extracted.path(), &entry)).unwrap());
+    let checkpoint = index.checkpoint_of(index.span_at(entry.data_offset));
+    let window = index.window_range(checkpoint).unwrap();
+    assert_eq!(
+        index_gets(&proxy, &blob.digest)[before..],
+        [Some(format!("bytes={}-{}", window.start, window.end - 1))]
+    );
+    assert_eq!(index.missing_windows(), windows - 1);
+
+    // Wrong window bytes from the registry are an error, not data, and are not kept.
+    let other = index
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File && e.size > 1000)
+        .find(|e| {
+            let c = index.checkpoint_of(index.span_at(e.data_offset));
+            c != checkpoint
+                && !index.window_is_local(c)
+                && index.checkpoint_of(index.span_at(e.data_offset + e.size - 1)) == c
+        })
+        .unwrap()
+        .clone();
+    proxy.add_rule(
+        Rule::new(Fault::CorruptAt { at: 5 })
+            .on_path(&blob.digest.to_string())
+            .always(),
+    );
+    let err = reader.read(&other, 0, other.size).await.unwrap_err();
+    assert!(
+        err.to_string().contains("does not match its digest"),
+        "{err}"
+    );
+    assert_eq!(index.missing_windows(), windows - 1);
+    proxy.clear_rules();
+
+    // The whole layer: every window comes, and the stored index is the registry's blob.
+    let whole = reader
+        .read_uncompressed(0..index.uncompressed_size)
+        .await
+        .unwrap();
+    assert_eq!(Digest::sha256(&whole), index.diff_id);
+    assert_eq!(index.missing_windows(), 0);
+    assert!(std::fs::read(&stored_path).unwrap() == encoded);
+    // A daemon opening it again finds every window local.
+    assert_eq!(store.get(&layer).unwrap().unwrap().missing_windows(), 0);
 }

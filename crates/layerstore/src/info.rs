@@ -82,6 +82,7 @@ mod tests {
             spans: Vec::new(),
             entries: Vec::new(),
             continuation: 0,
+            window_digests: Vec::new(),
         }
     }
 

@@ -217,8 +217,12 @@ impl Store {
 
         let indexes = self.root().join("indexes");
         for (algorithm, name) in two_level_listing(&indexes)? {
-            // `<hex>.origin` says where `<hex>` came from: it goes with it, uncounted.
-            let (hex, is_origin) = match name.strip_suffix(".origin") {
+            // `<hex>.origin` says where `<hex>` came from, `<hex>.windows` where its missing
+            // windows are: they go with it, uncounted.
+            let (hex, is_origin) = match name
+                .strip_suffix(".origin")
+                .or_else(|| name.strip_suffix(".windows"))
+            {
                 Some(hex) => (hex, true),
                 None => (name.as_str(), false),
             };

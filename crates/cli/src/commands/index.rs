@@ -91,6 +91,7 @@ fn upload(layer: &BlobDescriptor, stored: StoredIndex) -> IndexUpload {
         layer: layer.clone(),
         digest: stored.digest,
         size: stored.size,
+        head: stored.head,
         body: Body::File(stored.path),
     }
 }
@@ -117,11 +118,13 @@ pub async fn run(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<()> {
         let label = format!("layer {}/{count} {}", i + 1, layer.digest);
         // Only an index this machine trusts is pushed again: one fetched as an unbound
         // referrer must not come out bound.
+        // One fetched head first whose windows are not all here yet is built again.
         if !args.force
             && let (Some((index, _)), Some(stored)) = (
                 store.get_trusted(layer, IndexTrust::Bound)?,
                 store.stored(layer)?,
             )
+            && index.missing_windows() == 0
         {
             eprintln!(
                 "{label}: already indexed ({} spans, {} entries)",

@@ -64,13 +64,13 @@ async fn fill_from(
             continue;
         }
         if let Some(descriptor) = remote.by_layer.get(&layer.digest) {
-            let (index, _) = fetch_index(repository, descriptor, layer).await?;
+            let index = fetch_index(repository, descriptor, layer).await?;
             *slot = Some(FoundIndex {
                 index,
                 origin: remote.origin,
                 stored: false,
-                digest: descriptor.digest.clone(),
-                size: descriptor.size,
+                digest: descriptor.blob.digest.clone(),
+                size: descriptor.blob.size,
             });
         }
     }

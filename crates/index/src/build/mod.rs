@@ -236,6 +236,8 @@ pub fn build_from_reader<R: Read + Send + 'static>(
                 Compression::Gzip => options.continuation,
                 Compression::Zstd | Compression::None => 0,
             },
+            // Taken from the windows file by `LayerIndex::built`.
+            window_digests: Vec::new(),
         },
         windows_file,
         windows_len,

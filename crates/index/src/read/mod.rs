@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures_util::future::Either;
 use futures_util::{StreamExt, TryStreamExt};
 use lazylayer_source::ImageSource;
 
@@ -78,6 +79,9 @@ pub struct LayerReader {
     inflating: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
     /// How many fetches of each span did not match its digest (see [`SPAN_ATTEMPTS`]).
     mismatches: Mutex<std::collections::HashMap<usize, u32>>,
+    /// One lock per deflate window being fetched (keyed by its span), for the same reason as
+    /// [`Self::fetching`].
+    fetching_windows: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl LayerReader {
@@ -96,6 +100,7 @@ impl LayerReader {
             fetching: Mutex::new(std::collections::HashMap::new()),
             inflating: Mutex::new(std::collections::HashMap::new()),
             mismatches: Mutex::new(std::collections::HashMap::new()),
+            fetching_windows: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -482,7 +487,7 @@ impl LayerReader {
         // Walking back stops at a span already taken, so a long run of spans costs each span
         // once, however long the chains an index (perhaps hostile) makes.
         let mut seen = std::collections::HashSet::new();
-        let mut needed = Vec::new();
+        let mut needed: Vec<usize> = Vec::new();
         for i in spans {
             if i >= self.index.spans.len() {
                 return Err(Error::BadRead(format!("no span {i}")));
@@ -498,7 +503,7 @@ impl LayerReader {
             }
             needed.extend(back.into_iter().rev());
         }
-        for i in needed {
+        for &i in &needed {
             if self.cache.has(i) {
                 continue;
             }
@@ -513,11 +518,61 @@ impl LayerReader {
         if self.index.from_toc() {
             runs = runs.into_iter().map(|run| self.read_ahead(run)).collect();
         }
-        futures_util::stream::iter(runs.into_iter().map(|run| self.fetch_run(run)))
+        // The windows of the checkpoints decompression starts from, if an index fetched head
+        // first does not have them yet: fetched alongside the spans (they are small).
+        let mut fetches = Vec::with_capacity(runs.len());
+        for &j in &needed {
+            if !self.index.window_is_local(j) {
+                fetches.push(Either::Left(self.fetch_window(j)));
+            }
+        }
+        for run in runs {
+            fetches.push(Either::Right(self.fetch_run(run)));
+        }
+        futures_util::stream::iter(fetches)
             .buffer_unordered(MAX_IN_FLIGHT)
             .try_collect::<Vec<()>>()
             .await?;
         Ok(())
+    }
+
+    /// Fetches span `i`'s deflate window from the index blob its index names, checks it
+    /// against its digest and keeps it in the index file (unless another read is fetching it:
+    /// this one waits for that).
+    async fn fetch_window(&self, i: usize) -> Result<()> {
+        let lock = self
+            .fetching_windows
+            .lock()
+            .expect("fetching windows")
+            .entry(i)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone();
+        let guard = lock.lock().await;
+        let result = async {
+            if self.index.window_is_local(i) {
+                return Ok(());
+            }
+            let (Some(blob), Some(range)) =
+                (self.index.windows_source(), self.index.window_range(i))
+            else {
+                return Err(Error::WindowMissing {
+                    layer: self.index.blob_digest.to_string(),
+                    span: i,
+                });
+            };
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let packed = self.source.read_range(blob, range).await?;
+            self.bytes_fetched
+                .fetch_add(packed.len() as u64, Ordering::Relaxed);
+            self.index.put_window(i, &packed)
+        }
+        .await;
+        drop(guard);
+        let mut fetching = self.fetching_windows.lock().expect("fetching windows");
+        if Arc::strong_count(&lock) <= 2 {
+            fetching.remove(&i);
+        }
+        result
     }
 
     /// `run` extended over the missing spans after it, up to [`READ_AHEAD`] compressed bytes:

@@ -107,6 +107,7 @@ pub(super) fn index_of(
         spans,
         entries: table.finish(),
         continuation: 0,
+        window_digests: Vec::new(),
     })
 }
 

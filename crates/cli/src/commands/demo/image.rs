@@ -11,7 +11,7 @@ use lazylayer_index::distribution::{
     ARTIFACT_TYPE, EMPTY_CONFIG, IndexUpload, artifact_manifest, binding_index, referrers_list,
     referrers_tag,
 };
-use lazylayer_index::{BuildOptions, build_from_reader};
+use lazylayer_index::{BuildOptions, IndexHead, build_from_reader};
 use lazylayer_source::registry::Body;
 use lazylayer_source::{BlobDescriptor, Digest};
 
@@ -268,6 +268,7 @@ pub fn ensure(cache: &Path) -> anyhow::Result<SampleImage> {
         layer: layer.clone(),
         digest: index_digest,
         size: encoded.len() as u64,
+        head: IndexHead::of(&encoded),
         body: Body::Bytes(Bytes::new()),
     };
     let artifact = artifact_manifest(&manifest_desc, &[upload]);
