@@ -583,10 +583,16 @@ impl LayerIndex {
 
     /// How many windows are not local (see [`window_is_local`](Self::window_is_local)).
     pub fn missing_windows(&self) -> usize {
+        self.spans_missing_windows().len()
+    }
+
+    /// The spans whose windows are not local, in order.
+    pub fn spans_missing_windows(&self) -> Vec<usize> {
         self.deflate_spans
             .iter()
-            .filter(|&&i| !self.window_is_local(i))
-            .count()
+            .copied()
+            .filter(|&i| !self.window_is_local(i))
+            .collect()
     }
 
     /// Where span `i`'s window is in the encoded index (what to fetch from the index blob).

@@ -18,8 +18,8 @@ use crate::worker::lifecycle::{LayerLife, Managed};
 pub const DEMAND_QUIET: Duration = Duration::from_millis(1500);
 
 /// Compressed bytes fetched ahead of the current file in one ranged request when uncapped
-/// (eight spans of the default spacing; spans may be as small as continuation spans).
-const FETCH_AHEAD: u64 = 8 * lazylayer_index::DEFAULT_SPACING;
+/// (several checkpoint spans; spans may be as small as continuation spans).
+const FETCH_AHEAD: u64 = 8 << 20;
 
 /// Files filled at once in stream order.
 const FILLS_AT_ONCE: usize = 4;
@@ -163,6 +163,7 @@ impl Worker {
         let mut last_persist = Instant::now();
         let mut since_persist = 0;
         let mut queue: VecDeque<usize> = layer.pending_files().into();
+        let mut windows_fetched = false;
         while let Some(&i) = queue.front() {
             if let Some(reason) = layer.proven_wrong() {
                 return Err(Stop::ProvenWrong(reason));
@@ -185,6 +186,14 @@ impl Worker {
                     continue;
                 }
                 Step::Fill => {}
+            }
+            if !windows_fetched {
+                // An index fetched head first: its windows in one request now, rather than
+                // one per checkpoint as the fill reaches them (a failure leaves that to do).
+                windows_fetched = true;
+                if let Err(e) = layer.reader().fetch_missing_windows().await {
+                    tracing::warn!("layer {}: fetching the index's windows: {e}", layer.digest);
+                }
             }
             // Fetch ahead in runs: one ranged GET covers several spans. Uncapped, about
             // FETCH_AHEAD bytes; capped, to the end of the checkpoint span (continuation spans

@@ -28,8 +28,8 @@ use crate::format::{LayerIndex, SpanStart};
 use crate::{Error, Result};
 
 /// Compressed bytes a fetch of spans of an index from a table of contents reaches (see
-/// [`LayerReader::read_ahead`]): the span spacing of a built index.
-const READ_AHEAD: u64 = crate::build::DEFAULT_SPACING;
+/// [`LayerReader::read_ahead`]).
+const READ_AHEAD: u64 = 1 << 20;
 /// Ranged requests in flight at once for one read.
 const MAX_IN_FLIGHT: usize = 4;
 /// Decompressed spans kept in memory, so reads of neighbouring files inflate a span once
@@ -533,6 +533,41 @@ impl LayerReader {
             .buffer_unordered(MAX_IN_FLIGHT)
             .try_collect::<Vec<()>>()
             .await?;
+        Ok(())
+    }
+
+    /// Fetches every window not local yet with one ranged GET (from the first missing one to
+    /// the last), for a caller about to fill the whole layer: one request, not one per
+    /// checkpoint as reads reach them.
+    pub async fn fetch_missing_windows(&self) -> Result<()> {
+        let missing = self.index.spans_missing_windows();
+        let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
+            return Ok(());
+        };
+        let (Some(blob), Some(start), Some(end)) = (
+            self.index.windows_source(),
+            self.index.window_range(first),
+            self.index.window_range(last),
+        ) else {
+            return Err(Error::WindowMissing {
+                layer: self.index.blob_digest.to_string(),
+                span: first,
+            });
+        };
+        let (start, end) = (start.start, end.end);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let bytes = self.source.read_range(blob, start..end).await?;
+        self.bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        for i in missing {
+            let range = self.index.window_range(i).expect("a span with a window");
+            let packed = bytes
+                .get((range.start - start) as usize..(range.end - start) as usize)
+                .ok_or_else(|| {
+                    Error::BadRead(format!("the windows fetched end before span {i}'s"))
+                })?;
+            self.index.put_window(i, packed)?;
+        }
         Ok(())
     }
 
