@@ -322,6 +322,9 @@ pub struct LayerIndex {
     windows_local: Vec<AtomicBool>,
     /// The index blob (in the layer's repository) whose windows are not all local yet.
     windows_source: Option<Digest>,
+    /// The head as it was decoded from (stored as it came, not compressed again), until the
+    /// metadata is changed.
+    decoded_head: Option<Vec<u8>>,
 }
 
 impl std::ops::Deref for LayerIndex {
@@ -334,6 +337,7 @@ impl std::ops::Deref for LayerIndex {
 
 impl std::ops::DerefMut for LayerIndex {
     fn deref_mut(&mut self) -> &mut IndexMeta {
+        self.decoded_head = None;
         &mut self.meta
     }
 }
@@ -369,6 +373,7 @@ impl LayerIndex {
             deflate_spans,
             windows_local,
             windows_source: None,
+            decoded_head: None,
         }
     }
 
@@ -425,6 +430,9 @@ impl LayerIndex {
     /// The header and metadata of the encoded index (the [`IndexHead`]'s bytes); the windows
     /// section, [`windows_len`](Self::windows_len) bytes, follows them.
     pub fn encode_head(&self) -> Result<Vec<u8>> {
+        if let Some(head) = &self.decoded_head {
+            return Ok(head.clone());
+        }
         let mut raw =
             postcard::to_stdvec(&self.meta).map_err(|e| Error::bad_index("encoding", e))?;
         // An index without windows is written as an older version, which older builds read
@@ -483,7 +491,8 @@ impl LayerIndex {
             decode_header_and_meta(what, bytes.len() as u64, bytes)?;
         let start = HEADER_LEN as u64 + meta_len;
         let windows = bytes[start as usize..(start + windows_len) as usize].to_vec();
-        let index = LayerIndex::assemble(meta, Windows::Memory(windows), Some(start));
+        let mut index = LayerIndex::assemble(meta, Windows::Memory(windows), Some(start));
+        index.decoded_head = Some(bytes[..start as usize].to_vec());
         index.validate(what)?;
         Ok(index)
     }
@@ -516,6 +525,7 @@ impl LayerIndex {
             ));
         }
         index.windows_source = Some(source);
+        index.decoded_head = Some(head.to_vec());
         Ok(index)
     }
 

@@ -841,7 +841,12 @@ async fn a_run_of_missing_spans_is_one_ranged_get() {
 /// span; a later file after it in the same checkpoint span fetches only the pieces between.
 #[tokio::test]
 async fn a_read_fetches_from_its_checkpoint_to_the_end_of_its_file_only() {
-    let (layout, layer, index) = debian_layer().await;
+    // Checkpoints every 1 MiB: room for the two files below in one checkpoint span.
+    let (layout, layer, index) = debian_layer_with(BuildOptions {
+        spacing: 1 << 20,
+        ..BuildOptions::default()
+    })
+    .await;
     let checkpoints = index
         .spans
         .iter()
