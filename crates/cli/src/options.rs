@@ -131,8 +131,11 @@ pub enum Command {
             the sha256-<digest> referrers tag on registries without it) and bound to it: the tag \
             is re-pointed at an OCI image index listing the unchanged manifest and the artifact, \
             so that the tag, or that index's digest, vouches for the indexes and other machines \
-            load the image lazily without building anything. An IMAGE named by digest cannot be \
-            bound (its indexes are then used only with pull --index-trust referrer).",
+            load the image lazily without building anything. Each index blob is annotated with \
+            the digest of its head (file table and span digests, a quarter of a gzip layer's \
+            index), so that a pull fetches only the head and each checkpoint's window when a \
+            read first needs it. An IMAGE named by digest cannot be bound (its indexes are then \
+            used only with pull --index-trust referrer).",
         after_help = "Examples:\n  \
             lazylayer index --push registry.example.com/app:1.0\n  \
             lazylayer index --spacing 1M oci:./layout:latest\n  \
