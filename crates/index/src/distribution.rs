@@ -26,7 +26,7 @@ use lazylayer_source::registry::Body;
 use lazylayer_source::{BlobDescriptor, Digest, Platform, Repository, ResolvedImage};
 use serde_json::json;
 
-use crate::format::{INDEX_MEDIA_TYPE, IndexHead, LayerIndex};
+use crate::format::{INDEX_MEDIA_TYPE, IndexHead, LayerIndex, WindowsSource};
 use crate::{Error, Result};
 
 /// The artifact type of lazylayer's index artifacts.
@@ -579,7 +579,11 @@ pub async fn fetch_index(
                     "its head does not match the digest its artifact gives",
                 ));
             }
-            LayerIndex::decode_head(&what, &bytes, descriptor.size, descriptor.digest.clone())?
+            let source = WindowsSource {
+                blob: descriptor.digest.clone(),
+                repository: format!("{}/{}", repository.registry(), repository.name()),
+            };
+            LayerIndex::decode_head(&what, &bytes, descriptor.size, source)?
         }
         _ => {
             let mut stream = repository.open_blob(descriptor).await?;

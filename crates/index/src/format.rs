@@ -19,7 +19,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use lazylayer_source::Digest;
@@ -221,9 +221,9 @@ enum Windows {
     Memory(Vec<u8>),
     File {
         file: File,
-        /// The file's path, where windows fetched later are written (none for a just-built
-        /// index's temporary file, which has them all).
-        path: Option<PathBuf>,
+        /// Whether windows fetched later can be written into it (an index opened from the
+        /// store by its owner; they go to the file read, even if the store replaced it since).
+        writable: bool,
         base: u64,
         len: u64,
     },
@@ -307,6 +307,17 @@ fn head_len_of(header: &[u8]) -> Option<u64> {
     (version >= VERSION && windows_len > 0).then(|| HEADER_LEN as u64 + meta_len)
 }
 
+/// Where the windows of an index fetched head first are: the index blob, and the repository
+/// it was fetched from (which has the layer too; another image sharing the layer may be in a
+/// repository without the index).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowsSource {
+    /// The index blob.
+    pub blob: Digest,
+    /// `REGISTRY/NAME` of the repository.
+    pub repository: String,
+}
+
 /// A layer's lazy index: its metadata (reachable through `Deref`) and the deflate windows,
 /// which stay in their file until a span needs one.
 pub struct LayerIndex {
@@ -320,8 +331,8 @@ pub struct LayerIndex {
     deflate_spans: Vec<usize>,
     /// Which windows have been found local and matching their digest.
     windows_local: Vec<AtomicBool>,
-    /// The index blob (in the layer's repository) whose windows are not all local yet.
-    windows_source: Option<Digest>,
+    /// Where windows not local yet come from.
+    windows_source: Option<WindowsSource>,
     /// The head as it was decoded from (stored as it came, not compressed again), until the
     /// metadata is changed.
     decoded_head: Option<Vec<u8>>,
@@ -390,7 +401,7 @@ impl LayerIndex {
     pub(crate) fn built(meta: IndexMeta, windows_file: File, windows_len: u64) -> Result<Self> {
         let windows = Windows::File {
             file: windows_file,
-            path: None,
+            writable: false,
             base: 0,
             len: windows_len,
         };
@@ -500,7 +511,7 @@ impl LayerIndex {
     /// Decodes and checks the head (see [`IndexHead`]) of an index of `size` bytes, whose
     /// windows are to be fetched from `source` (the index blob) when reads need them; the
     /// head must be of a version 4 index, which holds the windows' digests.
-    pub fn decode_head(what: &str, head: &[u8], size: u64, source: Digest) -> Result<Self> {
+    pub fn decode_head(what: &str, head: &[u8], size: u64, source: WindowsSource) -> Result<Self> {
         let (meta_len, windows_len, meta) = decode_header_and_meta(what, size, head)?;
         if head.len() as u64 != HEADER_LEN as u64 + meta_len {
             return Err(Error::bad_index(
@@ -532,8 +543,24 @@ impl LayerIndex {
     /// Opens an index file: the metadata is read now, the windows when a span needs one.
     pub fn open(path: &Path) -> Result<Self> {
         let what = path.display().to_string();
-        let mut file =
-            std::fs::File::open(path).map_err(|e| Error::io(format!("opening {what}"), e))?;
+        let (mut file, writable) = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
+            Ok(file) => (file, true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| Error::io(format!("opening {what}"), e))?;
+                (file, false)
+            }
+            Err(e) => return Err(Error::io(format!("opening {what}"), e)),
+        };
         let size = file.metadata().map_err(|e| Error::io(&what, e))?.len();
         let mut header = vec![0u8; HEADER_LEN.min(size as usize)];
         file.read_exact(&mut header)
@@ -549,7 +576,7 @@ impl LayerIndex {
             meta,
             Windows::File {
                 file,
-                path: Some(path.to_path_buf()),
+                writable,
                 base,
                 len: windows_len,
             },
@@ -564,14 +591,20 @@ impl LayerIndex {
         Digest::sha256(encoded)
     }
 
-    /// The index blob missing windows are fetched from, if some may be missing.
-    pub fn windows_source(&self) -> Option<&Digest> {
+    /// Where missing windows are fetched from, if some may be missing.
+    pub fn windows_source(&self) -> Option<&WindowsSource> {
         self.windows_source.as_ref()
     }
 
-    /// Says that missing windows are fetched from the index blob `source`.
-    pub fn set_windows_source(&mut self, source: Option<Digest>) {
+    /// Says where missing windows are fetched from.
+    pub fn set_windows_source(&mut self, source: Option<WindowsSource>) {
         self.windows_source = source;
+    }
+
+    /// The length of the head this index was decoded or opened with (window ranges in the
+    /// index blob are relative to it).
+    pub fn head_len(&self) -> Option<u64> {
+        self.head_len
     }
 
     /// Which of the windows span `i`'s is (`None`: the span has none).
@@ -635,20 +668,18 @@ impl LayerIndex {
             ));
         }
         let Windows::File {
-            path: Some(path), ..
+            file,
+            writable: true,
+            ..
         } = &self.windows
         else {
             return Err(Error::bad_index(
                 what,
-                "is not in a file: a fetched window has nowhere to go",
+                "is not in a file this process may write: a fetched window has nowhere to go",
             ));
         };
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         file.write_all_at(packed, range.start)
-            .map_err(|e| Error::io(format!("writing a window into {}", path.display()), e))?;
+            .map_err(|e| Error::io("writing a window into its index file", e))?;
         self.windows_local[slot].store(true, Ordering::Relaxed);
         Ok(())
     }

@@ -25,7 +25,7 @@ pub use build::{
 pub use entry::{Entry, EntryKind, Piece};
 pub use error::{Error, Result};
 pub use format::{
-    Compression, INDEX_MEDIA_TYPE, IndexHead, IndexMeta, LayerIndex, Span, SpanStart,
+    Compression, INDEX_MEDIA_TYPE, IndexHead, IndexMeta, LayerIndex, Span, SpanStart, WindowsSource,
 };
 pub use local::IndexStore;
 pub use read::{LayerReader, ReaderStats, Verification};

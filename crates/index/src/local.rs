@@ -1,16 +1,17 @@
 //! Indexes kept on this machine, under `ROOT/indexes/<algorithm>/<layer hex>`: built here or
 //! fetched and verified once, keyed by the layer they index (layers are shared between images),
 //! each with its origin beside it (`<hex>.origin`), which decides whether `pull` may use it.
-//! An index fetched head first is stored with its windows section as a hole, and the digest
-//! of the registry's index blob they are fetched from beside it (`<hex>.windows`): each window
-//! is written into the hole when a read first needs it (see [`LayerIndex::put_window`]).
+//! An index fetched head first is stored with its windows section as a hole, and beside it
+//! where they are fetched from (`<hex>.windows`: the registry's index blob and its
+//! repository): each window is written into the hole when a read first needs it (see
+//! [`LayerIndex::put_window`]).
 
 use std::path::{Path, PathBuf};
 
 use lazylayer_source::{BlobDescriptor, Digest, DigestAlgorithm, DigestHasher};
 
 use crate::distribution::{IndexOrigin, IndexTrust, check_identity};
-use crate::format::{IndexHead, LayerIndex};
+use crate::format::{IndexHead, LayerIndex, WindowsSource};
 use crate::{Error, Result};
 
 /// The local index store.
@@ -42,9 +43,9 @@ impl IndexStore {
         let mut index = LayerIndex::open(&path)?;
         check_identity(&path.display().to_string(), &index, layer)?;
         let windows_path = self.windows_path(layer);
-        match std::fs::read_to_string(&windows_path) {
-            Ok(text) => {
-                let source = text.trim().parse::<Digest>().map_err(|e| {
+        match std::fs::read(&windows_path) {
+            Ok(bytes) => {
+                let source: WindowsSource = serde_json::from_slice(&bytes).map_err(|e| {
                     Error::bad_index(windows_path.display().to_string(), e.to_string())
                 })?;
                 index.set_windows_source(Some(source));
@@ -135,9 +136,19 @@ impl IndexStore {
             // Fetched head first: the head, a hole for the windows, and where they come from
             // (written first, so that no stored index lacks windows without saying where).
             Some(source) => {
-                lazylayer_durable::write(&windows_path, source.to_string().as_bytes())
-                    .map_err(|e| Error::io(format!("writing {}", windows_path.display()), e))?;
                 let head = index.encode_head()?;
+                // Window ranges in the blob are relative to its head: this one must be it.
+                if index.head_len() != Some(head.len() as u64) {
+                    return Err(Error::bad_index(
+                        path.display().to_string(),
+                        "its head changed since it was fetched: its windows would not fit",
+                    ));
+                }
+                lazylayer_durable::write(
+                    &windows_path,
+                    &serde_json::to_vec(source).expect("a windows source serialises"),
+                )
+                .map_err(|e| Error::io(format!("writing {}", windows_path.display()), e))?;
                 let size = head.len() as u64 + index.windows_len();
                 lazylayer_durable::write_sized(&path, &head, size)
                     .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
@@ -145,7 +156,7 @@ impl IndexStore {
                     size: head.len() as u64,
                     digest: Digest::sha256(&head),
                 };
-                (source.clone(), size, Some(head))
+                (source.blob.clone(), size, Some(head))
             }
             None => {
                 let mut encoded = HashingWriter::new(Vec::new());

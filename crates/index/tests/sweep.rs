@@ -1488,7 +1488,12 @@ async fn an_index_fetched_head_first_fetches_each_window_when_a_read_needs_it() 
     let store = IndexStore::new(root.path());
     store.put(&layer, &fetched, IndexOrigin::Bound).unwrap();
     let index = Arc::new(store.get(&layer).unwrap().unwrap());
-    assert_eq!(index.windows_source(), Some(&blob.digest));
+    let windows_source = index.windows_source().unwrap();
+    assert_eq!(windows_source.blob, blob.digest);
+    assert_eq!(
+        windows_source.repository,
+        format!("{}/test/debian", proxy.host())
+    );
     assert_eq!(index.missing_windows(), windows);
     let stored_path = root.path().join("indexes/sha256").join(layer.digest.hex());
     assert_eq!(

@@ -222,3 +222,51 @@ fn a_pull_while_another_is_half_done_waits_and_fetches_nothing_again() {
     assert!(same.is_empty(), "{:?}", &same[..same.len().min(10)]);
     wait_for_status(&lazy, "layers detached", all_detached);
 }
+
+/// An index fetched head first gets its windows from the repository it came from, even when
+/// the only image left using the layer is in a repository without the index (a copy pushed
+/// elsewhere without its artifact): its daemon, started again, still reads every file.
+#[test]
+fn windows_come_from_the_index_s_repository_when_another_image_shares_the_layer() {
+    if !require_root("windows_come_from_the_index_s_repository_when_another_image_shares_the_layer")
+    {
+        return;
+    }
+    let registry = crate::common::own_registry();
+    let host = registry.host();
+    let indexed = format!("{host}/test/debian:bookworm");
+    let plain = format!("{host}/test/plain:bookworm");
+    lazylayer_testkit::fixtures::skopeo_copy(
+        &format!("oci:{}:bookworm", layout_dir().display()),
+        &format!("docker://{plain}"),
+        &[],
+    );
+    let mut lazy = Lazy::new("ext4");
+    lazy.ll(&["pull", &indexed]);
+    lazylayer_testkit::daemon::kill_from_status(&lazy.status());
+    // The windows not fetched yet (zeroed, should the daemon have fetched some already).
+    let hex = &layer_hexes("bookworm")[0];
+    let stored = lazy.root().join("indexes/sha256").join(hex);
+    assert!(
+        stored.with_extension("windows").exists(),
+        "the index was fetched head first"
+    );
+    let index = lazylayer_index::LayerIndex::open(&stored).unwrap();
+    let head = index.head_len().unwrap();
+    let size = std::fs::metadata(&stored).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stored)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &vec![0; (size - head) as usize], head)
+        .unwrap();
+    drop(file);
+    let missing = lazylayer_index::LayerIndex::open(&stored)
+        .unwrap()
+        .missing_windows();
+    assert!(missing > 10, "{missing} windows missing");
+    // The copy without an index shares the lazy layer (the same manifest: its record now
+    // names the copy, which the daemon takes the layer up for).
+    let mounted = lazy.pull_and_mount(&plain, "plain");
+    assert_same_tree(&Reference::new("bookworm").path(), &mounted);
+}

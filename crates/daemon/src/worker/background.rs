@@ -187,9 +187,10 @@ impl Worker {
                 }
                 Step::Fill => {}
             }
-            if !windows_fetched {
+            if !windows_fetched && (self.options.background_rate.is_none() || urgent) {
                 // An index fetched head first: its windows in one request now, rather than
                 // one per checkpoint as the fill reaches them (a failure leaves that to do).
+                // Capped, the fill fetches only what it needs next, windows included.
                 windows_fetched = true;
                 if let Err(e) = layer.reader().fetch_missing_windows().await {
                     tracing::warn!("layer {}: fetching the index's windows: {e}", layer.digest);

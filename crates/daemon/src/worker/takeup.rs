@@ -50,7 +50,22 @@ impl Worker {
                     cause,
                 };
                 let reference: ImageReference = image.reference.parse().map_err(source_error)?;
-                let source = ImageSource::open(&reference, &self.client).map_err(source_error)?;
+                let mut source =
+                    ImageSource::open(&reference, &self.client).map_err(source_error)?;
+                // An index fetched head first fetches its missing windows from the repository
+                // it came from, which has the layer too: another image sharing the layer may
+                // be in a repository without the index.
+                if let Some(windows) = index.windows_source()
+                    && let ImageSource::Registry { repository, .. } = &source
+                    && format!("{}/{}", repository.registry(), repository.name())
+                        != windows.repository
+                    && index.missing_windows() > 0
+                {
+                    let origin: ImageReference = format!("{}@{}", windows.repository, blob.digest)
+                        .parse()
+                        .map_err(source_error)?;
+                    source = ImageSource::open(&origin, &self.client).map_err(source_error)?;
+                }
                 let layer = Arc::new(self.store.open_layer(index, source).map_err(store_error)?);
                 if phase == Some(Phase::Failed) {
                     // Failed for good: its files are only denied, to readers of older mounts.

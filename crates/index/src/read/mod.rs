@@ -544,7 +544,7 @@ impl LayerReader {
         let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
             return Ok(());
         };
-        let (Some(blob), Some(start), Some(end)) = (
+        let (Some(windows), Some(start), Some(end)) = (
             self.index.windows_source(),
             self.index.window_range(first),
             self.index.window_range(last),
@@ -556,7 +556,7 @@ impl LayerReader {
         };
         let (start, end) = (start.start, end.end);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let bytes = self.source.read_range(blob, start..end).await?;
+        let bytes = self.source.read_range(&windows.blob, start..end).await?;
         self.bytes_fetched
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         for i in missing {
@@ -587,7 +587,7 @@ impl LayerReader {
             if self.index.window_is_local(i) {
                 return Ok(());
             }
-            let (Some(blob), Some(range)) =
+            let (Some(windows), Some(range)) =
                 (self.index.windows_source(), self.index.window_range(i))
             else {
                 return Err(Error::WindowMissing {
@@ -596,7 +596,7 @@ impl LayerReader {
                 });
             };
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let packed = self.source.read_range(blob, range).await?;
+            let packed = self.source.read_range(&windows.blob, range).await?;
             self.bytes_fetched
                 .fetch_add(packed.len() as u64, Ordering::Relaxed);
             self.index.put_window(i, &packed)
