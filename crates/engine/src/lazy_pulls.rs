@@ -42,6 +42,8 @@ pub struct LazyPulls {
     engine: Engine,
     mode: Mode,
     index_trust: IndexTrust,
+    /// See [`PullOptions::background_takeup`].
+    background_takeup: bool,
     /// Per image reference: held while it is pulled.
     pulling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Pulled>>>>,
 }
@@ -54,7 +56,18 @@ impl LazyPulls {
             engine,
             mode,
             index_trust,
+            background_takeup: false,
             pulling: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Pulls return while the daemon takes the new layers up, for a caller that starts the
+    /// daemon itself before anything mounts a pulled image (see
+    /// [`PullOptions::background_takeup`]).
+    pub fn taking_up_in_background(self) -> LazyPulls {
+        LazyPulls {
+            background_takeup: true,
+            ..self
         }
     }
 
@@ -99,6 +112,7 @@ impl LazyPulls {
             mode: self.mode,
             index_trust: self.index_trust,
             lazy_only: true,
+            background_takeup: self.background_takeup,
         };
         let image = match self.engine.pull(reference, &options, &|_| {}).await {
             Ok(done) => done.image,

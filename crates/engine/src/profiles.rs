@@ -19,7 +19,7 @@ use lazylayer_index::distribution::{
 use lazylayer_source::blob::collect_blob;
 use lazylayer_source::registry::Body;
 use lazylayer_source::{
-    BlobDescriptor, Digest, ImageReference, ImageSource, PlatformChoice, Repository, ResolvedImage,
+    BlobDescriptor, Digest, ImageReference, ImageSource, ManifestView, PlatformChoice, Repository,
 };
 use lazylayer_store::Profile;
 use serde_json::json;
@@ -117,7 +117,7 @@ impl Engine {
 /// The prefetch profile bound to `image`, fetched and checked, if it has one.
 pub async fn fetch_bound_profile(
     repository: &Repository,
-    image: &ResolvedImage,
+    image: &impl ManifestView,
 ) -> Result<Option<Profile>> {
     let Some(artifact) = bound_companion(image, PROFILE_ARTIFACT_TYPE) else {
         return Ok(None);
@@ -166,7 +166,7 @@ pub async fn fetch_bound_profile(
     let bytes = collect_blob(stream, &what, PROFILE_SIZE_LIMIT).await?;
     let profile: Profile =
         serde_json::from_slice(&bytes).map_err(|e| refused(format!("is not a profile: {e}")))?;
-    checked(profile, &image.manifest.digest, &image.layers)
+    checked(profile, &image.manifest().digest, image.layers())
         .map(Some)
         .map_err(refused)
 }

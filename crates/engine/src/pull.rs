@@ -1,6 +1,10 @@
 //! Pulling an image lazily: resolve it, find (in the store or the registry), fetch or build
 //! each layer's lazy index, make the layer's placeholder tree, and have the daemon take the
 //! lazy layers up. Returns once the image can be mounted.
+//!
+//! The registry is asked in as few round trips in a row as there can be: the tag; then the
+//! image manifest and the manifests of the artifacts bound to it (indexes, profile); then the
+//! config, the indexes' heads and the profile, all at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,15 +12,15 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use lazylayer_index::distribution::{
-    IndexOrigin, IndexTrust, RemoteIndex, RemoteIndexes, fetch_index, find_bound_indexes,
-    find_referrer_indexes,
+    ARTIFACT_TYPE, IndexOrigin, IndexTrust, RemoteIndex, RemoteIndexes, fetch_index,
+    find_bound_indexes, find_referrer_indexes,
 };
 use lazylayer_index::{BuildOptions, build_and_cache};
-use lazylayer_source::{Digest, ImageReference, ImageSource, PlatformChoice};
+use lazylayer_source::{Digest, ImageReference, ImageSource, ManifestView, PlatformChoice};
 use lazylayer_store::{FrontendMode, ImageRecord, Phase};
 
 use crate::images::canonical_reference;
-use crate::profiles::fetch_bound_profile;
+use crate::profiles::{PROFILE_ARTIFACT_TYPE, fetch_bound_profile};
 use crate::{Engine, Error, Result};
 
 /// How lazy layers are served.
@@ -45,6 +49,11 @@ pub struct PullOptions {
     /// callers with a cheaper way to get a whole image (a containerd snapshotter lets
     /// containerd download and unpack it).
     pub lazy_only: bool,
+    /// Return once the layers are set up, while the daemon takes them up (places their marks):
+    /// for a caller that makes sure of the daemon ([`Engine::start_daemon`]) before anything
+    /// mounts the image, as a snapshotter's `Mounts` does, so that the take-up overlaps what
+    /// the caller does meanwhile. A lazy layer must never be read before it is taken up.
+    pub background_takeup: bool,
 }
 
 /// Which layer of the image an event is about.
@@ -147,34 +156,54 @@ impl Engine {
         options: &PullOptions,
         progress: &(dyn Fn(PullEvent<'_>) + Sync),
     ) -> Result<Pulled> {
+        let started = std::time::Instant::now();
         let reference: ImageReference = image.parse()?;
         let choice = PlatformChoice::from_flag(options.platform.as_deref())?;
         let client = self.registry_client()?;
         let source = ImageSource::open(&reference, &client)?;
-        let resolved = source.resolve(&choice).await?;
+        // The store is made ready (its modes, the pull lock, the fanotify probe, which waits
+        // for the kernel to release a group) while the registry answers. The manifests of the
+        // artifacts bound to the image come with the image manifest.
+        let local = {
+            let engine = self.clone();
+            let mode = options.mode;
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                engine.store.make_private()?;
+                // Held until the image record names every layer: `gc` must not remove one
+                // meanwhile.
+                let lock = engine.store.lock_for_pull()?;
+                Ok((lock, engine.frontend_for(mode)?))
+            })
+        };
+        let (manifest, local) = tokio::join!(
+            source.resolve_manifest(&choice, &[ARTIFACT_TYPE, PROFILE_ARTIFACT_TYPE]),
+            local
+        );
+        let manifest = manifest?;
+        let (_lock, frontend) =
+            local.map_err(|e| Error::io("readying the store", std::io::Error::other(e)))??;
+        tracing::debug!(elapsed = ?started.elapsed(), "{image}: manifest resolved");
         let store = &self.store;
-        store.make_private()?;
-        // Held until the image record names every layer: `gc` must not remove one meanwhile.
-        let _lock = store.lock_for_pull()?;
-        let frontend = self.frontend_for(options.mode)?;
         let repository = match &source {
             ImageSource::Registry { repository, .. } => Some(repository),
             ImageSource::Layout { .. } => None,
         };
         let mut remote = RemoteLookup::default();
-        // The registry's indexes of the layers not set up yet, fetched all at once: one
-        // round trip for an image of many layers, not one per layer; meanwhile the image's
-        // prefetch profile, if the registry binds one and this store has none.
-        let profile_path = store.profile_path(&resolved.manifest.digest);
+        // While the config downloads: the registry's indexes of the layers not set up yet,
+        // fetched all at once (one round trip for an image of many layers, not one per
+        // layer), and the image's prefetch profile, if the registry binds one and this store
+        // has none.
+        let profile_path = store.profile_path(&manifest.manifest.digest);
         let mut wants_profile = !profile_path.exists();
-        for layer in &resolved.layers {
+        for layer in &manifest.layers {
             wants_profile &= store.phase(&layer.digest)? != Some(Phase::Detached);
         }
+        let config = source.with_config(manifest.clone(), &choice);
         let indexes = async {
             match repository {
                 Some(repository) => {
                     remote
-                        .prefetch(repository, &resolved, store, options.index_trust)
+                        .prefetch(repository, &manifest, store, options.index_trust)
                         .await
                 }
                 None => Ok(HashMap::new()),
@@ -183,13 +212,15 @@ impl Engine {
         let profile = async {
             match repository {
                 Some(repository) if wants_profile => {
-                    Some(fetch_bound_profile(repository, &resolved).await)
+                    Some(fetch_bound_profile(repository, &manifest).await)
                 }
                 _ => None,
             }
         };
-        let (indexes, profile) = tokio::join!(indexes, profile);
+        let (resolved, indexes, profile) = tokio::join!(config, indexes, profile);
+        let resolved = resolved?;
         let mut prefetched = indexes?;
+        tracing::debug!(elapsed = ?started.elapsed(), "{image}: config and indexes fetched");
         match profile {
             Some(Ok(Some(profile))) => {
                 profile.save(&profile_path)?;
@@ -330,6 +361,7 @@ impl Engine {
                 // The registry served the whole blob to index it: status counts it.
                 store.count_fetched(&layer.digest, layer.size)?;
             }
+            tracing::debug!(elapsed = ?started.elapsed(), "{image}: layer {} set up", i + 1);
             progress(PullEvent::Ready {
                 layer: label,
                 entries: index.entries.len(),
@@ -346,10 +378,26 @@ impl Engine {
             config,
         };
         store.save_image(&record)?;
-        if let Some(starting) = daemon_starting {
-            let _ = starting.await;
+        let engine = self.clone();
+        let takeup = async move {
+            if let Some(starting) = daemon_starting {
+                let _ = starting.await;
+            }
+            engine.start_daemon().await
+        };
+        if options.background_takeup {
+            let shown = image.to_string();
+            tokio::spawn(async move {
+                // Whoever mounts the image starts the daemon again and says what fails.
+                if let Err(e) = takeup.await {
+                    tracing::warn!("{shown}: the daemon did not take the layers up: {e}");
+                }
+            });
+            tracing::debug!(elapsed = ?started.elapsed(), "{image}: pulled, daemon taking up");
+        } else {
+            takeup.await?;
+            tracing::debug!(elapsed = ?started.elapsed(), "{image}: pulled, daemon serving");
         }
-        self.start_daemon().await?;
         Ok(Pulled {
             image: record,
             built_here,
@@ -420,16 +468,17 @@ async fn fetch_one(
 
 impl RemoteLookup {
     /// The registry's indexes of `image`'s layers that the store has neither set up nor an
-    /// index for, looked up and fetched concurrently (a few at a time), by layer.
+    /// index for, looked up and fetched concurrently (a few at a time), by layer: even one,
+    /// since this runs while the config downloads.
     async fn prefetch(
         &mut self,
         repository: &lazylayer_source::Repository,
-        image: &lazylayer_source::ResolvedImage,
+        image: &impl ManifestView,
         store: &lazylayer_store::Store,
         trust: IndexTrust,
     ) -> Result<HashMap<Digest, IndexLookup>> {
         let mut wanted = Vec::new();
-        for layer in &image.layers {
+        for layer in image.layers() {
             if matches!(
                 store.phase(&layer.digest)?,
                 Some(Phase::Lazy | Phase::Detached)
@@ -439,10 +488,6 @@ impl RemoteLookup {
             }
             let descriptor = self.descriptor_of(repository, image, layer, trust).await;
             wanted.push(fetch_one(repository.clone(), layer.clone(), descriptor));
-        }
-        if wanted.len() < 2 {
-            // Nothing to gain: the loop fetches the one there is.
-            return Ok(HashMap::new());
         }
         Ok(futures_util::stream::iter(wanted)
             .buffer_unordered(PREFETCHES_IN_FLIGHT)
@@ -455,7 +500,7 @@ impl RemoteLookup {
     async fn index_of(
         &mut self,
         repository: &lazylayer_source::Repository,
-        image: &lazylayer_source::ResolvedImage,
+        image: &impl ManifestView,
         layer: &lazylayer_source::BlobDescriptor,
         trust: IndexTrust,
     ) -> IndexLookup {
@@ -470,7 +515,7 @@ impl RemoteLookup {
     async fn descriptor_of(
         &mut self,
         repository: &lazylayer_source::Repository,
-        image: &lazylayer_source::ResolvedImage,
+        image: &impl ManifestView,
         layer: &lazylayer_source::BlobDescriptor,
         trust: IndexTrust,
     ) -> std::result::Result<Option<(RemoteIndex, IndexOrigin)>, RemoteIndexError> {

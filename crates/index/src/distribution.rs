@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use lazylayer_source::manifest::media_type;
 use lazylayer_source::registry::Body;
-use lazylayer_source::{BlobDescriptor, Digest, Platform, Repository, ResolvedImage};
+use lazylayer_source::{BlobDescriptor, Digest, ManifestView, Platform, Repository, ResolvedImage};
 use serde_json::json;
 
 use crate::format::{INDEX_MEDIA_TYPE, IndexHead, LayerIndex, WindowsSource};
@@ -398,7 +398,7 @@ pub async fn bind_artifact(
 /// The index artifact bound to `image` by the image index it was resolved through, if any.
 pub async fn find_bound_indexes(
     repository: &Repository,
-    image: &ResolvedImage,
+    image: &impl ManifestView,
 ) -> Result<RemoteIndexes> {
     let Some(bound) = bound_companion(image, ARTIFACT_TYPE) else {
         return Ok(RemoteIndexes::none(IndexOrigin::Bound));
@@ -416,12 +416,12 @@ pub async fn find_bound_indexes(
 /// The artifact of `artifact_type` that the image index `image` was resolved through binds to
 /// its manifest, if any (the last, should there be several).
 pub fn bound_companion<'a>(
-    image: &'a ResolvedImage,
+    image: &'a impl ManifestView,
     artifact_type: &str,
 ) -> Option<&'a BlobDescriptor> {
-    let subject = image.manifest.digest.to_string();
+    let subject = image.manifest().digest.to_string();
     image
-        .companions
+        .companions()
         .iter()
         .rev()
         .find(|c| {
@@ -436,12 +436,21 @@ pub fn bound_companion<'a>(
 /// to `image`'s manifest.
 pub async fn fetch_artifact_manifest(
     repository: &Repository,
-    image: &ResolvedImage,
+    image: &impl ManifestView,
     artifact: &Digest,
     size: Option<u64>,
     artifact_type: &str,
 ) -> Result<serde_json::Value> {
-    let fetched = repository.get_manifest(&artifact.to_string()).await?;
+    // Resolving the image may have fetched it already (by digest: verified).
+    let prefetched = image
+        .companions()
+        .iter()
+        .find(|c| c.descriptor.digest == *artifact)
+        .and_then(|c| c.manifest.clone());
+    let fetched = match prefetched {
+        Some(fetched) => fetched,
+        None => repository.get_manifest(&artifact.to_string()).await?,
+    };
     let what = format!("artifact {artifact}");
     if let Some(size) = size
         && fetched.bytes.len() as u64 != size
@@ -459,7 +468,7 @@ pub async fn fetch_artifact_manifest(
             format!("is not of type {artifact_type}"),
         ));
     }
-    if manifest["subject"]["digest"].as_str() != Some(&image.manifest.digest.to_string()) {
+    if manifest["subject"]["digest"].as_str() != Some(&image.manifest().digest.to_string()) {
         return Err(Error::bad_index(&what, "refers to another image"));
     }
     Ok(manifest)
@@ -468,9 +477,9 @@ pub async fn fetch_artifact_manifest(
 /// Finds an index artifact referring to `image`'s manifest (unbound: see the module docs).
 pub async fn find_referrer_indexes(
     repository: &Repository,
-    image: &ResolvedImage,
+    image: &impl ManifestView,
 ) -> Result<RemoteIndexes> {
-    let subject = &image.manifest.digest;
+    let subject = &image.manifest().digest;
     let listing = match repository.referrers(subject, Some(ARTIFACT_TYPE)).await? {
         Some(bytes) => bytes,
         None => match repository.get_manifest(&referrers_tag(subject)).await {
@@ -500,7 +509,7 @@ pub async fn find_referrer_indexes(
 /// Reads the index artifact `artifact` of `image`: the index blob of each of its layers.
 async fn read_artifact(
     repository: &Repository,
-    image: &ResolvedImage,
+    image: &impl ManifestView,
     artifact: &Digest,
     size: Option<u64>,
     origin: IndexOrigin,
@@ -508,7 +517,7 @@ async fn read_artifact(
     let manifest =
         fetch_artifact_manifest(repository, image, artifact, size, ARTIFACT_TYPE).await?;
     let what = format!("index artifact {artifact}");
-    let wanted: HashMap<&Digest, ()> = image.layers.iter().map(|l| (&l.digest, ())).collect();
+    let wanted: HashMap<&Digest, ()> = image.layers().iter().map(|l| (&l.digest, ())).collect();
     let mut by_layer = HashMap::new();
     for blob in manifest["layers"].as_array().into_iter().flatten() {
         let layer: Option<Digest> = blob["annotations"][LAYER_ANNOTATION]

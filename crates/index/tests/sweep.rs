@@ -1565,3 +1565,106 @@ async fn an_index_fetched_head_first_fetches_each_window_when_a_read_needs_it() 
     // A daemon opening it again finds every window local.
     assert_eq!(store.get(&layer).unwrap().unwrap().missing_windows(), 0);
 }
+
+/// Resolving an image whose image index binds an index artifact fetches the artifact's
+/// manifest alongside the image manifest, not after it (a pull saves a round trip in a row),
+/// and finding the bound indexes then asks the registry for no manifest again.
+#[tokio::test]
+async fn resolving_fetches_the_bound_artifact_alongside_the_image_manifest() {
+    use lazylayer_index::distribution::{
+        ARTIFACT_TYPE, IndexUpload, bind_artifact, find_bound_indexes, push_indexes,
+    };
+    use lazylayer_source::registry::Body;
+
+    let (_, layer, built) = debian_layer().await;
+    let encoded = built.encode().unwrap();
+    let registry = shared_registry();
+    let proxy = FaultProxy::start(registry.addr(), Shaping::default()).unwrap();
+    let (source, image) = open(&format!("{}/test/debian:bookworm", proxy.host())).await;
+    let ImageSource::Registry { repository, .. } = &source else {
+        unreachable!("a registry source");
+    };
+    let upload = IndexUpload {
+        layer: layer.clone(),
+        digest: Digest::sha256(&encoded),
+        size: encoded.len() as u64,
+        head: lazylayer_index::IndexHead::of(&encoded),
+        body: Body::Bytes(encoded.clone().into()),
+    };
+    let artifact = push_indexes(repository, &image, &[upload]).await.unwrap();
+    // A tag of this test's own: others resolve `bookworm` as it was.
+    let tag = "bound-alongside";
+    bind_artifact(repository, &image, tag, &artifact, ARTIFACT_TYPE)
+        .await
+        .unwrap();
+
+    // The image manifest takes three seconds to arrive; the artifact's is asked for meanwhile.
+    let manifest_path = format!("/manifests/{}", image.manifest.digest);
+    let artifact_path = format!("/manifests/{}", artifact.digest);
+    proxy.add_rule(
+        Rule::new(Fault::StallAfter {
+            after: 0,
+            pause: Some(std::time::Duration::from_secs(3)),
+        })
+        .on_path(&manifest_path),
+    );
+    let reference: ImageReference = format!("{}/test/debian:{tag}", proxy.host())
+        .parse()
+        .unwrap();
+    let bound = ImageSource::open(&reference, &client()).unwrap();
+    let resolving = tokio::spawn(async move {
+        let manifest = bound
+            .resolve_manifest(&PlatformChoice::host(), &[ARTIFACT_TYPE])
+            .await;
+        (bound, manifest)
+    });
+    let asked = |path: &str| {
+        proxy
+            .exchanges()
+            .iter()
+            .any(|e| e.method == "GET" && e.target.contains(path))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !(asked(&artifact_path) && asked(&manifest_path)) && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        asked(&manifest_path),
+        "the image manifest was asked for: {:?}",
+        proxy.exchanges()
+    );
+    assert!(asked(&artifact_path), "the artifact manifest was asked for");
+    assert!(
+        !resolving.is_finished(),
+        "the artifact manifest was asked for while the image manifest still arrived"
+    );
+    let (bound, manifest) = resolving.await.unwrap();
+    let manifest = manifest.unwrap();
+    assert_eq!(manifest.manifest.digest, image.manifest.digest);
+    let ImageSource::Registry { repository, .. } = &bound else {
+        unreachable!("a registry source");
+    };
+    let manifest_gets = || {
+        proxy
+            .exchanges()
+            .iter()
+            .filter(|e| e.target.contains("/manifests/"))
+            .count()
+    };
+    let before = manifest_gets();
+    let found = find_bound_indexes(repository, &manifest).await.unwrap();
+    assert!(found.by_layer.contains_key(&layer.digest), "{found:?}");
+    assert_eq!(
+        manifest_gets(),
+        before,
+        "the artifact manifest came with the image's"
+    );
+    // The config comes after, and completes the image as `resolve` gives it.
+    let resolved = bound
+        .with_config(manifest, &PlatformChoice::host())
+        .await
+        .unwrap();
+    assert_eq!(resolved.config.digest, image.config.digest);
+    assert_eq!(resolved.config_bytes, image.config_bytes);
+}

@@ -31,7 +31,9 @@ impl RemoteLayers {
     /// `index_trust` says.
     pub fn new(engine: Engine, mode: Mode, index_trust: IndexTrust) -> RemoteLayers {
         RemoteLayers {
-            pulls: LazyPulls::new(engine, mode, index_trust),
+            // Containerd mounts a snapshot only through `Mounts`, which starts the daemon and
+            // waits for it to take every lazy layer up.
+            pulls: LazyPulls::new(engine, mode, index_trust).taking_up_in_background(),
         }
     }
 

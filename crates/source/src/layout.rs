@@ -14,7 +14,7 @@ use tokio_util::io::ReaderStream;
 use crate::blob::{BlobStream, BlobVerifier, collect_blob, verified};
 use crate::manifest::{
     BlobDescriptor, FetchedManifest, MANIFEST_SIZE_LIMIT, ManifestRef, ManifestSource,
-    ResolvedImage, resolve,
+    ResolvedImage, ResolvedManifest, resolve_manifest, with_config,
 };
 use crate::platform::PlatformChoice;
 use crate::reference::LayoutReference;
@@ -101,12 +101,24 @@ impl OciLayout {
         reference: &LayoutReference,
         choice: &PlatformChoice,
     ) -> Result<ResolvedImage> {
+        let manifest = self.resolve_manifest(reference, choice, &[]).await?;
+        with_config(self, manifest, choice).await
+    }
+
+    /// Resolves `reference` to one platform's manifest, fetching the manifests of its
+    /// companions of `companion_types` alongside (see [`ResolvedManifest`]).
+    pub async fn resolve_manifest(
+        &self,
+        reference: &LayoutReference,
+        choice: &PlatformChoice,
+        companion_types: &[&str],
+    ) -> Result<ResolvedManifest> {
         let display = reference.to_string();
         let top = match &reference.digest {
             Some(digest) => ManifestRef::Digest(digest),
             None => ManifestRef::Tag(reference.tag.as_deref()),
         };
-        resolve(self, &display, top, choice).await
+        resolve_manifest(self, &display, top, choice, companion_types).await
     }
 
     /// Streams a blob, verified against its descriptor.

@@ -24,7 +24,7 @@ pub use blob::BlobStream;
 pub use digest::{Digest, DigestAlgorithm, DigestHasher};
 pub use error::{Error, Result};
 pub use layout::OciLayout;
-pub use manifest::{BlobDescriptor, ResolvedImage};
+pub use manifest::{BlobDescriptor, ManifestView, ResolvedImage, ResolvedManifest};
 pub use platform::{Platform, PlatformChoice};
 pub use reference::{ImageReference, LayoutReference, RegistryReference};
 pub use registry::{ClientOptions, RegistryClient, Repository};
@@ -71,6 +71,49 @@ impl ImageSource {
                 reference,
             } => repository.resolve(reference, choice).await,
             ImageSource::Layout { layout, reference } => layout.resolve(reference, choice).await,
+        }
+    }
+
+    /// Resolves the image to one platform's manifest without its config, fetching the
+    /// manifests of the companions of `companion_types` (artifacts bound to the image)
+    /// alongside the image manifest: a pull looks for those while the config downloads
+    /// ([`with_config`](Self::with_config)).
+    pub async fn resolve_manifest(
+        &self,
+        choice: &PlatformChoice,
+        companion_types: &[&str],
+    ) -> Result<ResolvedManifest> {
+        match self {
+            ImageSource::Registry {
+                repository,
+                reference,
+            } => {
+                repository
+                    .resolve_manifest(reference, choice, companion_types)
+                    .await
+            }
+            ImageSource::Layout { layout, reference } => {
+                layout
+                    .resolve_manifest(reference, choice, companion_types)
+                    .await
+            }
+        }
+    }
+
+    /// Fetches the config of `manifest`, which [`resolve_manifest`](Self::resolve_manifest)
+    /// gave: the image resolved as [`resolve`](Self::resolve) resolves it.
+    pub async fn with_config(
+        &self,
+        manifest: ResolvedManifest,
+        choice: &PlatformChoice,
+    ) -> Result<ResolvedImage> {
+        match self {
+            ImageSource::Registry { repository, .. } => {
+                manifest::with_config(repository, manifest, choice).await
+            }
+            ImageSource::Layout { layout, .. } => {
+                manifest::with_config(layout, manifest, choice).await
+            }
         }
     }
 

@@ -221,6 +221,64 @@ pub struct ResolvedImage {
     pub companions: Vec<Companion>,
 }
 
+/// One platform's image manifest, resolved from a reference before its config is fetched:
+/// enough to look for what travels with the image (indexes, profiles) while the config
+/// downloads. [`ImageSource::with_config`](crate::ImageSource::with_config) completes it.
+#[derive(Clone, Debug)]
+pub struct ResolvedManifest {
+    /// The reference as the user gave it, normalised.
+    pub reference: String,
+    /// The image manifest (after platform selection).
+    pub manifest: BlobDescriptor,
+    /// The index or manifest list the manifest was chosen from, if any.
+    pub index: Option<BlobDescriptor>,
+    /// The platform the index lists the manifest for (a bare manifest's is in its config).
+    pub platform: Option<Platform>,
+    /// The config blob's descriptor.
+    pub config: BlobDescriptor,
+    /// The layers, bottom first.
+    pub layers: Vec<BlobDescriptor>,
+    /// The image manifest bytes, verified against `manifest.digest`.
+    pub manifest_bytes: Bytes,
+    /// The entries of the index the manifest was chosen from that are not images.
+    pub companions: Vec<Companion>,
+}
+
+/// What [`ResolvedManifest`] and [`ResolvedImage`] share: what those looking for the artifacts
+/// bound to an image need.
+pub trait ManifestView {
+    /// The image manifest.
+    fn manifest(&self) -> &BlobDescriptor;
+    /// The layers, bottom first.
+    fn layers(&self) -> &[BlobDescriptor];
+    /// The non-image entries of the index the manifest was chosen from.
+    fn companions(&self) -> &[Companion];
+}
+
+impl ManifestView for ResolvedManifest {
+    fn manifest(&self) -> &BlobDescriptor {
+        &self.manifest
+    }
+    fn layers(&self) -> &[BlobDescriptor] {
+        &self.layers
+    }
+    fn companions(&self) -> &[Companion] {
+        &self.companions
+    }
+}
+
+impl ManifestView for ResolvedImage {
+    fn manifest(&self) -> &BlobDescriptor {
+        &self.manifest
+    }
+    fn layers(&self) -> &[BlobDescriptor] {
+        &self.layers
+    }
+    fn companions(&self) -> &[Companion] {
+        &self.companions
+    }
+}
+
 /// An entry of an image index that is not an image for any platform (its platform is
 /// `unknown/unknown`, or it has none), as attestations and lazylayer's bound indexes are.
 #[derive(Clone, Debug)]
@@ -231,6 +289,9 @@ pub struct Companion {
     pub artifact_type: Option<String>,
     /// Its annotations.
     pub annotations: std::collections::HashMap<String, String>,
+    /// Its manifest, verified against `descriptor`'s digest, when the resolution was asked to
+    /// fetch it alongside the image manifest (saving its reader a round trip).
+    pub manifest: Option<FetchedManifest>,
 }
 
 /// The companions among the entries of `index` (entries with malformed digests are left out:
@@ -250,6 +311,7 @@ fn companions_of(what: &str, index: &ImageIndex) -> Vec<Companion> {
                 descriptor: BlobDescriptor::from_oci(what, entry).ok()?,
                 artifact_type: entry.artifact_type().as_ref().map(|t| t.to_string()),
                 annotations: entry.annotations().clone().unwrap_or_default(),
+                manifest: None,
             })
         })
         .collect()
@@ -264,7 +326,7 @@ pub enum ManifestRef<'a> {
     Digest(&'a Digest),
 }
 
-/// What a source of images must offer for [`resolve`] to work on it.
+/// What a source of images must offer for [`resolve_manifest`] to work on it.
 pub(crate) trait ManifestSource {
     /// Fetches a manifest. When asked by digest, the source checks the bytes against it.
     async fn fetch_manifest(&self, reference: ManifestRef<'_>) -> Result<FetchedManifest>;
@@ -272,13 +334,16 @@ pub(crate) trait ManifestSource {
     async fn fetch_small_blob(&self, descriptor: &BlobDescriptor, limit: u64) -> Result<Bytes>;
 }
 
-/// Resolves a reference to one platform's image manifest, config and layers.
-pub(crate) async fn resolve<S: ManifestSource>(
+/// Resolves a reference to one platform's image manifest and layers, without its config; the
+/// manifests of the index's companions of `companion_types` are fetched alongside the image
+/// manifest (see [`Companion::manifest`]).
+pub(crate) async fn resolve_manifest<S: ManifestSource>(
     source: &S,
     display: &str,
     top: ManifestRef<'_>,
     choice: &PlatformChoice,
-) -> Result<ResolvedImage> {
+    companion_types: &[&str],
+) -> Result<ResolvedManifest> {
     let mut fetched = source.fetch_manifest(top).await?;
     if let ManifestRef::Digest(expected) = top
         && &fetched.digest != expected
@@ -305,9 +370,12 @@ pub(crate) async fn resolve<S: ManifestSource>(
                     size: fetched.bytes.len() as u64,
                 });
                 selected_platform = Some(platform);
-                let child_fetched = source
-                    .fetch_manifest(ManifestRef::Digest(&child.digest))
-                    .await?;
+                let (child_fetched, ()) = futures_util::future::join(
+                    source.fetch_manifest(ManifestRef::Digest(&child.digest)),
+                    fetch_companions(source, &mut companions, companion_types),
+                )
+                .await;
+                let child_fetched = child_fetched?;
                 if child_fetched.bytes.len() as u64 != child.size {
                     return Err(Error::SizeMismatch {
                         what: format!("manifest {} of {display}", child.digest),
@@ -325,20 +393,25 @@ pub(crate) async fn resolve<S: ManifestSource>(
                 };
             }
             ParsedManifest::Image(manifest) => {
-                return finish_image(
-                    source,
-                    display,
-                    fetched,
-                    media_type,
-                    manifest,
+                let config = BlobDescriptor::from_oci(&what, manifest.config())?;
+                let layers = manifest
+                    .layers()
+                    .iter()
+                    .map(|layer| BlobDescriptor::from_oci(&what, layer))
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(ResolvedManifest {
+                    reference: display.to_string(),
+                    manifest: BlobDescriptor {
+                        digest: fetched.digest.clone(),
+                        media_type,
+                        size: fetched.bytes.len() as u64,
+                    },
                     index,
-                    selected_platform,
-                    choice,
-                )
-                .await
-                .map(|image| ResolvedImage {
+                    platform: selected_platform,
+                    config,
+                    layers,
+                    manifest_bytes: fetched.bytes,
                     companions,
-                    ..image
                 });
             }
         }
@@ -346,25 +419,46 @@ pub(crate) async fn resolve<S: ManifestSource>(
     Err(Error::malformed(display, "indexes nested too deeply"))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn finish_image<S: ManifestSource>(
+/// The most companion manifests fetched alongside an image manifest.
+const COMPANIONS_FETCHED: usize = 8;
+
+/// Fetches the manifests of the `companions` of `types` (by digest: verified), a few at most. One
+/// that cannot be fetched is left unfetched: its reader fetches it again and says why it fails,
+/// as it would without this.
+async fn fetch_companions<S: ManifestSource>(
     source: &S,
-    display: &str,
-    fetched: FetchedManifest,
-    media_type: String,
-    manifest: Box<ImageManifest>,
-    index: Option<BlobDescriptor>,
-    selected_platform: Option<Platform>,
+    companions: &mut [Companion],
+    types: &[&str],
+) {
+    let wanted = companions
+        .iter_mut()
+        .filter(|c| {
+            c.artifact_type
+                .as_deref()
+                .is_some_and(|t| types.contains(&t))
+        })
+        .take(COMPANIONS_FETCHED);
+    futures_util::future::join_all(wanted.map(|companion| async move {
+        let digest = &companion.descriptor.digest;
+        match source.fetch_manifest(ManifestRef::Digest(digest)).await {
+            Ok(fetched) if &fetched.digest == digest => companion.manifest = Some(fetched),
+            Ok(_) => {}
+            Err(e) => tracing::debug!("companion {digest}: {e}"),
+        }
+    }))
+    .await;
+}
+
+/// Fetches the config of the resolved `manifest`: the image resolved whole.
+pub(crate) async fn with_config<S: ManifestSource>(
+    source: &S,
+    manifest: ResolvedManifest,
     choice: &PlatformChoice,
 ) -> Result<ResolvedImage> {
-    let what = format!("manifest {} of {display}", fetched.digest);
-    let config = BlobDescriptor::from_oci(&what, manifest.config())?;
-    let layers = manifest
-        .layers()
-        .iter()
-        .map(|layer| BlobDescriptor::from_oci(&what, layer))
-        .collect::<Result<Vec<_>>>()?;
-    let config_bytes = source.fetch_small_blob(&config, CONFIG_SIZE_LIMIT).await?;
+    let display = &manifest.reference;
+    let config = &manifest.config;
+    let layers = &manifest.layers;
+    let config_bytes = source.fetch_small_blob(config, CONFIG_SIZE_LIMIT).await?;
     let config_summary: ImageConfigSummary = serde_json::from_slice(&config_bytes)
         .map_err(|e| Error::malformed(format!("config {} of {display}", config.digest), e))?;
     if !config_summary.rootfs.diff_ids.is_empty()
@@ -379,8 +473,8 @@ async fn finish_image<S: ManifestSource>(
             ),
         ));
     }
-    let platform = match selected_platform {
-        Some(platform) => platform,
+    let platform = match &manifest.platform {
+        Some(platform) => platform.clone(),
         None => {
             let platform = Platform::new(
                 &config_summary.os,
@@ -403,20 +497,16 @@ async fn finish_image<S: ManifestSource>(
         }
     };
     Ok(ResolvedImage {
-        reference: display.to_string(),
-        manifest: BlobDescriptor {
-            digest: fetched.digest.clone(),
-            media_type,
-            size: fetched.bytes.len() as u64,
-        },
-        index,
+        reference: manifest.reference,
+        manifest: manifest.manifest,
+        index: manifest.index,
         platform,
-        config,
+        config: manifest.config,
         config_bytes,
         config_summary,
-        layers,
-        manifest_bytes: fetched.bytes,
-        companions: Vec::new(),
+        layers: manifest.layers,
+        manifest_bytes: manifest.manifest_bytes,
+        companions: manifest.companions,
     })
 }
 

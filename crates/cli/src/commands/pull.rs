@@ -81,6 +81,7 @@ pub async fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<()> {
         mode: args.mode.into(),
         index_trust: args.index_trust.into(),
         lazy_only: false,
+        background_takeup: false,
     };
     let pulled = engine(global)?
         .pull(&args.image, &options, &|event| report.show(event))

@@ -65,6 +65,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<i32> {
             mode: args.mode.into(),
             index_trust: args.index_trust.into(),
             lazy_only: false,
+            background_takeup: false,
         },
         keep: args.keep,
         hostname: args.hostname.clone(),

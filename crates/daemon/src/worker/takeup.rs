@@ -35,6 +35,7 @@ impl Worker {
                 {
                     continue;
                 }
+                let started = std::time::Instant::now();
                 let index = match self
                     .store
                     .indexes()
@@ -66,7 +67,9 @@ impl Worker {
                         .map_err(source_error)?;
                     source = ImageSource::open(&origin, &self.client).map_err(source_error)?;
                 }
+                tracing::debug!(elapsed = ?started.elapsed(), "{}: index read", blob.digest);
                 let layer = Arc::new(self.store.open_layer(index, source).map_err(store_error)?);
+                tracing::debug!(elapsed = ?started.elapsed(), "{}: opened", blob.digest);
                 if phase == Some(Phase::Failed) {
                     // Failed for good: its files are only denied, to readers of older mounts.
                     self.deny_every_file(&layer).await;
@@ -85,6 +88,7 @@ impl Worker {
                     .of(mode)
                     .take_up(&layer, &unfilled)
                     .await?;
+                tracing::debug!(elapsed = ?started.elapsed(), "{}: taken up", blob.digest);
                 let managed = Arc::new(Managed::new(layer));
                 self.layers
                     .lock()

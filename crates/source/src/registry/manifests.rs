@@ -12,7 +12,7 @@ use crate::blob::collect_blob;
 use crate::error::error_chain;
 use crate::manifest::{
     BlobDescriptor, FetchedManifest, MANIFEST_SIZE_LIMIT, ManifestRef, ManifestSource,
-    ResolvedImage, media_type, resolve,
+    ResolvedImage, ResolvedManifest, media_type, resolve_manifest, with_config,
 };
 use crate::platform::PlatformChoice;
 use crate::reference::RegistryReference;
@@ -28,12 +28,24 @@ impl Repository {
         reference: &RegistryReference,
         choice: &PlatformChoice,
     ) -> Result<ResolvedImage> {
+        let manifest = self.resolve_manifest(reference, choice, &[]).await?;
+        with_config(self, manifest, choice).await
+    }
+
+    /// Resolves `reference` to one platform's manifest, fetching the manifests of its
+    /// companions of `companion_types` alongside (see [`ResolvedManifest`]).
+    pub async fn resolve_manifest(
+        &self,
+        reference: &RegistryReference,
+        choice: &PlatformChoice,
+        companion_types: &[&str],
+    ) -> Result<ResolvedManifest> {
         let display = reference.to_string();
         let top = match (&reference.digest, &reference.tag) {
             (Some(digest), _) => ManifestRef::Digest(digest),
             (None, tag) => ManifestRef::Tag(Some(tag.as_deref().unwrap_or("latest"))),
         };
-        resolve(self, &display, top, choice).await
+        resolve_manifest(self, &display, top, choice, companion_types).await
     }
 
     /// Fetches a manifest by tag or digest, checking its size and, when asked by digest, its
