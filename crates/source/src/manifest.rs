@@ -335,8 +335,8 @@ pub(crate) trait ManifestSource {
 }
 
 /// Resolves a reference to one platform's image manifest and layers, without its config; the
-/// manifests of the index's companions of `companion_types` are fetched alongside the image
-/// manifest (see [`Companion::manifest`]).
+/// manifests of the index's companions of `companion_types` bound to that manifest (an
+/// annotation names it) are fetched alongside the image manifest (see [`Companion::manifest`]).
 pub(crate) async fn resolve_manifest<S: ManifestSource>(
     source: &S,
     display: &str,
@@ -372,7 +372,7 @@ pub(crate) async fn resolve_manifest<S: ManifestSource>(
                 selected_platform = Some(platform);
                 let (child_fetched, ()) = futures_util::future::join(
                     source.fetch_manifest(ManifestRef::Digest(&child.digest)),
-                    fetch_companions(source, &mut companions, companion_types),
+                    fetch_companions(source, &mut companions, companion_types, &child.digest),
                 )
                 .await;
                 let child_fetched = child_fetched?;
@@ -422,20 +422,24 @@ pub(crate) async fn resolve_manifest<S: ManifestSource>(
 /// The most companion manifests fetched alongside an image manifest.
 const COMPANIONS_FETCHED: usize = 8;
 
-/// Fetches the manifests of the `companions` of `types` (by digest: verified), a few at most. One
-/// that cannot be fetched is left unfetched: its reader fetches it again and says why it fails,
-/// as it would without this.
+/// Fetches the manifests of the `companions` of `types` that name the chosen manifest `subject`
+/// in an annotation (by digest: verified), a few at most: a registry's index cannot make a pull
+/// fetch more. One that cannot be fetched is left unfetched: its reader fetches it again and
+/// says why it fails, as it would without this.
 async fn fetch_companions<S: ManifestSource>(
     source: &S,
     companions: &mut [Companion],
     types: &[&str],
+    subject: &Digest,
 ) {
+    let subject = subject.to_string();
     let wanted = companions
         .iter_mut()
         .filter(|c| {
             c.artifact_type
                 .as_deref()
                 .is_some_and(|t| types.contains(&t))
+                && c.annotations.values().any(|v| *v == subject)
         })
         .take(COMPANIONS_FETCHED);
     futures_util::future::join_all(wanted.map(|companion| async move {
