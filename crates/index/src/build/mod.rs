@@ -24,7 +24,7 @@ use crate::format::{Compression, IndexMeta, LayerIndex};
 use crate::{Error, Result};
 
 /// Default checkpoint spacing, in compressed bytes (see docs/benchmarks.md for the choice).
-pub const DEFAULT_SPACING: u64 = 512 << 10;
+pub const DEFAULT_SPACING: u64 = 384 << 10;
 
 /// Default continuation spacing of gzip layers, in compressed bytes: a read fetches and
 /// verifies from its span's checkpoint up to the end of what it needs, in pieces this size,
