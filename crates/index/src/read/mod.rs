@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures_util::future::Either;
 use futures_util::{StreamExt, TryStreamExt};
 use lazylayer_source::ImageSource;
@@ -35,8 +36,11 @@ const MAX_IN_FLIGHT: usize = 4;
 /// Decompressed spans kept in memory, so reads of neighbouring files inflate a span once
 /// (a checkpoint span followed by its continuation spans is inflated at once: 16 or more).
 const RECENT_SPANS: usize = 64;
-/// ... and at most this many bytes of them, the newest span excepted (a 1 MiB span of text
-/// inflates to 3-4 MiB): the worker's memory stays small while it populates every layer.
+/// ... and at most this many bytes of them, the newest span excepted (a 384 KiB checkpoint
+/// span of text inflates to 1-2 MiB, a few of them at once): the worker's memory stays small
+/// while it populates every layer. 8 MiB took the worker's peak 6-8 MiB lower, but python's
+/// start at 1 Gbit/s looked a tenth slower (`lazylayer-bench populate` and `startup`,
+/// docs/benchmarks.md): kept at 16.
 const RECENT_BYTES: usize = 16 << 20;
 /// A span whose output is larger than this is never held in memory whole (a decompression
 /// bomb): its bytes are streamed instead, from its checkpoint for each read. Below it, a large
@@ -68,7 +72,7 @@ pub struct LayerReader {
     bytes_fetched: AtomicU64,
     requests: AtomicU64,
     spans_fetched: AtomicU64,
-    recent: Mutex<VecDeque<(usize, Arc<Vec<u8>>)>>,
+    recent: Mutex<VecDeque<(usize, Bytes)>>,
     /// Spans whose output is larger are streamed (see [`LARGE_SPAN_OUTPUT`]).
     large_span_output: AtomicU64,
     /// One lock per span being fetched, so that concurrent reads needing the same span fetch
@@ -240,7 +244,7 @@ impl LayerReader {
     }
 
     /// The uncompressed output of span `i` (from memory if it was decompressed recently).
-    pub async fn span_output(&self, i: usize) -> Result<Arc<Vec<u8>>> {
+    pub async fn span_output(&self, i: usize) -> Result<Bytes> {
         if let Some(output) = self.recent_output(i) {
             return Ok(output);
         }
@@ -261,7 +265,7 @@ impl LayerReader {
         result
     }
 
-    fn recent_output(&self, i: usize) -> Option<Arc<Vec<u8>>> {
+    fn recent_output(&self, i: usize) -> Option<Bytes> {
         self.recent
             .lock()
             .expect("recent spans")
@@ -272,8 +276,11 @@ impl LayerReader {
 
     /// Inflates span `i` and keeps its output; a continuation span is inflated from its
     /// checkpoint, and the output of the local continuation spans after it is kept too, so
-    /// that filling a layer in order inflates each span once.
-    async fn inflate_and_keep(&self, i: usize) -> Result<Arc<Vec<u8>>> {
+    /// that filling a layer in order inflates each span once. The spans kept are slices of the
+    /// one buffer inflated (copies of them held the output twice over for a moment, up to
+    /// [`RECENT_BYTES`] more at the worker's peak); so a buffer lives until the last of its
+    /// spans leaves the cache: about one buffer beyond [`RECENT_BYTES`] at most.
+    async fn inflate_and_keep(&self, i: usize) -> Result<Bytes> {
         if let Some(output) = self.recent_output(i) {
             return Ok(output);
         }
@@ -291,13 +298,14 @@ impl LayerReader {
             kept += output_of(last);
         }
         let from = index.spans[i].uncompressed_start;
-        let output = self.decompress_keeping(i..=last, from).await?;
+        let output = Bytes::from(self.decompress_keeping(i..=last, from).await?);
         let mut outputs = Vec::with_capacity(last - i + 1);
         for j in i..=last {
             let at = (index.spans[j].uncompressed_start - from) as usize;
             let end = (index.span_uncompressed_end(j) - from) as usize;
-            outputs.push((j, Arc::new(output[at..end].to_vec())));
+            outputs.push((j, output.slice(at..end)));
         }
+        drop(output);
         let first = outputs[0].1.clone();
         let mut recent = self.recent.lock().expect("recent spans");
         for (j, output) in outputs {
