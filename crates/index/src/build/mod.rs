@@ -6,6 +6,7 @@
 //! `table.rs`, the header guard in `header_guard.rs`).
 
 pub mod header_guard;
+pub mod slots;
 pub mod table;
 
 use std::collections::BTreeMap;
@@ -17,7 +18,8 @@ use lazylayer_source::{BlobDescriptor, Digest, DigestAlgorithm, DigestHasher, Im
 use tokio::sync::mpsc;
 
 use self::header_guard::HeaderGuard;
-use self::table::{Table, parse_sparse_map_01, read_sparse_map};
+use self::slots::{Checked, Mismatch, Sameness, Slots};
+use self::table::{MAX_ENTRIES, Table, parse_sparse_map_01, read_sparse_map};
 use crate::codec;
 use crate::entry::{Entry, EntryKind};
 use crate::format::{Compression, IndexMeta, LayerIndex};
@@ -184,6 +186,62 @@ pub fn build_from_reader<R: Read + Send + 'static>(
     options: BuildOptions,
 ) -> Result<LayerIndex> {
     let name = layer.digest.to_string();
+    let (table, built) = walk_blob(blob, layer, diff_id, options, Table::new(&name))?;
+    let entries = table.finish();
+    LayerIndex::built(
+        IndexMeta {
+            entries,
+            ..built.meta
+        },
+        built.windows_file,
+        built.windows_len,
+    )
+}
+
+/// What the blob rebuilds of an index whose file table was compared as the tar was walked.
+pub(crate) struct Rebuilt {
+    /// The index rebuilt but for its file table, which is empty.
+    pub index: LayerIndex,
+    /// Whether the walk's file table is the one compared with; where it first differs if not.
+    pub entries: std::result::Result<(), Box<Mismatch>>,
+}
+
+/// Rebuilds the index from the blob's bytes (verified as [`build_from_reader`]'s are), comparing
+/// the file table entry by entry with `claimed` as the tar is walked: the rebuilt table is
+/// never held whole beside the one in use (see [`slots`]).
+pub(crate) fn rebuild_comparing<R: Read + Send + 'static>(
+    blob: R,
+    layer: &BlobDescriptor,
+    diff_id: Option<&Digest>,
+    options: BuildOptions,
+    claimed: &[Entry],
+    sameness: Sameness,
+) -> Result<Rebuilt> {
+    let name = layer.digest.to_string();
+    let table = Table::in_slots(&name, Checked::new(claimed, sameness), MAX_ENTRIES);
+    let (table, built) = walk_blob(blob, layer, diff_id, options, table)?;
+    let entries = table.into_slots().compare();
+    let index = LayerIndex::built(built.meta, built.windows_file, built.windows_len)?;
+    Ok(Rebuilt { index, entries })
+}
+
+/// An index's parts from its blob, but for its file table (empty in `meta`).
+struct BuiltParts {
+    meta: IndexMeta,
+    windows_file: std::fs::File,
+    windows_len: u64,
+}
+
+/// Decompresses the blob once, cutting spans, hashing the uncompressed stream (checked against
+/// `diff_id` when given) and walking it as a tar into `table`.
+fn walk_blob<R: Read + Send + 'static, S: Slots>(
+    blob: R,
+    layer: &BlobDescriptor,
+    diff_id: Option<&Digest>,
+    options: BuildOptions,
+    table: Table<S>,
+) -> Result<(Table<S>, BuiltParts)> {
+    let name = layer.digest.to_string();
     let bad = |reason: String| Error::BadLayer {
         layer: name.clone(),
         reason,
@@ -200,7 +258,7 @@ pub fn build_from_reader<R: Read + Send + 'static>(
         inner: indexer,
         hasher: DigestHasher::new(DigestAlgorithm::Sha256),
     };
-    let entries = walk_tar(&name, &mut HeaderGuard::new(&mut uncompressed))?;
+    let table = walk_tar(&name, &mut HeaderGuard::new(&mut uncompressed), table)?;
     // The tar's end marker may be followed by padding: it is part of the diff_id.
     io::copy(&mut uncompressed, &mut io::sink()).map_err(|e| bad(e.to_string()))?;
     let uncompressed_size = uncompressed.hasher.len();
@@ -219,39 +277,46 @@ pub fn build_from_reader<R: Read + Send + 'static>(
         .finish()
         .map_err(|e| bad(e.to_string()))?;
     let (windows_file, windows_len) = windows.into_parts();
-    LayerIndex::built(
-        IndexMeta {
-            blob_digest: layer.digest.clone(),
-            blob_size: layer.size,
-            media_type: layer.media_type.clone(),
-            diff_id: actual_diff_id,
-            compression,
-            uncompressed_size,
-            spacing: options.spacing,
-            spans,
-            entries,
-            // Only gzip layers have continuation spans; the others stay readable by builds
-            // that know only version 2.
-            continuation: match compression {
-                Compression::Gzip => options.continuation,
-                Compression::Zstd | Compression::None => 0,
-            },
-            // Taken from the windows file by `LayerIndex::built`.
-            window_digests: Vec::new(),
+    let meta = IndexMeta {
+        blob_digest: layer.digest.clone(),
+        blob_size: layer.size,
+        media_type: layer.media_type.clone(),
+        diff_id: actual_diff_id,
+        compression,
+        uncompressed_size,
+        spacing: options.spacing,
+        spans,
+        entries: Vec::new(),
+        // Only gzip layers have continuation spans; the others stay readable by builds
+        // that know only version 2.
+        continuation: match compression {
+            Compression::Gzip => options.continuation,
+            Compression::Zstd | Compression::None => 0,
         },
-        windows_file,
-        windows_len,
-    )
+        // Taken from the windows file by `LayerIndex::built`.
+        window_digests: Vec::new(),
+    };
+    Ok((
+        table,
+        BuiltParts {
+            meta,
+            windows_file,
+            windows_len,
+        },
+    ))
 }
 
-/// Walks the tar and returns the resolved file table.
-fn walk_tar<R: Read>(layer: &str, reader: &mut R) -> Result<Vec<Entry>> {
+/// Walks the tar into `table`.
+fn walk_tar<R: Read, S: Slots>(
+    layer: &str,
+    reader: &mut R,
+    mut table: Table<S>,
+) -> Result<Table<S>> {
     let bad_layer = |reason: String| Error::BadLayer {
         layer: layer.to_string(),
         reason,
     };
     let mut archive = tar::Archive::new(reader);
-    let mut table = Table::new(layer);
     let entries = archive
         .entries()
         .map_err(|e| bad_layer(format!("tar: {e}")))?;
@@ -261,7 +326,7 @@ fn walk_tar<R: Read>(layer: &str, reader: &mut R) -> Result<Vec<Entry>> {
             table.add(&path, entry)?;
         }
     }
-    Ok(table.finish())
+    Ok(table)
 }
 
 /// The index entry a tar member makes, with its raw path (`None` for a PAX global header),

@@ -16,6 +16,7 @@ use std::io::Read;
 
 use hashbrown::HashTable;
 
+use super::slots::Slots;
 use crate::entry::{Entry, EntryKind};
 use crate::format::valid_path;
 use crate::{Error, Result};
@@ -31,9 +32,9 @@ const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 pub const MAX_ENTRIES: usize = 2_000_000;
 
 /// Collects entries in archive order with last-wins replacement.
-pub struct Table {
+pub struct Table<S = Vec<Option<Entry>>> {
     layer: String,
-    slots: Vec<Option<Entry>>,
+    slots: S,
     /// The slot of each path in the table: slot numbers only, hashed by the path the slot
     /// holds. A map keyed by a copy of every path held each path twice: the worker's peak,
     /// while the check of a whole layer builds this table beside the index in use, was 3-4 MiB
@@ -53,14 +54,37 @@ impl Table {
 
     /// A table that refuses a layer of more than `max_entries` entries.
     pub fn with_limit(layer: &str, max_entries: usize) -> Self {
+        Table::in_slots(layer, Vec::new(), max_entries)
+    }
+
+    /// The entries in archive order.
+    pub fn finish(self) -> Vec<Entry> {
+        let Table {
+            mut slots, by_path, ..
+        } = self;
+        drop(by_path);
+        // In place: a layer of a million entries must not need its table twice over.
+        slots.retain(Option::is_some);
+        slots.into_iter().map(|slot| slot.expect("kept")).collect()
+    }
+}
+
+impl<S: Slots> Table<S> {
+    /// A table keeping its entries in `slots` (see [`Slots`]).
+    pub fn in_slots(layer: &str, slots: S, max_entries: usize) -> Self {
         Table {
             layer: layer.to_string(),
-            slots: Vec::new(),
+            slots,
             by_path: HashTable::new(),
             hasher: RandomState::new(),
             links: HashMap::new(),
             max_entries,
         }
+    }
+
+    /// The slots, once every entry is in.
+    pub fn into_slots(self) -> S {
+        self.slots
     }
 
     fn bad(&self, path: &[u8], reason: impl Into<String>) -> Error {
@@ -72,7 +96,7 @@ impl Table {
     }
 
     fn get(&self, path: &[u8]) -> Option<&Entry> {
-        self.slot_of(path).and_then(|i| self.slots[i].as_ref())
+        self.slot_of(path).and_then(|i| self.slots.get(i))
     }
 
     /// The slot holding `path`.
@@ -98,7 +122,7 @@ impl Table {
         let Some(i) = self.unindex(path) else {
             return;
         };
-        let Some(removed) = self.slots[i].take() else {
+        let Some(removed) = self.slots.take(i) else {
             return;
         };
         let mut gone = vec![removed];
@@ -108,17 +132,15 @@ impl Table {
             let slots = &self.slots;
             let mut below = Vec::new();
             self.by_path.retain(|&mut j| {
-                let under = path.is_empty()
-                    || slots[j]
-                        .as_ref()
-                        .is_some_and(|e| e.path.starts_with(&prefix));
+                let under =
+                    path.is_empty() || slots.get(j).is_some_and(|e| e.path.starts_with(&prefix));
                 if under {
                     below.push(j);
                 }
                 !under
             });
             below.sort_unstable();
-            gone.extend(below.into_iter().filter_map(|j| self.slots[j].take()));
+            gone.extend(below.into_iter().filter_map(|j| self.slots.take(j)));
         }
         // Links are promoted once everything is gone, so a link inside a removed directory
         // is not promoted.
@@ -143,7 +165,7 @@ impl Table {
         let mut live: Vec<usize> = slots
             .into_iter()
             .filter(|&j| {
-                self.slots[j].as_ref().is_some_and(|e| {
+                self.slots.get(j).is_some_and(|e| {
                     e.kind == EntryKind::Hardlink && e.link.as_deref() == Some(&removed.path[..])
                 })
             })
@@ -152,29 +174,32 @@ impl Table {
         let Some((&first, rest)) = live.split_first() else {
             return;
         };
-        let link = self.slots[first].take().expect("a live link");
+        let link_path = self.slots.get(first).expect("a live link").path.clone();
         for &j in rest {
-            self.slots[j].as_mut().expect("a live link").link = Some(link.path.clone());
+            self.slots
+                .modify(j, |link| link.link = Some(link_path.clone()));
         }
         if !rest.is_empty() {
             self.links
-                .entry(link.path.clone())
+                .entry(link_path.clone())
                 .or_default()
                 .extend_from_slice(rest);
         }
-        self.slots[first] = Some(Entry {
-            path: link.path,
-            ..removed
+        self.slots.modify(first, |link| {
+            *link = Entry {
+                path: link_path,
+                ..removed
+            }
         });
     }
 
     /// Adds `entry` in a new slot; nothing holds its path yet.
     fn push(&mut self, entry: Entry) {
         let hash = self.hasher.hash_one(&entry.path);
-        self.slots.push(Some(entry));
+        self.slots.push(entry);
         let (slots, hasher) = (&self.slots, &self.hasher);
-        self.by_path.insert_unique(hash, slots.len() - 1, |&i| {
-            hasher.hash_one(&slots[i].as_ref().expect("indexed slots are occupied").path)
+        self.by_path.insert_unique(hash, slots.count() - 1, |&i| {
+            hasher.hash_one(&slots.get(i).expect("indexed slots are occupied").path)
         });
     }
 
@@ -212,7 +237,7 @@ impl Table {
 
     /// Adds an entry whose raw tar name is `raw_path`.
     pub fn add(&mut self, raw_path: &[u8], mut entry: Entry) -> Result<()> {
-        if self.slots.len() >= self.max_entries {
+        if self.slots.count() >= self.max_entries {
             return Err(self.bad(
                 raw_path,
                 format!(
@@ -245,9 +270,7 @@ impl Table {
             let slot = self
                 .slot_of(&parent)
                 .expect("its parents were just ensured");
-            if let Some(dir) = self.slots[slot].as_mut() {
-                dir.opaque = true;
-            }
+            self.slots.modify(slot, |dir| dir.opaque = true);
             return Ok(());
         }
         if name.starts_with(WHITEOUT_PREFIX) {
@@ -286,9 +309,10 @@ impl Table {
         if entry.kind == EntryKind::Dir && existing == Some(EntryKind::Dir) {
             // A directory listed again: its metadata is replaced, its contents stay.
             let slot = self.slot_of(&entry.path).expect("present");
-            let old = self.slots[slot].take().expect("present");
-            entry.opaque |= old.opaque;
-            self.slots[slot] = Some(entry);
+            self.slots.modify(slot, |old| {
+                entry.opaque |= old.opaque;
+                *old = entry;
+            });
             return Ok(());
         }
         let mut link_target = None;
@@ -332,28 +356,17 @@ impl Table {
             self.links
                 .entry(resolved.clone())
                 .or_default()
-                .push(self.slots.len());
+                .push(self.slots.count());
             entry.link = Some(resolved);
         }
         self.push(entry);
         Ok(())
     }
-
-    /// The entries in archive order.
-    pub fn finish(self) -> Vec<Entry> {
-        let Table {
-            mut slots, by_path, ..
-        } = self;
-        drop(by_path);
-        // In place: a layer of a million entries must not need its table twice over.
-        slots.retain(Option::is_some);
-        slots.into_iter().map(|slot| slot.expect("kept")).collect()
-    }
 }
 
 /// Whether slot `i` holds `path`.
-fn holds(slots: &[Option<Entry>], i: usize, path: &[u8]) -> bool {
-    slots[i].as_ref().is_some_and(|e| e.path == path)
+fn holds(slots: &impl Slots, i: usize, path: &[u8]) -> bool {
+    slots.get(i).is_some_and(|e| e.path == path)
 }
 
 /// Strips leading `/` and `./`, drops empty and `.` components; refuses `..` and NUL.

@@ -16,6 +16,7 @@ use std::time::Duration;
 use lazylayer_source::{BlobDescriptor, Digest, DigestHasher};
 
 use super::cache::SpanPresence;
+use crate::build::slots::{Mismatch, Sameness};
 use crate::format::LayerIndex;
 use crate::{Error, Result};
 
@@ -75,7 +76,8 @@ impl Drop for Verification {
     }
 }
 
-/// The blob digest, then the index rebuilt from the blob, against `index`.
+/// The blob digest, then the index rebuilt from the blob, against `index`: the file table is
+/// compared entry by entry as the tar is walked, never rebuilt whole beside the one in use.
 fn check(blob: ArrivingBlob, index: &LayerIndex) -> Result<()> {
     let descriptor = BlobDescriptor {
         digest: index.blob_digest.clone(),
@@ -83,7 +85,14 @@ fn check(blob: ArrivingBlob, index: &LayerIndex) -> Result<()> {
         size: index.blob_size,
     };
     let verifier = BlobDigestCheck::new(blob, &descriptor);
-    let rebuilt = crate::build_from_reader(
+    // An index made from the layer's table of contents places file data in a stream of file
+    // data only: its file table says what the tar stream's says, but for where data sits.
+    let sameness = if index.from_toc() {
+        Sameness::ButDataOffset
+    } else {
+        Sameness::Whole
+    };
+    let rebuilt = crate::build::rebuild_comparing(
         verifier,
         &descriptor,
         Some(&index.diff_id),
@@ -91,61 +100,76 @@ fn check(blob: ArrivingBlob, index: &LayerIndex) -> Result<()> {
             spacing: index.spacing,
             continuation: index.continuation,
         },
+        &index.entries,
+        sameness,
     )?;
+    let (what, differs) = if index.from_toc() {
+        (
+            format!(
+                "of layer {} (from its table of contents)",
+                index.blob_digest
+            ),
+            "differs from the tar stream of the verified blob",
+        )
+    } else {
+        (
+            format!("of layer {}", index.blob_digest),
+            "differs from the index rebuilt from the verified blob",
+        )
+    };
+    if let Err(mismatch) = rebuilt.entries {
+        return Err(Error::bad_index(
+            what,
+            format!("{differs}: {}", describe(&mismatch, sameness)),
+        ));
+    }
     if index.from_toc() {
-        return same_files(&rebuilt.entries, index);
+        return Ok(());
     }
     // An index from before version 4 has no window digests to compare.
     let same_windows =
-        index.window_digests.is_empty() || rebuilt.window_digests == index.window_digests;
-    if rebuilt.entries != index.entries || rebuilt.spans != index.spans || !same_windows {
+        index.window_digests.is_empty() || rebuilt.index.window_digests == index.window_digests;
+    if rebuilt.index.spans != index.spans || !same_windows {
         return Err(Error::bad_index(
-            format!("of layer {}", index.blob_digest),
-            "differs from the index rebuilt from the verified blob",
+            what,
+            format!("{differs}: its spans differ"),
         ));
     }
     Ok(())
 }
 
-/// For an index made from the layer's table of contents: its file table says what the one
-/// rebuilt from the tar stream says, but for where file data sits (its uncompressed stream holds
-/// file data only).
-fn same_files(rebuilt: &[crate::Entry], index: &LayerIndex) -> Result<()> {
-    let differs = |reason: String| {
-        Err(Error::bad_index(
+/// Where the rebuilt file table first differs from the index's, for the error message.
+fn describe(mismatch: &Mismatch, sameness: Sameness) -> String {
+    match (&mismatch.found, &mismatch.claimed) {
+        (Some(found), Some(claimed)) if found.path != claimed.path => format!(
+            "entry {} is {} where the tar stream has {}",
+            mismatch.rank,
+            claimed.display_path(),
+            found.display_path()
+        ),
+        (Some(found), Some(claimed)) => {
+            let mut found = found.clone();
+            if sameness == Sameness::ButDataOffset {
+                found.data_offset = claimed.data_offset;
+            }
             format!(
-                "of layer {} (from its table of contents)",
-                index.blob_digest
-            ),
-            format!("differs from the tar stream of the verified blob: {reason}"),
-        ))
-    };
-    if rebuilt.len() != index.entries.len() {
-        return differs(format!(
-            "{} entries in the table of contents, {} in the tar stream",
-            index.entries.len(),
-            rebuilt.len()
-        ));
-    }
-    for (found, claimed) in rebuilt.iter().zip(&index.entries) {
-        if found.path != claimed.path {
-            return differs(format!(
-                "{} where the tar stream has {}",
-                claimed.display_path(),
-                found.display_path()
-            ));
-        }
-        let mut found = found.clone();
-        found.data_offset = claimed.data_offset;
-        if found != *claimed {
-            return differs(format!(
                 "{}: {}",
                 claimed.display_path(),
                 crate::check::differences(&found, claimed)
-            ));
+            )
         }
+        (Some(found), None) => format!(
+            "the tar stream has {} past the index's {} entries",
+            found.display_path(),
+            mismatch.rank
+        ),
+        (None, Some(claimed)) => format!(
+            "the index has {} past the tar stream's {} entries",
+            claimed.display_path(),
+            mismatch.rank
+        ),
+        (None, None) => "the file tables differ".to_string(),
     }
-    Ok(())
 }
 
 /// The blob, read from the span cache file in order, each span once it is present.
