@@ -13,7 +13,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use lazylayer_index::{
-    BuildOptions, Entry, EntryKind, Error, LayerIndex, LayerReader, build, build_from_reader,
+    BuildOptions, Entry, EntryKind, Error, InflatedFor, LayerIndex, LayerReader, build,
+    build_from_reader,
 };
 use lazylayer_source::registry::auth::credentials::CredentialSource;
 use lazylayer_source::{
@@ -685,6 +686,43 @@ async fn broken_indexes_are_rejected_with_a_clear_error() {
             i.entries.insert(at, moved);
         },
         "comes before its target",
+    );
+}
+
+/// The background fill keeps a quarter of the inflated output a waiting reader may keep: it
+/// runs while the worker's memory peaks, and it needs little but the spans it just inflated.
+#[tokio::test]
+async fn the_background_fill_keeps_less_inflated_output_than_a_waiting_reader() {
+    let (layout, _, index) = debian_layer_in_checkpoint_spans().await;
+    let largest = (0..index.spans.len())
+        .map(|i| (index.span_uncompressed_end(i) - index.spans[i].uncompressed_start) as usize)
+        .max()
+        .unwrap();
+    let mut peaks = Vec::new();
+    for whom in [InflatedFor::Background, InflatedFor::Reader] {
+        let cache = tempfile::tempdir().unwrap();
+        let reader = LayerReader::new(index.clone(), layout.clone(), cache.path()).unwrap();
+        let mut peak = 0;
+        for i in 0..index.spans.len() {
+            let output = reader.span_output(i, whom).await.unwrap();
+            let start = index.spans[i].uncompressed_start;
+            assert_eq!(output.len() as u64, index.span_uncompressed_end(i) - start);
+            peak = peak.max(reader.recent_bytes());
+        }
+        peaks.push(peak);
+    }
+    let (background, waiting) = (peaks[0], peaks[1]);
+    assert!(
+        background <= (4 << 20) + largest,
+        "background kept {background}"
+    );
+    assert!(
+        waiting <= (16 << 20) + largest,
+        "a waiting reader kept {waiting}"
+    );
+    assert!(
+        waiting > (8 << 20) + largest,
+        "a waiting reader kept only {waiting}"
     );
 }
 

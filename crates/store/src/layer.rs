@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use lazylayer_index::{EntryKind, LayerIndex, LayerReader};
+use lazylayer_index::{EntryKind, InflatedFor, LayerIndex, LayerReader};
 use lazylayer_source::{Digest, ImageSource};
 
 use crate::state::{LayerRecord, Phase, PopulationState};
@@ -107,9 +107,10 @@ impl Layer {
         (files, files - self.pending_files().len())
     }
 
-    /// Writes entry `i`'s data into its placeholder, unless it is there already. Concurrent
-    /// calls for the same file wait for one another and the work is done once.
-    pub async fn populate(&self, i: usize) -> Result<()> {
+    /// Writes entry `i`'s data into its placeholder, unless it is there already, for `whom`
+    /// (which bounds the inflated output kept in memory). Concurrent calls for the same file
+    /// wait for one another and the work is done once.
+    pub async fn populate(&self, i: usize, whom: InflatedFor) -> Result<()> {
         if self.is_populated(i) {
             return Ok(());
         }
@@ -124,12 +125,12 @@ impl Layer {
         if self.is_populated(i) {
             return Ok(());
         }
-        let result = self.write_file(i).await;
+        let result = self.write_file(i, whom).await;
         self.in_flight.lock().expect("in-flight lock").remove(&i);
         result
     }
 
-    async fn write_file(&self, i: usize) -> Result<()> {
+    async fn write_file(&self, i: usize, whom: InflatedFor) -> Result<()> {
         if let Some(reason) = self.proven_wrong() {
             return Err(Error::IndexProvenWrong(reason));
         }
@@ -187,7 +188,7 @@ impl Layer {
                     }
                     continue;
                 }
-                let output = self.reader.span_output(span).await?;
+                let output = self.reader.span_output(span, whom).await?;
                 let span_start = self.index.spans[span].uncompressed_start;
                 let chunk_end = end.min(self.index.span_uncompressed_end(span));
                 let bytes =

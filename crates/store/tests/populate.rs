@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use lazylayer_index::{BuildOptions, build};
+use lazylayer_index::{BuildOptions, InflatedFor, build};
 use lazylayer_source::{ImageReference, ImageSource, PlatformChoice, RegistryClient};
 use lazylayer_store::verify::verify_layer;
 use lazylayer_store::{LayerTree, Phase, Store};
@@ -78,7 +78,7 @@ async fn populate_and_compare(layout: &Path, tag: &str, streamed: bool) {
             layer.reader().set_large_span_output(0);
         }
         for file in layer.pending_files() {
-            layer.populate(file).await.unwrap();
+            layer.populate(file, InflatedFor::Reader).await.unwrap();
         }
         layer.persist().unwrap();
         assert!(layer.pending_files().is_empty());

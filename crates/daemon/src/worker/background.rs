@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::error::LayerError;
 use crate::worker::Worker;
 use crate::worker::lifecycle::{LayerLife, Managed};
+use lazylayer_index::InflatedFor;
 
 /// How long no reader must have waited before the background fetches (demand first).
 pub const DEMAND_QUIET: Duration = Duration::from_millis(1500);
@@ -140,8 +141,9 @@ impl Worker {
             managed.set_error(&e);
             return false;
         }
+        // For the workload about to start: its files' spans are kept as a waiting reader's.
         for i in first {
-            match layer.populate(i).await {
+            match layer.populate(i, InflatedFor::Reader).await {
                 Ok(()) => self.demand.populated(layer, i),
                 Err(e) => {
                     tracing::warn!("layer {}: prefetching a profile file: {e}", layer.digest);
@@ -226,7 +228,7 @@ impl Worker {
                 .iter()
                 .map(|&i| {
                     let layer = managed.layer.clone();
-                    tokio::spawn(async move { layer.populate(i).await })
+                    tokio::spawn(async move { layer.populate(i, InflatedFor::Background).await })
                 })
                 .collect();
             let mut failure = None;

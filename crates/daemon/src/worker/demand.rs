@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use lazylayer_index::InflatedFor;
 use lazylayer_source::Digest;
 use lazylayer_store::{FrontendMode, Layer};
 use tokio::runtime::Handle;
@@ -253,7 +254,12 @@ impl Demand {
                 .display()
                 .to_string()
         };
-        match tokio::time::timeout(self.deadline, layer.populate(target.entry)).await {
+        match tokio::time::timeout(
+            self.deadline,
+            layer.populate(target.entry, InflatedFor::Reader),
+        )
+        .await
+        {
             Ok(Ok(())) => {
                 self.populated(layer, target.entry);
                 Verdict::Allow

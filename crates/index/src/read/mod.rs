@@ -37,11 +37,18 @@ const MAX_IN_FLIGHT: usize = 4;
 /// (a checkpoint span followed by its continuation spans is inflated at once: 16 or more).
 const RECENT_SPANS: usize = 64;
 /// ... and at most this many bytes of them, the newest span excepted (a 384 KiB checkpoint
-/// span of text inflates to 1-2 MiB, a few of them at once): the worker's memory stays small
-/// while it populates every layer. 8 MiB took the worker's peak 6-8 MiB lower, but python's
-/// start at 1 Gbit/s looked a tenth slower (`lazylayer-bench populate` and `startup`,
-/// docs/benchmarks.md): kept at 16.
+/// span of text inflates to 1-2 MiB, a few of them at once), when a reader waits for the
+/// output: 8 MiB for every caller took the worker's peak 6-8 MiB lower, but python's start at
+/// 1 Gbit/s looked a tenth slower (`lazylayer-bench populate` and `startup`,
+/// docs/benchmarks.md).
 const RECENT_BYTES: usize = 16 << 20;
+/// ... and this many when the background fill inflates it: it fills files in stream order, so
+/// it needs the spans it just inflated and little else, and it runs while the worker's memory
+/// peaks (the whole layer being populated and checked): 4 MiB took that peak 10 MiB lower
+/// than 16 for every image, with no change in population time (`lazylayer-bench populate`).
+/// The background yields to readers that wait, so their spans are not trimmed to this while
+/// they start a workload.
+const BACKGROUND_RECENT_BYTES: usize = 4 << 20;
 /// A span whose output is larger than this is never held in memory whole (a decompression
 /// bomb): its bytes are streamed instead, from its checkpoint for each read. Below it, a large
 /// span (a single-frame zstd layer) is decompressed once and kept, so that filling its files
@@ -52,6 +59,25 @@ const STREAM_CHUNKS: usize = 4;
 /// Fetches of a span that did not match its digest before the span is given up on: the
 /// registry (or the index) is wrong about it, and fetching it again would only repeat that.
 pub const SPAN_ATTEMPTS: u32 = 3;
+
+/// Whom a span's output is inflated for: how much recently inflated output stays in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InflatedFor {
+    /// A reader that waits for it (a demand miss, a read through FUSE or the CLI).
+    Reader,
+    /// The background fill of the layer in stream order.
+    Background,
+}
+
+impl InflatedFor {
+    /// The bytes of recent output kept once this caller's span is in.
+    fn kept_bytes(self) -> usize {
+        match self {
+            InflatedFor::Reader => RECENT_BYTES,
+            InflatedFor::Background => BACKGROUND_RECENT_BYTES,
+        }
+    }
+}
 
 /// Counters of what a reader fetched.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -227,7 +253,7 @@ impl LayerReader {
                 }
                 continue;
             }
-            let output = self.span_output(i).await?;
+            let output = self.span_output(i, InflatedFor::Reader).await?;
             out.extend_from_slice(
                 &output[(from - span_start) as usize..(to - span_start) as usize],
             );
@@ -243,8 +269,9 @@ impl LayerReader {
         Ok(out)
     }
 
-    /// The uncompressed output of span `i` (from memory if it was decompressed recently).
-    pub async fn span_output(&self, i: usize) -> Result<Bytes> {
+    /// The uncompressed output of span `i` (from memory if it was decompressed recently), for
+    /// `whom`.
+    pub async fn span_output(&self, i: usize, whom: InflatedFor) -> Result<Bytes> {
         if let Some(output) = self.recent_output(i) {
             return Ok(output);
         }
@@ -259,10 +286,16 @@ impl LayerReader {
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
             .clone();
         let guard = lock.lock().await;
-        let result = self.inflate_and_keep(i).await;
+        let result = self.inflate_and_keep(i, whom).await;
         drop(guard);
         self.inflating.lock().expect("inflating").remove(&chain);
         result
+    }
+
+    /// The bytes of inflated output held in memory for reads to come (see [`InflatedFor`]).
+    pub fn recent_bytes(&self) -> usize {
+        let recent = self.recent.lock().expect("recent spans");
+        recent.iter().map(|(_, output)| output.len()).sum()
     }
 
     fn recent_output(&self, i: usize) -> Option<Bytes> {
@@ -275,12 +308,12 @@ impl LayerReader {
     }
 
     /// Inflates span `i` and keeps its output; a continuation span is inflated from its
-    /// checkpoint, and the output of the local continuation spans after it is kept too, so
-    /// that filling a layer in order inflates each span once. The spans kept are slices of the
+    /// checkpoint, and the output of the local continuation spans after it is kept too (up to
+    /// what `whom` may keep), so that filling a layer in order inflates each span once. The spans kept are slices of the
     /// one buffer inflated (copies of them held the output twice over for a moment, up to
     /// [`RECENT_BYTES`] more at the worker's peak); so a buffer lives until the last of its
     /// spans leaves the cache: about one buffer beyond [`RECENT_BYTES`] at most.
-    async fn inflate_and_keep(&self, i: usize) -> Result<Bytes> {
+    async fn inflate_and_keep(&self, i: usize, whom: InflatedFor) -> Result<Bytes> {
         if let Some(output) = self.recent_output(i) {
             return Ok(output);
         }
@@ -292,7 +325,7 @@ impl LayerReader {
         while last + 1 < index.spans.len()
             && index.spans[last + 1].start == SpanStart::Continue
             && self.cache.has(last + 1)
-            && kept + output_of(last + 1) <= RECENT_BYTES as u64
+            && kept + output_of(last + 1) <= whom.kept_bytes() as u64
         {
             last += 1;
             kept += output_of(last);
@@ -315,7 +348,7 @@ impl LayerReader {
         }
         while recent.len() > RECENT_SPANS
             || (recent.len() > 1
-                && recent.iter().map(|(_, o)| o.len()).sum::<usize>() > RECENT_BYTES)
+                && recent.iter().map(|(_, o)| o.len()).sum::<usize>() > whom.kept_bytes())
         {
             recent.pop_front();
         }
