@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use lazylayer_index::InflatedFor;
+
 use crate::error::LayerError;
 use crate::worker::Worker;
 use crate::worker::lifecycle::{LayerLife, Managed};
-use lazylayer_index::InflatedFor;
 
 /// How long no reader must have waited before the background fetches (demand first).
 pub const DEMAND_QUIET: Duration = Duration::from_millis(1500);

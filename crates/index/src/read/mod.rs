@@ -8,9 +8,9 @@
 //! the condemned spans and the recent-span cache.
 
 pub mod cache;
+mod recent;
 mod verification;
 
-use std::collections::VecDeque;
 use std::ops::{Range, RangeInclusive};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +22,8 @@ use futures_util::{StreamExt, TryStreamExt};
 use lazylayer_source::ImageSource;
 
 use self::cache::SpanCache;
+pub use self::recent::InflatedFor;
+use self::recent::RecentSpans;
 pub use self::verification::Verification;
 use crate::codec;
 use crate::entry::{Entry, EntryKind, Piece};
@@ -33,22 +35,6 @@ use crate::{Error, Result};
 const READ_AHEAD: u64 = 1 << 20;
 /// Ranged requests in flight at once for one read.
 const MAX_IN_FLIGHT: usize = 4;
-/// Decompressed spans kept in memory, so reads of neighbouring files inflate a span once
-/// (a checkpoint span followed by its continuation spans is inflated at once: 16 or more).
-const RECENT_SPANS: usize = 64;
-/// ... and at most this many bytes of them, the newest span excepted (a 384 KiB checkpoint
-/// span of text inflates to 1-2 MiB, a few of them at once), when a reader waits for the
-/// output: 8 MiB for every caller took the worker's peak 6-8 MiB lower, but python's start at
-/// 1 Gbit/s looked a tenth slower (`lazylayer-bench populate` and `startup`,
-/// docs/benchmarks.md).
-const RECENT_BYTES: usize = 16 << 20;
-/// ... and this many when the background fill inflates it: it fills files in stream order, so
-/// it needs the spans it just inflated and little else, and it runs while the worker's memory
-/// peaks (the whole layer being populated and checked): 4 MiB took that peak 10 MiB lower
-/// than 16 for every image, with no change in population time (`lazylayer-bench populate`).
-/// The background yields to readers that wait, so their spans are not trimmed to this while
-/// they start a workload.
-const BACKGROUND_RECENT_BYTES: usize = 4 << 20;
 /// A span whose output is larger than this is never held in memory whole (a decompression
 /// bomb): its bytes are streamed instead, from its checkpoint for each read. Below it, a large
 /// span (a single-frame zstd layer) is decompressed once and kept, so that filling its files
@@ -59,25 +45,6 @@ const STREAM_CHUNKS: usize = 4;
 /// Fetches of a span that did not match its digest before the span is given up on: the
 /// registry (or the index) is wrong about it, and fetching it again would only repeat that.
 pub const SPAN_ATTEMPTS: u32 = 3;
-
-/// Whom a span's output is inflated for: how much recently inflated output stays in memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InflatedFor {
-    /// A reader that waits for it (a demand miss, a read through FUSE or the CLI).
-    Reader,
-    /// The background fill of the layer in stream order.
-    Background,
-}
-
-impl InflatedFor {
-    /// The bytes of recent output kept once this caller's span is in.
-    fn kept_bytes(self) -> usize {
-        match self {
-            InflatedFor::Reader => RECENT_BYTES,
-            InflatedFor::Background => BACKGROUND_RECENT_BYTES,
-        }
-    }
-}
 
 /// Counters of what a reader fetched.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,7 +65,7 @@ pub struct LayerReader {
     bytes_fetched: AtomicU64,
     requests: AtomicU64,
     spans_fetched: AtomicU64,
-    recent: Mutex<VecDeque<(usize, Bytes)>>,
+    recent: Mutex<RecentSpans>,
     /// Spans whose output is larger are streamed (see [`LARGE_SPAN_OUTPUT`]).
     large_span_output: AtomicU64,
     /// One lock per span being fetched, so that concurrent reads needing the same span fetch
@@ -125,7 +92,7 @@ impl LayerReader {
             bytes_fetched: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             spans_fetched: AtomicU64::new(0),
-            recent: Mutex::new(VecDeque::new()),
+            recent: Mutex::new(RecentSpans::default()),
             large_span_output: AtomicU64::new(LARGE_SPAN_OUTPUT),
             fetching: Mutex::new(std::collections::HashMap::new()),
             inflating: Mutex::new(std::collections::HashMap::new()),
@@ -294,25 +261,19 @@ impl LayerReader {
 
     /// The bytes of inflated output held in memory for reads to come (see [`InflatedFor`]).
     pub fn recent_bytes(&self) -> usize {
-        let recent = self.recent.lock().expect("recent spans");
-        recent.iter().map(|(_, output)| output.len()).sum()
+        self.recent.lock().expect("recent spans").bytes()
     }
 
     fn recent_output(&self, i: usize) -> Option<Bytes> {
-        self.recent
-            .lock()
-            .expect("recent spans")
-            .iter()
-            .find(|(span, _)| *span == i)
-            .map(|(_, output)| output.clone())
+        self.recent.lock().expect("recent spans").output(i)
     }
 
     /// Inflates span `i` and keeps its output; a continuation span is inflated from its
     /// checkpoint, and the output of the local continuation spans after it is kept too (up to
     /// what `whom` may keep), so that filling a layer in order inflates each span once. The spans kept are slices of the
     /// one buffer inflated (copies of them held the output twice over for a moment, up to
-    /// [`RECENT_BYTES`] more at the worker's peak); so a buffer lives until the last of its
-    /// spans leaves the cache: about one buffer beyond [`RECENT_BYTES`] at most.
+    /// [`InflatedFor::kept_bytes`] more at the worker's peak); so a buffer lives until the last
+    /// of its spans leaves the cache: about one buffer beyond that bound at most.
     async fn inflate_and_keep(&self, i: usize, whom: InflatedFor) -> Result<Bytes> {
         if let Some(output) = self.recent_output(i) {
             return Ok(output);
@@ -340,18 +301,10 @@ impl LayerReader {
         }
         drop(output);
         let first = outputs[0].1.clone();
-        let mut recent = self.recent.lock().expect("recent spans");
-        for (j, output) in outputs {
-            if !recent.iter().any(|(span, _)| *span == j) {
-                recent.push_back((j, output));
-            }
-        }
-        while recent.len() > RECENT_SPANS
-            || (recent.len() > 1
-                && recent.iter().map(|(_, o)| o.len()).sum::<usize>() > whom.kept_bytes())
-        {
-            recent.pop_front();
-        }
+        self.recent
+            .lock()
+            .expect("recent spans")
+            .keep(outputs, whom);
         Ok(first)
     }
 
