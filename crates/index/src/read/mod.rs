@@ -270,10 +270,11 @@ impl LayerReader {
 
     /// Inflates span `i` and keeps its output; a continuation span is inflated from its
     /// checkpoint, and the output of the local continuation spans after it is kept too (up to
-    /// what `whom` may keep), so that filling a layer in order inflates each span once. The spans kept are slices of the
-    /// one buffer inflated (copies of them held the output twice over for a moment, up to
-    /// [`InflatedFor::kept_bytes`] more at the worker's peak); so a buffer lives until the last
-    /// of its spans leaves the cache: about one buffer beyond that bound at most.
+    /// what `whom` may keep), so that filling a layer in order inflates each span once. The
+    /// spans kept are slices of the one buffer inflated (copies of them held the output twice
+    /// over for a moment, up to [`InflatedFor::kept_bytes`] more at the worker's peak); so a
+    /// buffer lives until the last of its spans leaves the cache: about one buffer beyond that
+    /// bound at most.
     async fn inflate_and_keep(&self, i: usize, whom: InflatedFor) -> Result<Bytes> {
         if let Some(output) = self.recent_output(i) {
             return Ok(output);
