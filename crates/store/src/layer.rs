@@ -253,10 +253,10 @@ impl Layer {
     }
 
     /// Makes populated data and then the record of it durable, and the count of bytes
-    /// fetched for the layer with it.
+    /// fetched for the layer with it. Fills may go on meanwhile: what they mark during the
+    /// sync is recorded by the next call.
     pub fn persist(&self) -> Result<()> {
-        self.tree.sync()?;
-        self.state.persist()?;
+        self.state.persist(|| self.tree.sync())?;
         // The phase read and written again under the lock: a detach recorded meanwhile is
         // never undone.
         let _record = self.record_lock.lock().expect("record lock");

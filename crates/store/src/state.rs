@@ -189,14 +189,29 @@ impl PopulationState {
             .count()
     }
 
-    /// Makes the marks since the last call durable. The caller must have made the data durable
-    /// first (`syncfs` of the layer), so the record never runs ahead of the data.
-    pub fn persist(&self) -> Result<()> {
+    /// Makes the marks made before this call durable: first `sync_data`, which must make the
+    /// data of every file marked so far durable (a `syncfs` of the layer), then the marks, so
+    /// the record never runs ahead of the data. Marks made meanwhile (fills go on during the
+    /// sync) wait for the next call; on failure the marks taken stay pending.
+    pub fn persist(&self, sync_data: impl FnOnce() -> Result<()>) -> Result<()> {
         let pending = std::mem::take(&mut self.inner.lock().expect("state lock").pending);
-        if pending.is_empty() {
+        let result = sync_data().and_then(|()| self.write_marks(&pending));
+        if result.is_err() {
+            self.inner
+                .lock()
+                .expect("state lock")
+                .pending
+                .extend(pending);
+        }
+        result
+    }
+
+    /// Writes `marks` to the state file and syncs it.
+    fn write_marks(&self, marks: &[usize]) -> Result<()> {
+        if marks.is_empty() {
             return Ok(());
         }
-        for i in &pending {
+        for i in marks {
             self.file
                 .write_all_at(&[1], *i as u64)
                 .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
@@ -204,5 +219,48 @@ impl PopulationState {
         self.file
             .sync_data()
             .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_disk(path: &Path) -> Vec<u8> {
+        std::fs::read(path).expect("state file")
+    }
+
+    #[test]
+    fn a_persist_records_only_the_marks_made_before_its_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("populated");
+        let state = PopulationState::open(&path, 4).unwrap();
+        state.mark(0);
+        state
+            .persist(|| {
+                // A fill that ends while the sync runs: its data may not be durable yet.
+                state.mark(2);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(on_disk(&path), [1, 0, 0, 0]);
+        assert!(state.is_populated(2));
+        state.persist(|| Ok(())).unwrap();
+        assert_eq!(on_disk(&path), [1, 0, 1, 0]);
+    }
+
+    #[test]
+    fn marks_whose_sync_failed_are_recorded_by_the_next_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("populated");
+        let state = PopulationState::open(&path, 3).unwrap();
+        state.mark(1);
+        let failed = state.persist(|| Err(Error::Corrupt("the disk went away".into())));
+        assert!(failed.is_err());
+        assert_eq!(on_disk(&path), [0, 0, 0]);
+        state.persist(|| Ok(())).unwrap();
+        assert_eq!(on_disk(&path), [0, 1, 0]);
+        let reopened = PopulationState::open(&path, 3).unwrap();
+        assert!(reopened.is_populated(1) && !reopened.is_populated(0));
     }
 }

@@ -26,6 +26,12 @@ const FETCH_AHEAD: u64 = 8 << 20;
 /// Files filled at once in stream order.
 const FILLS_AT_ONCE: usize = 4;
 
+/// How often the stream makes what it filled durable (see [`Layer::persist`]): after a crash at
+/// most this much filling is done again. The persist runs beside the fills, never in their way.
+///
+/// [`Layer::persist`]: lazylayer_store::Layer::persist
+const PERSIST_EVERY: Duration = Duration::from_secs(2);
+
 /// The first pause after a failed fill; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -164,7 +170,7 @@ impl Worker {
         let mut backoff = FIRST_BACKOFF;
         let mut prefetched = 0usize;
         let mut last_persist = Instant::now();
-        let mut since_persist = 0;
+        let mut persisting: Option<tokio::task::JoinHandle<()>> = None;
         let mut queue: VecDeque<usize> = layer.pending_files().into();
         let mut windows_fetched = false;
         while let Some(&i) = queue.front() {
@@ -242,7 +248,6 @@ impl Worker {
                 match filled {
                     Ok(()) => {
                         self.demand.populated(layer, i);
-                        since_persist += 1;
                     }
                     Err(e) => {
                         unfilled.push(i);
@@ -274,13 +279,22 @@ impl Worker {
                     continue;
                 }
             }
-            if since_persist >= 256 || last_persist.elapsed() > Duration::from_secs(2) {
-                if let Err(e) = layer.persist() {
-                    tracing::error!("layer {}: persisting state: {e}", layer.digest);
-                }
-                since_persist = 0;
+            // A `syncfs` waits for everything written so far: on a thread of its own, so the
+            // fills (and the disk's writeback of them) go on meanwhile.
+            if last_persist.elapsed() >= PERSIST_EVERY
+                && persisting.as_ref().is_none_or(|p| p.is_finished())
+            {
+                let layer = layer.clone();
+                persisting = Some(tokio::task::spawn_blocking(move || {
+                    if let Err(e) = layer.persist() {
+                        tracing::error!("layer {}: persisting state: {e}", layer.digest);
+                    }
+                }));
                 last_persist = Instant::now();
             }
+        }
+        if let Some(persist) = persisting {
+            let _ = persist.await;
         }
         Ok(())
     }
