@@ -169,6 +169,8 @@ impl Worker {
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
         let mut prefetched = 0usize;
+        // The first span and the task of a run fetched ahead of the fill.
+        let mut ahead: Option<(usize, tokio::task::JoinHandle<()>)> = None;
         let mut last_persist = Instant::now();
         let mut persisting: Option<tokio::task::JoinHandle<()>> = None;
         let mut queue: VecDeque<usize> = layer.pending_files().into();
@@ -208,16 +210,10 @@ impl Worker {
             // Fetch ahead in runs: one ranged GET covers several spans. Uncapped, about
             // FETCH_AHEAD bytes; capped, to the end of the checkpoint span (continuation spans
             // are small: a GET for each file's own would make the fill request-bound).
+            let uncapped = self.options.background_rate.is_none() || urgent;
             let span = layer.index.span_at(layer.index.entries[i].data_offset);
             if span >= prefetched {
-                let spans = &layer.index.spans;
-                let mut last = layer.index.checkpoint_span_end(span);
-                if self.options.background_rate.is_none() || urgent {
-                    let reach = spans[span].compressed_start + FETCH_AHEAD;
-                    while last + 1 < spans.len() && spans[last + 1].compressed_end <= reach {
-                        last += 1;
-                    }
-                }
+                let last = fetch_run_end(&layer.index, span, uncapped);
                 match layer.reader().ensure(span..=last).await {
                     Ok(()) => prefetched = last + 1,
                     // A span that never matches its digest: the fill below stops the layer.
@@ -227,6 +223,23 @@ impl Worker {
                         continue;
                     }
                 }
+            }
+            // Uncapped, the next run is fetched while this one is filled: once the fill has
+            // reached the run fetched ahead and it has arrived, the one after it starts. A
+            // failure there is left to the fills, which fetch what they miss and report.
+            if uncapped
+                && prefetched < layer.index.spans.len()
+                && ahead
+                    .as_ref()
+                    .is_none_or(|(from, fetch)| span >= *from && fetch.is_finished())
+            {
+                let (from, last) = (prefetched, fetch_run_end(&layer.index, prefetched, true));
+                let layer = layer.clone();
+                let fetch = tokio::spawn(async move {
+                    let _ = layer.reader().ensure(from..=last).await;
+                });
+                ahead = Some((from, fetch));
+                prefetched = last + 1;
             }
             // Several files at once, on the runtime's threads: a layer of many small files is
             // bound by the system calls of each fill, not by inflating.
@@ -298,6 +311,20 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// The last span of the run one ranged GET fetches from span `first`: to the end of its
+/// checkpoint's spans, and `uncapped` on to about [`FETCH_AHEAD`] bytes.
+fn fetch_run_end(index: &lazylayer_index::LayerIndex, first: usize, uncapped: bool) -> usize {
+    let spans = &index.spans;
+    let mut last = index.checkpoint_span_end(first);
+    if uncapped {
+        let reach = spans[first].compressed_start + FETCH_AHEAD;
+        while last + 1 < spans.len() && spans[last + 1].compressed_end <= reach {
+            last += 1;
+        }
+    }
+    last
 }
 
 /// After a failed background `step`: the error shown by `status` (kept there first: on a full

@@ -700,18 +700,20 @@ impl LayerReader {
         let start = self.index.spans[first].compressed_start;
         let end = self.index.spans[last].compressed_end;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut bytes: Vec<u8> = Vec::with_capacity((end - start).min(16 << 20) as usize);
+        // Only the span arriving is held: the bytes of each span stored are let go.
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut held_from = start;
         let mut next = first;
         let mut refused: Option<Error> = None;
         let mut sink = |piece: &[u8]| -> std::result::Result<(), lazylayer_source::Error> {
             self.bytes_fetched
                 .fetch_add(piece.len() as u64, Ordering::Relaxed);
             bytes.extend_from_slice(piece);
-            let arrived = start + bytes.len() as u64;
+            let arrived = held_from + bytes.len() as u64;
             while next <= last && self.index.spans[next].compressed_end <= arrived {
                 let span = &self.index.spans[next];
-                let slice = &bytes[(span.compressed_start - start) as usize
-                    ..(span.compressed_end - start) as usize];
+                let slice = &bytes[(span.compressed_start - held_from) as usize
+                    ..(span.compressed_end - held_from) as usize];
                 if let Err(e) = self.accept_span(next, slice) {
                     let reason = e.to_string();
                     refused = Some(e);
@@ -722,6 +724,12 @@ impl LayerReader {
                 }
                 guards[next - first] = None;
                 next += 1;
+            }
+            // Spans of a gzip index may share a byte: what is let go ends where the next begins.
+            if next <= last && self.index.spans[next].compressed_start > held_from {
+                let next_start = self.index.spans[next].compressed_start;
+                bytes.drain(..((next_start - held_from) as usize).min(bytes.len()));
+                held_from = next_start;
             }
             Ok(())
         };
