@@ -94,6 +94,32 @@ impl Group {
         Ok(())
     }
 
+    /// Opens and accesses made through the mount `dir` is on raise no event of this group.
+    /// For the daemon's own private clone of the store's mount: its writes into placeholders
+    /// then cost no event, no answer, no wait, while every other mount (overlay's clone of
+    /// the lower included) still raises them. An ignore mark on the mount: the inode marks
+    /// stay, and the kernel drops the event for this mount only.
+    pub fn ignore_mount(&self, dir: BorrowedFd<'_>) -> std::io::Result<()> {
+        // SAFETY: the group fd and `dir` are open for the duration of the call; a null path
+        // names `dir` itself.
+        let result = unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                libc::FAN_MARK_ADD
+                    | libc::FAN_MARK_MOUNT
+                    | libc::FAN_MARK_IGNORE
+                    | libc::FAN_MARK_IGNORED_SURV_MODIFY,
+                PLACEHOLDER_MASK,
+                dir.as_raw_fd(),
+                std::ptr::null(),
+            )
+        };
+        if result < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Marks the file `name` in `dir` (an inode mark; the name is not followed if a symlink).
     pub fn add_mark(&self, dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> std::io::Result<()> {
         self.mark(libc::FAN_MARK_ADD, dir, name)

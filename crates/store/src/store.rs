@@ -16,6 +16,7 @@
 //! ROOT/lazylayer.sock, serve.lock, serve.log   the daemon's socket, lock and log
 //! ```
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -83,6 +84,9 @@ pub struct LayerLock {
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    /// The root through a private clone of its mount, once [`fill_through`](Self::fill_through)
+    /// gave one: layers opened for population are reached through it.
+    private_root: Option<Arc<OwnedFd>>,
 }
 
 impl Store {
@@ -90,7 +94,39 @@ impl Store {
     pub fn new(root: &Path) -> Self {
         Store {
             root: root.to_path_buf(),
+            private_root: None,
         }
+    }
+
+    /// The root, opened on a private clone of the mount it is on (`open_tree` with
+    /// `OPEN_TREE_CLONE`): a mount that only the holder of this descriptor reaches. The
+    /// daemon fills placeholders through it, with a fanotify ignore mark on it, so that its
+    /// own writes raise no event (`Group::ignore_mount`).
+    pub fn private_mount(&self) -> Result<OwnedFd> {
+        use rustix::mount::OpenTreeFlags;
+        let clone = rustix::mount::open_tree(
+            rustix::fs::CWD,
+            &self.root,
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+        .map_err(|e| Error::sys(format!("cloning the mount of {}", self.root.display()), e))?;
+        // The clone's descriptor is O_PATH, which a mark cannot take: its root opened as a
+        // directory (which keeps the clone alive after `clone` is closed).
+        rustix::fs::openat(
+            &clone,
+            ".",
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| Error::sys(format!("opening the clone of {}", self.root.display()), e))
+    }
+
+    /// Layers opened for population from now on ([`open_layer`](Self::open_layer)) are
+    /// reached through `root`, from [`private_mount`](Self::private_mount).
+    pub fn fill_through(&mut self, root: OwnedFd) {
+        self.private_root = Some(Arc::new(root));
     }
 
     /// The root directory.
@@ -321,7 +357,18 @@ impl Store {
     /// headers checked against its entry before the file's data is written.
     pub fn open_layer(&self, index: Arc<LayerIndex>, source: ImageSource) -> Result<Layer> {
         let dir = self.layer_dir(&index.blob_digest);
-        let tree = LayerTree::open(&dir.join("fs"))?;
+        let fs = dir.join("fs");
+        let private = match &self.private_root {
+            Some(root) => LayerTree::open_through(root, &self.root, &fs).unwrap_or_else(|e| {
+                tracing::debug!("{e}: filling {} through its path", fs.display());
+                None
+            }),
+            None => None,
+        };
+        let tree = match private {
+            Some(tree) => tree,
+            None => LayerTree::open(&fs)?,
+        };
         let blob = BlobDescriptor {
             digest: index.blob_digest.clone(),
             media_type: index.media_type.clone(),

@@ -81,6 +81,35 @@ impl LayerTree {
         })
     }
 
+    /// Opens the existing layer directory `path` (beneath `store_root`) through `private`,
+    /// the store root opened on a private clone of its mount (see `Store::private_mount`),
+    /// so that what the tree writes is reached through that mount only. `None` when the
+    /// directory seen through it is not the one at `path` (another filesystem mounted over
+    /// a part of the store, which a clone of one mount does not show): open it by path then.
+    pub fn open_through(private: &OwnedFd, store_root: &Path, path: &Path) -> Result<Option<Self>> {
+        let Ok(relative) = path.strip_prefix(store_root) else {
+            return Ok(None);
+        };
+        let root = rustix::fs::openat2(
+            private,
+            relative,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            beneath(),
+        )
+        .map_err(|e| Error::sys(format!("opening {} privately", path.display()), e))?;
+        let seen = rustix::fs::fstat(&root).map_err(|e| Error::sys("fstat", e))?;
+        let named = rustix::fs::stat(path)
+            .map_err(|e| Error::sys(format!("stat {}", path.display()), e))?;
+        if (seen.st_dev, seen.st_ino) != (named.st_dev, named.st_ino) {
+            return Ok(None);
+        }
+        Ok(Some(LayerTree {
+            root,
+            path: path.to_path_buf(),
+        }))
+    }
+
     /// The directory's path.
     pub fn path(&self) -> &Path {
         &self.path

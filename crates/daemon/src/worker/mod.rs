@@ -58,9 +58,10 @@ struct Worker {
 /// holder to stop too.
 pub async fn work(options: ServeOptions, fds: WorkerFds) -> Result<(), ServeError> {
     memory::keep_span_buffers_off_the_heap();
-    let store = Store::new(&options.root);
+    let mut store = Store::new(&options.root);
     let socket = store.socket();
     let group = Arc::new(Group::from_fd(fds.group));
+    fill_without_events(&mut store, &group);
     let relay = std::os::unix::net::UnixStream::from(fds.relay);
     let link = HolderLink::new(&relay).map_err(|e| ServeError::io("the relay socket", e))?;
     let frontends = Frontends {
@@ -154,6 +155,26 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// The exit status of a worker stopped by SIGTERM (as a shell reports a death by it).
 const STOPPED_BY_SIGNAL: i32 = 128 + 15;
+
+/// Makes the worker fill placeholders through a private clone of the store's mount that
+/// raises no event of the group: without it, each open and write of a fill raises an event
+/// the holder must answer (it allows the worker's own at once), two context switches each.
+/// Where the clone or its ignore mark cannot be made, fills go through the store's path.
+fn fill_without_events(store: &mut Store, group: &Group) {
+    let private = store
+        .private_mount()
+        .map_err(|e| e.to_string())
+        .and_then(|root| {
+            group
+                .ignore_mount(std::os::fd::AsFd::as_fd(&root))
+                .map(|()| root)
+                .map_err(|e| format!("an ignore mark on the private mount: {e}"))
+        });
+    match private {
+        Ok(root) => store.fill_through(root),
+        Err(e) => tracing::warn!("{e}; fills raise events the holder answers"),
+    }
+}
 
 impl Worker {
     /// Makes durable which files of every served layer hold their data.
