@@ -170,7 +170,7 @@ impl Worker {
         let mut backoff = FIRST_BACKOFF;
         let mut prefetched = 0usize;
         // The first span and the task of a run fetched ahead of the fill.
-        let mut ahead: Option<(usize, tokio::task::JoinHandle<()>)> = None;
+        let mut ahead: Option<(usize, tokio::task::JoinHandle<bool>)> = None;
         let mut last_persist = Instant::now();
         let mut persisting: Option<tokio::task::JoinHandle<()>> = None;
         let mut queue: VecDeque<usize> = layer.pending_files().into();
@@ -212,6 +212,20 @@ impl Worker {
             // are small: a GET for each file's own would make the fill request-bound).
             let uncapped = self.options.background_rate.is_none() || urgent;
             let span = layer.index.span_at(layer.index.entries[i].data_offset);
+            // A run fetched ahead that failed is fetched again here once the fill reaches it,
+            // in the fill's way, with its retries and their pauses.
+            if let Some((from, fetch)) = &ahead
+                && span >= *from
+                && fetch.is_finished()
+            {
+                let from = *from;
+                let fetched = ahead.take().map(|(_, fetch)| fetch);
+                if let Some(fetch) = fetched
+                    && !fetch.await.unwrap_or(false)
+                {
+                    prefetched = prefetched.min(from);
+                }
+            }
             if span >= prefetched {
                 let last = fetch_run_end(&layer.index, span, uncapped);
                 match layer.reader().ensure(span..=last).await {
@@ -225,8 +239,7 @@ impl Worker {
                 }
             }
             // Uncapped, the next run is fetched while this one is filled: once the fill has
-            // reached the run fetched ahead and it has arrived, the one after it starts. A
-            // failure there is left to the fills, which fetch what they miss and report.
+            // reached the run fetched ahead and it has arrived, the one after it starts.
             if uncapped
                 && prefetched < layer.index.spans.len()
                 && ahead
@@ -235,9 +248,8 @@ impl Worker {
             {
                 let (from, last) = (prefetched, fetch_run_end(&layer.index, prefetched, true));
                 let layer = layer.clone();
-                let fetch = tokio::spawn(async move {
-                    let _ = layer.reader().ensure(from..=last).await;
-                });
+                let fetch =
+                    tokio::spawn(async move { layer.reader().ensure(from..=last).await.is_ok() });
                 ahead = Some((from, fetch));
                 prefetched = last + 1;
             }
