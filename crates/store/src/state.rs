@@ -230,11 +230,17 @@ mod tests {
         std::fs::read(path).expect("state file")
     }
 
-    #[test]
-    fn a_persist_records_only_the_marks_made_before_its_sync() {
+    /// A fresh state of `entries` entries in a scratch directory, and its file's path.
+    fn fresh(entries: usize) -> (tempfile::TempDir, PathBuf, PopulationState) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("populated");
-        let state = PopulationState::open(&path, 4).unwrap();
+        let state = PopulationState::open(&path, entries).unwrap();
+        (dir, path, state)
+    }
+
+    #[test]
+    fn a_persist_records_only_the_marks_made_before_its_sync() {
+        let (_dir, path, state) = fresh(4);
         state.mark(0);
         state
             .persist(|| {
@@ -251,9 +257,7 @@ mod tests {
 
     #[test]
     fn marks_whose_sync_failed_are_recorded_by_the_next_persist() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("populated");
-        let state = PopulationState::open(&path, 3).unwrap();
+        let (_dir, path, state) = fresh(3);
         state.mark(1);
         let failed = state.persist(|| Err(Error::Corrupt("the disk went away".into())));
         assert!(failed.is_err());

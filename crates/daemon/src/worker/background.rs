@@ -214,17 +214,13 @@ impl Worker {
             let span = layer.index.span_at(layer.index.entries[i].data_offset);
             // A run fetched ahead that failed is fetched again here once the fill reaches it,
             // in the fill's way, with its retries and their pauses.
-            if let Some((from, fetch)) = &ahead
-                && span >= *from
-                && fetch.is_finished()
+            if ahead
+                .as_ref()
+                .is_some_and(|(from, fetch)| span >= *from && fetch.is_finished())
+                && let Some((from, fetch)) = ahead.take()
+                && !fetch.await.unwrap_or(false)
             {
-                let from = *from;
-                let fetched = ahead.take().map(|(_, fetch)| fetch);
-                if let Some(fetch) = fetched
-                    && !fetch.await.unwrap_or(false)
-                {
-                    prefetched = prefetched.min(from);
-                }
+                prefetched = from;
             }
             if span >= prefetched {
                 let last = fetch_run_end(&layer.index, span, uncapped);
@@ -239,13 +235,9 @@ impl Worker {
                 }
             }
             // Uncapped, the next run is fetched while this one is filled: once the fill has
-            // reached the run fetched ahead and it has arrived, the one after it starts.
-            if uncapped
-                && prefetched < layer.index.spans.len()
-                && ahead
-                    .as_ref()
-                    .is_none_or(|(from, fetch)| span >= *from && fetch.is_finished())
-            {
+            // reached the run fetched ahead and it has arrived (taken in above), the one after
+            // it starts.
+            if uncapped && prefetched < layer.index.spans.len() && ahead.is_none() {
                 let (from, last) = (prefetched, fetch_run_end(&layer.index, prefetched, true));
                 let layer = layer.clone();
                 let fetch =
