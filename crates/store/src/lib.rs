@@ -21,7 +21,7 @@ pub use error::{Error, Result};
 pub use gc::{GcReport, InUse, StoreLock};
 pub use layer::Layer;
 pub use profile::{Profile, ProfileEntry};
-pub use startup_files::startup_files;
+pub use startup_files::{COMMON_STARTUP_PATHS, startup_files};
 pub use state::{FrontendMode, Phase};
 pub use store::{ImageRecord, LayerLock, Progress, Store};
 pub use tree::{LastParent, LayerTree};
