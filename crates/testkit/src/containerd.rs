@@ -25,7 +25,7 @@ impl Containerd {
     /// (pause) image, its CRI plugin, using the `lazylayer` snapshotter with snapshot labels
     /// on and registries configured by `certs_dir()/HOST/hosts.toml`.
     pub fn start_with(proxies: &[(&str, &Path)], cri_sandbox_image: Option<&str>) -> Containerd {
-        Containerd::start_in(Path::new("/tmp"), proxies, cri_sandbox_image)
+        Containerd::start_in(&std::env::temp_dir(), proxies, cri_sandbox_image)
     }
 
     /// [`start_with`](Self::start_with), with containerd's root and state in a new directory

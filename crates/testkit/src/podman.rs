@@ -21,7 +21,7 @@ impl Podman {
     /// A podman whose storage takes layers from the additional layer store at `layer_store`
     /// (mounted before any command runs), or none.
     pub fn new(layer_store: Option<&Path>) -> Podman {
-        Podman::new_in(Path::new("/tmp"), layer_store)
+        Podman::new_in(&std::env::temp_dir(), layer_store)
     }
 
     /// [`new`](Self::new), with podman's storage in a new directory under `base` (a benchmark
