@@ -28,4 +28,4 @@ pub use format::{
     Compression, INDEX_MEDIA_TYPE, IndexHead, IndexMeta, LayerIndex, Span, SpanStart, WindowsSource,
 };
 pub use local::IndexStore;
-pub use read::{InflatedFor, LayerReader, ReaderStats, Verification};
+pub use read::{InflatedFor, KeyedLocks, LayerReader, ReaderStats, Verification};

@@ -1,11 +1,10 @@
 //! One layer in the store: its directory, index, population state, and the work of filling a
 //! file with its data (coalesced: concurrent requests for one file do the work once).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use lazylayer_index::{EntryKind, InflatedFor, LayerIndex, LayerReader};
+use lazylayer_index::{EntryKind, InflatedFor, KeyedLocks, LayerIndex, LayerReader};
 use lazylayer_source::{Digest, ImageSource};
 
 use crate::state::{LayerRecord, Phase, PopulationState};
@@ -25,7 +24,8 @@ pub struct Layer {
     record_path: std::path::PathBuf,
     /// How the layer is served while lazy (fixed when its tree was made).
     mode: crate::FrontendMode,
-    in_flight: std::sync::Mutex<HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per file being filled.
+    in_flight: KeyedLocks<usize>,
     /// Check each file's tar headers against its entry before its data is written (for an
     /// index nobody vouches for: see `lazylayer_index::check`); a mismatch fails the layer for
     /// good ([`Layer::proven_wrong`]).
@@ -63,7 +63,7 @@ impl Layer {
             reader,
             record_path: record_path.to_path_buf(),
             mode: record.map(|r| r.mode).unwrap_or_default(),
-            in_flight: std::sync::Mutex::new(HashMap::new()),
+            in_flight: KeyedLocks::default(),
             checks_headers,
             proven_wrong: std::sync::Mutex::new(None),
             record_lock: std::sync::Mutex::new(()),
@@ -114,20 +114,11 @@ impl Layer {
         if self.is_populated(i) {
             return Ok(());
         }
-        let lock = self
-            .in_flight
-            .lock()
-            .expect("in-flight lock")
-            .entry(i)
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-            .clone();
-        let _guard = lock.lock().await;
+        let _filling = self.in_flight.lock(i).await;
         if self.is_populated(i) {
             return Ok(());
         }
-        let result = self.write_file(i, whom).await;
-        self.in_flight.lock().expect("in-flight lock").remove(&i);
-        result
+        self.write_file(i, whom).await
     }
 
     async fn write_file(&self, i: usize, whom: InflatedFor) -> Result<()> {

@@ -8,6 +8,7 @@
 //! the condemned spans and the recent-span cache.
 
 pub mod cache;
+mod keyed_locks;
 mod recent;
 mod verification;
 
@@ -22,6 +23,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use lazylayer_source::ImageSource;
 
 use self::cache::SpanCache;
+pub use self::keyed_locks::{KeyedGuard, KeyedLocks};
 pub use self::recent::InflatedFor;
 use self::recent::RecentSpans;
 pub use self::verification::Verification;
@@ -70,15 +72,15 @@ pub struct LayerReader {
     large_span_output: AtomicU64,
     /// One lock per span being fetched, so that concurrent reads needing the same span fetch
     /// it once (taken in ascending order: overlapping runs cannot deadlock).
-    fetching: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
+    fetching: KeyedLocks<usize>,
     /// One lock per checkpoint whose spans are being inflated into [`Self::recent`], for the
     /// same reason (keyed by the checkpoint span).
-    inflating: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
+    inflating: KeyedLocks<usize>,
     /// How many fetches of each span did not match its digest (see [`SPAN_ATTEMPTS`]).
     mismatches: Mutex<std::collections::HashMap<usize, u32>>,
     /// One lock per deflate window being fetched (keyed by its span), for the same reason as
     /// [`Self::fetching`].
-    fetching_windows: Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
+    fetching_windows: KeyedLocks<usize>,
 }
 
 impl LayerReader {
@@ -94,10 +96,10 @@ impl LayerReader {
             spans_fetched: AtomicU64::new(0),
             recent: Mutex::new(RecentSpans::default()),
             large_span_output: AtomicU64::new(LARGE_SPAN_OUTPUT),
-            fetching: Mutex::new(std::collections::HashMap::new()),
-            inflating: Mutex::new(std::collections::HashMap::new()),
+            fetching: KeyedLocks::default(),
+            inflating: KeyedLocks::default(),
             mismatches: Mutex::new(std::collections::HashMap::new()),
-            fetching_windows: Mutex::new(std::collections::HashMap::new()),
+            fetching_windows: KeyedLocks::default(),
         })
     }
 
@@ -244,19 +246,8 @@ impl LayerReader {
         }
         // Files of one span, or of one checkpoint's continuation spans, filled at once inflate
         // it once: the others wait for it, then find their span's output kept.
-        let chain = self.index.checkpoint_of(i);
-        let lock = self
-            .inflating
-            .lock()
-            .expect("inflating")
-            .entry(chain)
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-            .clone();
-        let guard = lock.lock().await;
-        let result = self.inflate_and_keep(i, whom).await;
-        drop(guard);
-        self.inflating.lock().expect("inflating").remove(&chain);
-        result
+        let _inflating = self.inflating.lock(self.index.checkpoint_of(i)).await;
+        self.inflate_and_keep(i, whom).await
     }
 
     /// The bytes of inflated output held in memory for reads to come (see [`InflatedFor`]).
@@ -570,39 +561,23 @@ impl LayerReader {
     /// against its digest and keeps it in the index file (unless another read is fetching it:
     /// this one waits for that).
     async fn fetch_window(&self, i: usize) -> Result<()> {
-        let lock = self
-            .fetching_windows
-            .lock()
-            .expect("fetching windows")
-            .entry(i)
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-            .clone();
-        let guard = lock.lock().await;
-        let result = async {
-            if self.index.window_is_local(i) {
-                return Ok(());
-            }
-            let (Some(windows), Some(range)) =
-                (self.index.windows_source(), self.index.window_range(i))
-            else {
-                return Err(Error::WindowMissing {
-                    layer: self.index.blob_digest.to_string(),
-                    span: i,
-                });
-            };
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            let packed = self.source.read_range(&windows.blob, range).await?;
-            self.bytes_fetched
-                .fetch_add(packed.len() as u64, Ordering::Relaxed);
-            self.index.put_window(i, &packed)
+        let _fetching = self.fetching_windows.lock(i).await;
+        if self.index.window_is_local(i) {
+            return Ok(());
         }
-        .await;
-        drop(guard);
-        let mut fetching = self.fetching_windows.lock().expect("fetching windows");
-        if Arc::strong_count(&lock) <= 2 {
-            fetching.remove(&i);
-        }
-        result
+        let (Some(windows), Some(range)) =
+            (self.index.windows_source(), self.index.window_range(i))
+        else {
+            return Err(Error::WindowMissing {
+                layer: self.index.blob_digest.to_string(),
+                span: i,
+            });
+        };
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let packed = self.source.read_range(&windows.blob, range).await?;
+        self.bytes_fetched
+            .fetch_add(packed.len() as u64, Ordering::Relaxed);
+        self.index.put_window(i, &packed)
     }
 
     /// `run` extended over the missing spans after it, up to [`READ_AHEAD`] compressed bytes:
@@ -645,20 +620,10 @@ impl LayerReader {
     /// that one and fetches only what is still missing. Each span is released to readers
     /// waiting for it as soon as it has arrived and matched its digest, not when the run ends.
     async fn fetch_run(&self, run: RangeInclusive<usize>) -> Result<()> {
-        let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
-            let mut fetching = self.fetching.lock().expect("fetching");
-            run.clone()
-                .map(|i| {
-                    fetching
-                        .entry(i)
-                        .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-                        .clone()
-                })
-                .collect()
-        };
-        let mut guards = Vec::with_capacity(locks.len());
-        for lock in &locks {
-            guards.push(Some(lock.lock().await));
+        // In ascending order, so that overlapping runs cannot deadlock.
+        let mut guards = Vec::with_capacity(run.clone().count());
+        for i in run.clone() {
+            guards.push(Some(self.fetching.lock(i).await));
         }
         let first = *run.start();
         let mut result = Ok(());
@@ -679,13 +644,6 @@ impl LayerReader {
             i = end + 1;
         }
         drop(guards);
-        let mut fetching = self.fetching.lock().expect("fetching");
-        for (i, lock) in run.zip(&locks) {
-            // Forget the lock unless another read is waiting on it.
-            if Arc::strong_count(lock) <= 2 {
-                fetching.remove(&i);
-            }
-        }
         result
     }
 
