@@ -276,24 +276,13 @@ mod tests {
     use crate::build::table::Table;
     use crate::entry::EntryKind;
 
+    /// A file of one byte whose data offset and digest tell it apart by `mark`.
     fn file(path: &str, mark: u8) -> Entry {
         Entry {
-            path: path.as_bytes().to_vec(),
-            kind: EntryKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 1,
-            mtime_nsec: 0,
             size: 1,
-            link: None,
-            device: None,
-            xattrs: vec![],
             data_offset: u64::from(mark) * 1000,
-            sparse: None,
             digest: Some([mark; 32]),
-            opaque: false,
-            implied: false,
+            ..crate::build::table::tests::file(path)
         }
     }
 

@@ -487,10 +487,11 @@ fn push_segment(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn file(path: &str) -> Entry {
+    /// An empty regular file at `path` (other tests of the build build theirs from it).
+    pub(crate) fn file(path: &str) -> Entry {
         Entry {
             path: path.as_bytes().to_vec(),
             kind: EntryKind::File,
