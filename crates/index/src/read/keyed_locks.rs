@@ -38,17 +38,6 @@ impl<K: Hash + Eq + Clone> KeyedLocks<K> {
             guard: Some(lock.lock_owned().await),
         }
     }
-
-    /// Keys whose lock someone holds or waits for (or, after a waiter was cancelled, held
-    /// last): for tests.
-    pub fn len(&self) -> usize {
-        self.locks.lock().expect("keyed locks").len()
-    }
-
-    /// Whether no key is locked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A held key; released (and forgotten unless someone waits for it) on drop.
@@ -80,6 +69,11 @@ mod tests {
 
     use super::*;
 
+    /// Keys the map holds.
+    fn keys(locks: &KeyedLocks<usize>) -> usize {
+        locks.locks.lock().unwrap().len()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn holders_of_one_key_take_turns_and_the_key_is_forgotten_after() {
         let locks = Arc::new(KeyedLocks::<usize>::default());
@@ -100,7 +94,7 @@ mod tests {
             task.await.unwrap();
         }
         assert_eq!(most.load(Ordering::SeqCst), 1, "two held one key at once");
-        assert!(locks.is_empty(), "{} keys left behind", locks.len());
+        assert_eq!(keys(&locks), 0, "keys left behind");
     }
 
     #[tokio::test]
@@ -124,8 +118,8 @@ mod tests {
             "forgotten while waited for: a third caller would not wait for the waiter"
         );
         waiter.await.unwrap();
-        assert_eq!(locks.len(), 1, "key 1 forgotten, key 2 still held");
+        assert_eq!(keys(&locks), 1, "key 1 forgotten, key 2 still held");
         drop(other);
-        assert!(locks.is_empty());
+        assert_eq!(keys(&locks), 0);
     }
 }
